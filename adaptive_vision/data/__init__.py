@@ -1,0 +1,40 @@
+"""Input data: sources (tfds, image-folder cache, synthetic), augmentation, grain pipelines.
+
+Batches follow the "Batch contract" in docs/design.md: dicts of numpy arrays with
+'image' float32 [b, H, W, 3] (or 'views', a tuple lowest resolution first when
+data.resolutions is set), 'label' int32 [b], and for eval 'mask' float32 [b].
+"""
+
+from adaptive_vision.data.pipeline import (
+    default_data_config,
+    iterator_checkpoint_args,
+    local_batch_size,
+    make_eval_iterator,
+    make_train_dataset,
+    make_train_iterator,
+    num_eval_batches,
+)
+from adaptive_vision.data.sources import (
+    DatasetNotPreparedError,
+    cache_root,
+    class_names,
+    dataset_info,
+    get_source,
+    num_examples,
+)
+
+__all__ = [
+    'DatasetNotPreparedError',
+    'cache_root',
+    'class_names',
+    'dataset_info',
+    'default_data_config',
+    'get_source',
+    'iterator_checkpoint_args',
+    'local_batch_size',
+    'make_eval_iterator',
+    'make_train_dataset',
+    'make_train_iterator',
+    'num_eval_batches',
+    'num_examples',
+]

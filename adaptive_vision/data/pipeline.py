@@ -1,0 +1,179 @@
+"""grain input pipelines producing batches in the design.md "Batch contract".
+
+Train: source -> this process's slice -> per-epoch shuffle -> repeat forever ->
+per-example augmentation (random_map: rng from (seed, position)) -> batch.
+All of it is index-based (grain MapDataset), so the stream is a pure function of
+(data config, seed, process_index, process_count): independent of worker count,
+and the iterator state is just a position, which makes it checkpointable.
+
+Checkpointing with Orbax (grain ships the handler; args are registered with it):
+
+    it = make_train_iterator(cfg, global_batch_size=128, seed=0)
+    mngr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=iterator_checkpoint_args(it)))
+    mngr.restore(step, args=ocp.args.Composite(
+        state=..., data=iterator_checkpoint_args(it, restore=True)))
+
+Without Orbax: `it.get_state()` is a small JSON-able dict; `it.set_state(state)`.
+"""
+
+from __future__ import annotations
+
+import grain
+import numpy as np
+
+from adaptive_vision.data import augment as augment_lib
+from adaptive_vision.data import sources
+
+DEFAULT_PREFETCH_BATCHES = 2
+
+
+def default_data_config(**overrides):
+  """An ml_collections ConfigDict with every data field and its default."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = dict(
+      source='synthetic', name='synthetic', path=None, cache_dir=None,
+      cache_image_size=None, on_bad_image='error', num_classes=10, image_size=32,
+      resolutions=None, augment='none', normalize='auto', train_split='train',
+      test_split='test', val_size=0, split_seed=0, train_size=None, test_size=None,
+      synthetic_train_size=2048, synthetic_test_size=512, synthetic_seed=0,
+      num_workers=0, prefetch_buffer_size=DEFAULT_PREFETCH_BATCHES)
+  unknown = set(overrides) - set(cfg)
+  if unknown:
+    raise ValueError(f'unknown data config fields {sorted(unknown)}; known: {sorted(cfg)}')
+  cfg.update(overrides)
+  return ml_collections.ConfigDict(cfg)
+
+
+def local_batch_size(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+        f'global_batch_size={global_batch_size} must be a positive multiple of'
+        f' process_count={process_count}; change the batch size')
+  return global_batch_size // process_count
+
+
+def _derive_seed(*ints) -> int:
+  """A uint32 seed from several ints (grain wants seeds in [0, 2**32))."""
+  return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1)[0])
+
+
+def _preprocess(data_cfg, train: bool) -> augment_lib.Preprocess:
+  get = sources.cfg_get
+  stats = augment_lib.normalization_stats(get(data_cfg, 'name'),
+                                          get(data_cfg, 'normalize', 'auto'))
+  return augment_lib.Preprocess(
+      augment=get(data_cfg, 'augment', 'none'), image_size=get(data_cfg, 'image_size'),
+      resolutions=get(data_cfg, 'resolutions'), stats=stats, train=train)
+
+
+def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
+  """MapDataset of batches -> prefetching iterator (threads, or worker processes)."""
+  buffer = int(sources.cfg_get(data_cfg, 'prefetch_buffer_size',
+                               DEFAULT_PREFETCH_BATCHES))
+  workers = int(sources.cfg_get(data_cfg, 'num_workers', 0))
+  if workers <= 0:
+    # In-process: background threads compute whole batches, in order.
+    read = grain.ReadOptions(num_threads=max(1, min(2, buffer)),
+                             prefetch_buffer_size=max(1, buffer))
+    return iter(ds.to_iter_dataset(read))
+  # grain 0.2.x reads an absl flag in mp_prefetch and fails when the program did not
+  # parse flags (google/grain#1355); flag defaults are what we want anyway.
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  # Worker processes each take every workers-th batch; order is unchanged.
+  read = grain.ReadOptions(num_threads=1, prefetch_buffer_size=1)
+  mp = grain.MultiprocessingOptions(num_workers=workers,
+                                    per_worker_buffer_size=max(1, buffer))
+  return iter(ds.to_iter_dataset(read).mp_prefetch(mp))
+
+
+def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
+                       process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """The infinite MapDataset of local training batches (see make_train_iterator)."""
+  batch = local_batch_size(global_batch_size, process_count)
+  src = sources.get_source(data_cfg, 'train')
+  ds = grain.MapDataset.source(src)[process_index::process_count]
+  if len(ds) == 0:
+    raise ValueError(f'process {process_index} of {process_count} has no training'
+                     ' examples: use more data or fewer processes')
+  # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch).
+  ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
+  # Per-example rng from (seed, process, position): reproducible with any worker count.
+  ds = ds.random_map(_preprocess(data_cfg, train=True),
+                     seed=_derive_seed(seed, 1, process_index))
+  return ds.batch(batch, drop_remainder=True)
+
+
+def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
+                        process_index: int = 0,
+                        process_count: int = 1) -> grain.DatasetIterator:
+  """Infinite iterator of local batches (global_batch_size // process_count).
+
+  Shuffled per epoch and augmented deterministically from `seed`; this process
+  reads the disjoint slice `train[process_index::process_count]`. The returned
+  grain DatasetIterator has get_state() / set_state(); see iterator_checkpoint_args.
+  """
+  ds = make_train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed,
+                          process_index=process_index, process_count=process_count)
+  return _to_iter(ds, data_cfg)
+
+
+class _Padded:
+  """Source padded to `length` items; padding repeats real images with mask 0.
+
+  Real images (not zeros) keep padding harmless for BatchNorm-free and BN models.
+  """
+
+  def __init__(self, src, length: int):
+    self.src, self.length, self.n = src, length, len(src)
+
+  def __len__(self):
+    return self.length
+
+  def __getitem__(self, i):
+    i = int(i)
+    ex = dict(self.src[i % self.n])
+    ex['mask'] = 1.0 if i < self.n else 0.0
+    return ex
+
+
+def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int,
+                       process_index: int = 0,
+                       process_count: int = 1) -> grain.DatasetIterator:
+  """One deterministic pass over `split` with no augmentation.
+
+  The split is padded to a multiple of global_batch_size, so every process yields
+  the same number of full local batches; global batch b holds examples
+  [b * global_batch_size, (b + 1) * global_batch_size) and padding has mask 0.
+  Every batch carries 'mask' (float32), and each example appears exactly once
+  with mask 1 across processes.
+  """
+  batch = local_batch_size(global_batch_size, process_count)
+  src = sources.get_source(data_cfg, split)
+  if len(src) == 0:
+    raise ValueError(f'split {split!r} has no examples')
+  padded = -(-len(src) // global_batch_size) * global_batch_size
+  ds = grain.MapDataset.source(_Padded(src, padded))[process_index::process_count]
+  ds = ds.map(_preprocess(data_cfg, train=False)).batch(batch, drop_remainder=False)
+  return _to_iter(ds, data_cfg)
+
+
+def num_eval_batches(data_cfg, split: str, *, global_batch_size: int) -> int:
+  """Number of batches make_eval_iterator yields (the same on every process)."""
+  return -(-sources.num_examples(data_cfg, split) // global_batch_size)
+
+
+def iterator_checkpoint_args(iterator, restore: bool = False):
+  """Orbax args for saving / restoring a grain iterator's position.
+
+  Returns grain.checkpoint.CheckpointSave(iterator) or CheckpointRestore(iterator);
+  both are registered with grain's Orbax CheckpointHandler, which writes one small
+  JSON file per process. Restoring mutates `iterator` in place (and returns it).
+  """
+  from grain import checkpoint as grain_checkpoint  # pylint: disable=g-import-not-at-top
+  if not hasattr(grain_checkpoint, 'CheckpointSave'):
+    raise ImportError('grain.checkpoint.CheckpointSave needs orbax-checkpoint installed')
+  cls = grain_checkpoint.CheckpointRestore if restore else grain_checkpoint.CheckpointSave
+  return cls(item=iterator)

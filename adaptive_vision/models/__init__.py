@@ -1,0 +1,66 @@
+"""Model families, looked up by name.
+
+`model_cfg.name` names a module `adaptive_vision.models.<name>` that exposes
+`build(model_cfg)` and `exit_macs(model_cfg)`; adding a family means adding a
+module, with no table to edit.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Sequence
+
+import jax
+
+
+def _family(name: str):
+  try:
+    module = importlib.import_module(f"adaptive_vision.models.{name}")
+  except ModuleNotFoundError as e:
+    if e.name != f"adaptive_vision.models.{name}":
+      raise
+    raise ValueError(
+        f"unknown model.name={name!r}; use one of {available()} "
+        "(each is a module in adaptive_vision/models/)") from None
+  if not (hasattr(module, "build") and hasattr(module, "exit_macs")):
+    raise ValueError(f"adaptive_vision.models.{name} is not a model family "
+                     "(it needs build() and exit_macs())")
+  return module
+
+
+def available() -> list[str]:
+  import pkgutil
+  names = [m.name for m in pkgutil.iter_modules(__path__)]
+  return sorted(n for n in names if not n.startswith("_"))
+
+
+def build(model_cfg):
+  """Returns the flax.linen module described by `model_cfg`."""
+  return _family(model_cfg.name).build(model_cfg)
+
+
+def exit_macs(model_cfg) -> list[float]:
+  """Cumulative MACs per image to reach and evaluate each exit."""
+  return [float(m) for m in _family(model_cfg.name).exit_macs(model_cfg)]
+
+
+def as_exits(logits: Any) -> tuple[jax.Array, ...]:
+  """A single logits array or a sequence of exit logits -> tuple of exits."""
+  if isinstance(logits, (tuple, list)):
+    return tuple(logits)
+  return (logits,)
+
+
+def num_exits(model_cfg) -> int:
+  return len(exit_macs(model_cfg))
+
+
+def _check_image_size(image_size: int, patch_size: int, where: str = "model") -> None:
+  if image_size % patch_size:
+    raise ValueError(
+        f"{where}: image size {image_size} is not divisible by patch size "
+        f"{patch_size}; pick an image size that is a multiple of {patch_size} "
+        "or another patch size")
+
+
+__all__: Sequence[str] = ("build", "exit_macs", "as_exits", "available", "num_exits")

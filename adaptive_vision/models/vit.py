@@ -1,0 +1,242 @@
+"""Vision Transformer (Dosovitskiy et al. 2021), pre-LayerNorm, with a class token.
+
+`ViT(variant='Ti/16', num_classes=10)(images, train=...)` returns
+`(logits, out)`; `out` holds every block's tokens, the final normalized tokens,
+the class token and the pre-logits features, so early exits, the resolution
+cascade and distillation read what they need without model surgery.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_vision import flops
+from adaptive_vision.models import _check_image_size
+
+# width, depth, heads, mlp: the standard sizes (Dosovitskiy et al.; Touvron et
+# al. for Ti/S) plus two small ones sized for CPU experiments on CIFAR.
+SIZES = {
+    "Mu": dict(width=128, depth=6, num_heads=4, mlp_dim=512),
+    "Nano": dict(width=96, depth=4, num_heads=3, mlp_dim=384),
+    "Ti": dict(width=192, depth=12, num_heads=3, mlp_dim=768),
+    "S": dict(width=384, depth=12, num_heads=6, mlp_dim=1536),
+    "M": dict(width=512, depth=12, num_heads=8, mlp_dim=2048),
+    "B": dict(width=768, depth=12, num_heads=12, mlp_dim=3072),
+    "L": dict(width=1024, depth=24, num_heads=16, mlp_dim=4096),
+}
+_DIMS = ("width", "depth", "num_heads", "mlp_dim", "patch_size")
+
+
+def decode_variant(variant: Optional[str] = None, **overrides) -> dict:
+  """'S/16' -> dict(width, depth, num_heads, mlp_dim, patch_size).
+
+  Explicit keyword overrides (None means "not given") win over the variant,
+  so `decode_variant('Ti/4', depth=6)` is a 6-block Ti with 4x4 patches.
+  """
+  dims: dict[str, Any] = {}
+  if variant:
+    size, _, patch = variant.partition("/")
+    if size not in SIZES or not patch.isdigit():
+      raise ValueError(
+          f"unknown ViT variant {variant!r}; use '<size>/<patch>' with size in "
+          f"{sorted(SIZES)} (e.g. 'Ti/16', 'S/4'), or give width/depth/"
+          "num_heads/mlp_dim/patch_size explicitly")
+    dims = dict(SIZES[size], patch_size=int(patch))
+  dims.update({k: v for k, v in overrides.items() if v is not None})
+  missing = [k for k in _DIMS if k not in dims]
+  if missing:
+    raise ValueError(f"ViT needs {missing}: give a variant such as 'Ti/16' or set them")
+  if dims["width"] % dims["num_heads"]:
+    raise ValueError(f"ViT width {dims['width']} is not divisible by "
+                     f"num_heads {dims['num_heads']}")
+  return dims
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    width = x.shape[-1]
+    x = nn.Dense(self.mlp_dim, dtype=self.dtype,
+                 kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(1e-6))(x)
+    x = nn.gelu(x)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+    x = nn.Dense(width, dtype=self.dtype,
+                 kernel_init=nn.initializers.xavier_uniform(),
+                 bias_init=nn.initializers.normal(1e-6))(x)
+    return nn.Dropout(self.dropout, deterministic=not train)(x)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, width = x.shape
+    head_dim = width // self.num_heads
+    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
+                          kernel_init=nn.initializers.xavier_uniform(),
+                          name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    # XLA fuses this into a flash-style kernel on GPU/TPU where it can.
+    y = jax.nn.dot_product_attention(q, k, v)
+    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                           kernel_init=nn.initializers.xavier_uniform(),
+                           name="out")(y)
+
+
+def _drop_path(x, rate: float, train: bool, module: nn.Module):
+  """Stochastic depth: drops the whole residual branch per example."""
+  if not train or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate,
+                              (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
+    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
+    y = nn.Dropout(self.dropout, deterministic=not train)(y)
+    x = x + _drop_path(y, self.drop_path, train, self)
+    y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, dtype=self.dtype, name="mlp")(y, train=train)
+    return x + _drop_path(y, self.drop_path, train, self)
+
+
+class ViT(nn.Module):
+  """ViT classifier. See `decode_variant` for sizes.
+
+  `cls_bias` ([B, width], optional) is added to the class token before the
+  first block: the hook through which a RAViT branch receives the previous
+  branch's prediction.
+  """
+  num_classes: int
+  variant: Optional[str] = None
+  width: Optional[int] = None
+  depth: Optional[int] = None
+  num_heads: Optional[int] = None
+  mlp_dim: Optional[int] = None
+  patch_size: Optional[int] = None
+  pool: str = "token"            # 'token' (class token) or 'gap' (mean of patches)
+  dropout: float = 0.0
+  stochastic_depth: float = 0.0  # drop-path rate of the last block (linear ramp)
+  head_zero_init: bool = True
+  dtype: Any = jnp.float32       # compute dtype; parameters stay float32
+
+  @property
+  def dims(self) -> dict:
+    return decode_variant(self.variant, width=self.width, depth=self.depth,
+                          num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                          patch_size=self.patch_size)
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, cls_bias=None):
+    d = self.dims
+    p = d["patch_size"]
+    _check_image_size(images.shape[1], p, "ViT")
+    _check_image_size(images.shape[2], p, "ViT")
+    if self.pool not in ("token", "gap"):
+      raise ValueError(f"ViT pool={self.pool!r}; use 'token' or 'gap'")
+    x = nn.Conv(d["width"], (p, p), strides=(p, p), padding="VALID",
+                dtype=self.dtype, name="embedding")(images.astype(self.dtype))
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
+                       (1, h * w, c)).astype(self.dtype)
+    cls = jnp.broadcast_to(self.param("cls", nn.initializers.zeros, (1, 1, c)),
+                           (b, 1, c)).astype(self.dtype)
+    if cls_bias is not None:
+      cls = cls + cls_bias[:, None, :].astype(self.dtype)
+    x = jnp.concatenate([cls, x], axis=1)
+    x = nn.Dropout(self.dropout, deterministic=not train)(x)
+
+    blocks = []
+    depth = d["depth"]
+    for i in range(depth):
+      rate = self.stochastic_depth * i / max(depth - 1, 1)
+      x = EncoderBlock(d["num_heads"], d["mlp_dim"], self.dropout, rate,
+                       dtype=self.dtype, name=f"block{i}")(x, train=train)
+      blocks.append(x)
+    encoded = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
+    pre_logits = encoded[:, 0] if self.pool == "token" else encoded[:, 1:].mean(1)
+    head_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
+    logits = nn.Dense(self.num_classes, kernel_init=head_init, name="head")(
+        pre_logits.astype(jnp.float32))
+    out = {"blocks": tuple(blocks), "encoded": encoded, "cls_token": encoded[:, 0],
+           "pre_logits": pre_logits}
+    return logits, out
+
+
+def resample_posemb(posemb: jax.Array, new_grid: int) -> jax.Array:
+  """Resizes learned position embeddings [1, g*g, D] to [1, new_grid**2, D]."""
+  _, n, c = posemb.shape
+  old = int(round(np.sqrt(n)))
+  if old * old != n:
+    raise ValueError(f"position embedding has {n} tokens, not a square grid")
+  if old == new_grid:
+    return posemb
+  grid = posemb.reshape(1, old, old, c)
+  grid = jax.image.resize(grid, (1, new_grid, new_grid, c), "bilinear", antialias=True)
+  return grid.reshape(1, new_grid * new_grid, c)
+
+
+def resample_params(params: dict, image_size: int, patch_size: int) -> dict:
+  """Params of a ViT adapted to another input resolution."""
+  params = jax.tree_util.tree_map(lambda x: x, params)  # shallow copy of the tree
+  params = dict(params)
+  params["pos_embedding"] = resample_posemb(params["pos_embedding"], image_size // patch_size)
+  return params
+
+
+# ----------------------------------------------------------------------------
+# Model-family contract (see adaptive_vision/models/__init__.py)
+
+_FIELDS = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name"}
+_CONFIG_ONLY = {"name", "image_size"}
+
+
+def _kwargs(model_cfg) -> dict:
+  cfg = dict(model_cfg)
+  unknown = set(cfg) - _FIELDS - _CONFIG_ONLY
+  if unknown:
+    raise ValueError(f"unknown ViT config keys {sorted(unknown)}; valid keys are "
+                     f"{sorted(_FIELDS | _CONFIG_ONLY)}")
+  kw = {k: v for k, v in cfg.items() if k in _FIELDS}
+  if isinstance(kw.get("dtype"), str):
+    kw["dtype"] = jnp.dtype(kw["dtype"])
+  return kw
+
+
+def build(model_cfg) -> ViT:
+  vit = ViT(**_kwargs(model_cfg))
+  if "image_size" in model_cfg:
+    _check_image_size(model_cfg.image_size, vit.dims["patch_size"], "model")
+  return vit
+
+
+def exit_macs(model_cfg) -> list[float]:
+  vit = build(model_cfg)
+  d = vit.dims
+  return [flops.vit_macs(image_size=model_cfg.image_size, patch_size=d["patch_size"],
+                         width=d["width"], depth=d["depth"], mlp_dim=d["mlp_dim"],
+                         num_classes=vit.num_classes)]

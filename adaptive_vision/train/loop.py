@@ -1,0 +1,279 @@
+"""train_and_evaluate: the training loop (the edge where files, devices and
+signals live; everything it calls is pure)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_vision import data as data_lib
+from adaptive_vision import evaluation, losses, models
+from adaptive_vision.train import checkpointing, optim, sharding as shd, steps
+from adaptive_vision.train.metrics import MetricWriter, Progress
+from adaptive_vision.train.state import TrainState, param_count
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+  """Loss, gradient norm or parameter norm became NaN/inf."""
+
+
+class Preempted(SystemExit):
+  """SIGTERM arrived; a checkpoint of the current step was written."""
+
+
+def is_multi_resolution(config) -> bool:
+  return bool(config.data.get("resolutions"))
+
+
+def validate_config(config, workdir: str) -> None:
+  """Cheap checks that run before any data is read or anything compiles."""
+  parent = os.path.dirname(os.path.abspath(workdir))
+  if not os.path.isdir(parent):
+    raise FileNotFoundError(f"the parent of --workdir does not exist: {parent}; "
+                            "create it or choose another workdir")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  models.build(config.model)  # unknown keys, bad variants, image/patch mismatch
+  macs = models.exit_macs(config.model)
+  if config.model.name == "ravit":
+    from adaptive_vision.models import ravit
+    want = tuple(ravit.resolutions(config.model))
+    got = tuple(config.data.get("resolutions") or ())
+    if want != got:
+      raise ValueError(f"data.resolutions={got} but the RAViT branches take {want}; "
+                       "set data.resolutions to the branch resolutions")
+  elif config.model.get("image_size") and config.model.image_size != config.data.image_size:
+    raise ValueError(f"model.image_size={config.model.image_size} but "
+                     f"data.image_size={config.data.image_size}; make them equal")
+  if config.model.num_classes != config.data.num_classes:
+    raise ValueError(f"model.num_classes={config.model.num_classes} but "
+                     f"data.num_classes={config.data.num_classes}")
+  if config.loss.name in ("kd", "erde") and not config.get("teacher"):
+    raise ValueError(f"loss.name={config.loss.name!r} needs a teacher: set "
+                     "teacher.model and teacher.checkpoint")
+  del macs
+
+
+def dummy_inputs(config, batch: int = 2):
+  if is_multi_resolution(config):
+    return tuple(jnp.zeros((batch, r, r, 3)) for r in config.data.resolutions)
+  s = config.data.image_size
+  return jnp.zeros((batch, s, s, 3))
+
+
+def make_init_fn(model, tx, config):
+  def init(rng):
+    p_rng, d_rng, s_rng = jax.random.split(rng, 3)
+    variables = model.init({"params": p_rng, "dropout": d_rng}, dummy_inputs(config), train=False)
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params),
+                      batch_stats=variables.get("batch_stats", {}), rng=s_rng)
+  return init
+
+
+def _with_shardings(abstract, shardings):
+  return jax.tree_util.tree_map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def load_teacher(config, mesh):
+  """(teacher module, variables placed on the mesh) from teacher.checkpoint."""
+  tcfg = config.teacher
+  teacher = models.build(tcfg.model)
+  variables = checkpointing.restore_variables(tcfg.checkpoint)
+  expected = jax.eval_shape(
+      lambda: teacher.init({"params": jax.random.PRNGKey(0)},
+                           dummy_inputs(config), train=False))
+  want = checkpointing.shapes_of({k: expected[k] for k in variables if k in expected})
+  got = checkpointing.shapes_of(variables)
+  if want != got or set(expected) - set(variables):
+    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise ValueError(f"teacher checkpoint {tcfg.checkpoint} does not match "
+                     f"teacher.model (first differences: {bad[:3]}); point "
+                     "teacher.checkpoint at a run of the same model config")
+  return teacher, jax.device_put(variables, shd.replicated(mesh))
+
+
+def evaluate_split(eval_step, state, config, split, mesh):
+  it = data_lib.make_eval_iterator(
+      config.data, split, global_batch_size=config.get("eval_batch_size", config.batch_size),
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return evaluation.predict_exits(eval_step, state.params, state.batch_stats, it, mesh)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint.
+
+  Returns the final evaluation metrics. Raises NonFiniteError on NaN/inf and
+  Preempted (after saving) on SIGTERM.
+  """
+  validate_config(config, workdir)
+  primary = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if primary:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+  mesh = shd.make_mesh(config.get("mesh"))
+  model = models.build(config.model)
+  multi_res = is_multi_resolution(config)
+  info = data_lib.dataset_info(config.data)
+  steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
+  total_steps = int(config.get("total_steps") or config.num_epochs * steps_per_epoch)
+
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  loss_fn = losses.loss_from_config(config.loss)
+  init_fn = make_init_fn(model, tx, config)
+  rng = jax.random.PRNGKey(config.seed)
+  abstract = jax.eval_shape(init_fn, rng)
+  state_sharding = shd.state_shardings(abstract, mesh, config.get("param_sharding", "replicate"))
+  checkpointing.check_signature(
+      workdir, {"model": json.loads(config.model.to_json_best_effort()),
+                "params": checkpointing.shapes_of(abstract.params)}, write=True)
+
+  train_iter = data_lib.make_train_iterator(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                    max_to_keep=config.get("max_to_keep", 3),
+                                    async_save=config.get("async_checkpoints", True))
+  restored = ckpt.restore(_with_shardings(abstract, state_sharding), train_iter)
+  if restored is None:
+    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    start = 0
+  else:
+    start, state = restored
+    log.info("resumed from step %d", start)
+    if primary:
+      print(f"resuming from checkpoint at step {start}", file=sys.stderr, flush=True)
+
+  teacher, teacher_vars, teacher_multi = None, None, False
+  if config.get("teacher"):
+    teacher, teacher_vars = load_teacher(config, mesh)
+    teacher_multi = config.teacher.model.name == "ravit"
+  step_fn = steps.make_train_step(model, tx, loss_fn, schedule, multi_resolution=multi_res,
+                                  teacher=teacher, teacher_multi_resolution=teacher_multi)
+  train_step = steps.jit_train_step(
+      step_fn, mesh, state_sharding,
+      jax.tree_util.tree_map(lambda _: shd.replicated(mesh), teacher_vars))
+  eval_step = steps.jit_eval_step(steps.make_eval_step(model, multi_resolution=multi_res),
+                                  mesh, state_sharding.params, state_sharding.batch_stats)
+
+  writer = MetricWriter(workdir, is_primary=primary)
+  if primary and start == 0:
+    writer.write(0, "info", {"params": param_count(abstract.params),
+                             "exit_macs": models.exit_macs(config.model),
+                             "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                             "devices": jax.device_count(), "processes": jax.process_count()})
+  progress = Progress(total_steps, config.batch_size, start, enabled=primary)
+  log_every = int(config.get("log_every", 50))
+  ckpt_every = int(config.get("checkpoint_every", 500))
+  eval_every = int(config.get("eval_every", 0))
+  # End this invocation after this step (checkpoint saved); the same command
+  # continues later. For time-sliced clusters and for resume tests.
+  stop_at = int(config.get("stop_at_step", 0))
+
+  preempted = []
+  previous_handler = None
+  if hasattr(signal, "SIGTERM") and threading_is_main():
+    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
+
+  def check(metrics, step):
+    m = jax.device_get(metrics)
+    if not bool(m["finite"]):
+      bad = [k for k in ("loss", "grad_norm", "param_norm") if not np.isfinite(m[k])]
+      last = ckpt.all_steps()
+      raise NonFiniteError(
+          f"step {step}: {', '.join(bad)} became non-finite ({', '.join(f'{k}={m[k]}' for k in bad)}); "
+          f"stopping. The last good checkpoint (step {last[-1] if last else 'none'}) is kept; "
+          "lower optim.lr or enable optim.grad_clip")
+    return m
+
+  def run_eval(step):
+    out = {}
+    for split in config.get("eval_splits", ("test",)):
+      logits, labels = evaluate_split(eval_step, state, config, split, mesh)
+      accs = evaluation.exit_accuracies(logits, labels)
+      rec = {f"accuracy/exit{i}": a for i, a in enumerate(accs)}
+      rec.update(split=split, accuracy=accs[-1], num_examples=len(labels))
+      writer.write(step, "eval", rec)
+      out[split] = (logits, labels, rec)
+      if primary:
+        print(f"eval {split} step {step}: " + "  ".join(
+            f"exit{i} {100 * a:.2f}%" for i, a in enumerate(accs)), file=sys.stderr, flush=True)
+    return out
+
+  train_start = time.perf_counter()
+  pending = None  # metrics of the previous step, checked one step late to keep dispatch async
+  step = start
+  try:
+    while step < total_steps:
+      batch = shd.global_batch(next(train_iter), mesh)
+      state, metrics = train_step(state, batch, teacher_vars)
+      if pending is not None:
+        check(pending, step)
+      step += 1
+      pending = metrics
+      if step == start + 1:
+        progress.reset(step)  # exclude compilation from images/s
+      boundary = step % log_every == 0 or step == total_steps
+      if boundary or step % ckpt_every == 0 or preempted:
+        m = check(metrics, step)
+        pending = None
+        if boundary:
+          rec = {k: v for k, v in m.items() if k != "finite"}
+          rec["images_per_sec"] = progress.rate(step)
+          writer.write(step, "train", rec)
+          progress.line(step, float(m["loss"]), f"lr {float(m['lr']):.2e}")
+      if step % ckpt_every == 0 or preempted:
+        ckpt.save(step, state, train_iter, force=bool(preempted))
+      if preempted:
+        ckpt.wait()
+        raise Preempted(f"SIGTERM received: saved a checkpoint at step {step} in "
+                        f"{workdir}; run the same command again to resume")
+      if eval_every and step % eval_every == 0 and step < total_steps:
+        run_eval(step)
+      if stop_at and step >= stop_at and step < total_steps:
+        ckpt.save(step, state, train_iter, force=True)
+        ckpt.wait()
+        return {"step": step, "stopped_early": True,
+                "train_seconds": time.perf_counter() - train_start}
+    if pending is not None:
+      check(pending, step)
+    if step not in ckpt.all_steps():
+      ckpt.save(step, state, train_iter, force=True)
+    ckpt.wait()
+    results = run_eval(step)
+    summary = {"step": step, "train_seconds": time.perf_counter() - train_start,
+               "exit_macs": models.exit_macs(config.model)}
+    for split, (logits, labels, rec) in results.items():
+      summary[split] = rec
+      if primary:
+        from adaptive_vision import reporting
+        reporting.save_logits(os.path.join(workdir, f"{split}_logits.npz"), logits, labels,
+                              np.asarray(summary["exit_macs"]))
+    writer.write(step, "final", {"train_seconds": summary["train_seconds"]})
+    return summary
+  finally:
+    if previous_handler is not None:
+      signal.signal(signal.SIGTERM, previous_handler)
+    ckpt.close()
+    writer.close()
+
+
+def threading_is_main() -> bool:
+  import threading
+  return threading.current_thread() is threading.main_thread()

@@ -1,0 +1,85 @@
+"""Pieces shared by the config files: argument parsing and base fields."""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+# The offline CIFAR-10 copy beside the checkout (see its README).
+OFFLINE_CIFAR10 = os.path.normpath(
+    os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "cifar10"))
+
+
+def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
+  """'runlocal,variant=S/4,epochs=5' -> ConfigDict(runlocal=True, variant='S/4', epochs=5).
+
+  Only keys given in `defaults` (plus 'runlocal') are accepted, with their types.
+  """
+  defaults = dict(defaults)
+  defaults.setdefault("runlocal", False)
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, eq, value = item.partition("=")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; valid: {sorted(defaults)}")
+    if not eq:
+      out[key] = True
+      continue
+    kind = type(defaults[key])
+    if kind is bool:
+      out[key] = value.lower() in ("1", "true", "yes")
+    elif defaults[key] is None:
+      out[key] = value
+    else:
+      out[key] = kind(value)
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults; configs override them."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 1
+  c.total_steps = 0          # >0 overrides num_epochs
+  c.stop_at_step = 0         # >0: stop this invocation there (checkpointed); rerun resumes
+  c.log_every = 50
+  c.eval_every = 0           # steps; 0 = only at the end
+  c.checkpoint_every = 500
+  c.max_to_keep = 3
+  c.async_checkpoints = True
+  c.eval_splits = ("val", "test")
+  c.param_sharding = "replicate"   # or 'fsdp'
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
+  c.data = ml_collections.ConfigDict(dict(
+      source="folder", name="cifar10", path=OFFLINE_CIFAR10, cache_dir=None,
+      num_classes=10, image_size=32, resolutions=None, augment="cifar",
+      normalize="auto", train_split="train", test_split="test", val_size=5000,
+      split_seed=0, train_size=None, test_size=None, on_bad_image="error",
+      cache_image_size=None, synthetic_train_size=2048, synthetic_test_size=512,
+      num_workers=0))
+  c.loss = ml_collections.ConfigDict(dict(
+      name="ce", exit_weights=None, self_distill_weight=0.0, temperature=1.0,
+      kd_weight=1.0, entropy_weight=0.0, entropy_mode="maximize", kl_on_wrong=False))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, warmup_steps=0,
+      warmup_fraction=0.05, schedule="cosine", end_lr_factor=0.0, grad_clip=1.0,
+      wd_mask="kernels"))
+  c.teacher = None
+  return c
+
+
+def runlocal(c: ml_collections.ConfigDict, *, steps: int = 150, batch: int = 64):
+  """Shrinks a config to about a minute on a 2-core CPU, on synthetic data."""
+  c.data.source = "synthetic"
+  c.data.path = None
+  c.data.val_size = 256
+  c.batch_size = batch
+  c.eval_batch_size = 256
+  c.total_steps = steps
+  c.log_every = 25
+  c.checkpoint_every = 50
+  c.optim.warmup_steps = 10
+  return c
