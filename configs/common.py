@@ -83,3 +83,16 @@ def runlocal(c: ml_collections.ConfigDict, *, steps: int = 150, batch: int = 64)
   c.checkpoint_every = 50
   c.optim.warmup_steps = 10
   return c
+
+
+def cifar_vit_recipe(c: ml_collections.ConfigDict, *, epochs: int, batch: int, lr: float):
+  """The CIFAR recipe that ViT baselines and RAViT share (same epochs,
+  optimizer and augmentation, so the comparison is like for like)."""
+  c.batch_size = batch
+  c.num_epochs = epochs
+  c.optim.update(name="adamw", lr=lr, weight_decay=0.05, warmup_fraction=0.05,
+                 schedule="cosine", grad_clip=1.0)
+  c.data.augment = "cifar"
+  c.checkpoint_every = 300
+  c.log_every = 50
+  return c

@@ -428,7 +428,7 @@ class _Converter:
     row_of[order] = np.arange(n)
     images_path = out_dir / f'images-{fp}.npy'
     tmp = _npy_tmp(images_path)
-    images = None
+    images = rows_out = None
     first = None  # (name, shape) of the first decoded image
     ok = np.zeros(n, bool)
     skipped = []
@@ -458,12 +458,13 @@ class _Converter:
               first = (name, arr.shape)
               images = np.lib.format.open_memmap(
                   tmp, mode='w+', dtype=np.uint8, shape=(n,) + arr.shape)
+              rows_out = images.view(np.ndarray)  # plain view: no memmap per-row overhead
             elif arr.shape != first[1]:
               raise ValueError(
                   f'image {name} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is'
                   f' {first[1][1]}x{first[1][0]}: set data.cache_image_size=<int> to'
                   ' resize all images while caching')
-            images[row_of[idx]] = arr
+            rows_out[row_of[idx]] = arr
             ok[idx] = True
       if images is None:
         raise ValueError(f'no decodable images in {self.display} (split {self.split!r})')
@@ -477,11 +478,11 @@ class _Converter:
         for s in range(0, len(rows), 4096):
           compact[s:s + 4096] = images[rows[s:s + 4096]]
         compact.flush()
-        del compact, images
+        del compact, images, rows_out
         os.replace(tmp2, tmp)
       else:
         images.flush()
-        del images
+        del images, rows_out
       labels_path = out_dir / f'labels-{fp}.npy'
       ltmp = _npy_tmp(labels_path)
       with open(ltmp, 'wb') as f:

@@ -229,7 +229,7 @@ def build(model_cfg) -> ResNet:
   n = blocks_per_stage(resnet.depth)
   stage_widths(resnet.width, resnet.width_multiplier)
   # Validate here (not only at trace time) and store a hashable tuple.
-  return resnet.replace(exits=check_exits(resnet.exits, 3 * n, f"ResNet-{resnet.depth}"))
+  return resnet.clone(exits=check_exits(resnet.exits, 3 * n, f"ResNet-{resnet.depth}"))
 
 
 def exit_macs(model_cfg) -> list[float]:

@@ -29,7 +29,10 @@ def make_mesh(mesh_cfg=None) -> Mesh:
     raise ValueError(f"mesh data={data} x model={model} needs more than the {n} "
                      "devices; set mesh.data=-1 to use all devices")
   # A smaller mesh uses the first devices (handy for tests and benchmarks).
+  # Auto axes: XLA's partitioner propagates shardings from the inputs, so
+  # model code stays free of sharding annotations.
   return jax.make_mesh((data, model), (DATA, MODEL),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2,
                        devices=jax.devices()[:data * model])
 
 

@@ -1,0 +1,211 @@
+"""Dynamic RAViT executor: same answers as the policy on all exits, bounded compiles."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_vision import early_exit
+from adaptive_vision.inference import (DynamicCascade, default_buckets, full_cascade_predict,
+                                       resolve_buckets)
+from adaptive_vision.models.ravit import RAViT
+
+NUM_CLASSES = 5
+N = 24
+
+
+def _branch(resolution, width=16):
+  return dict(resolution=resolution, width=width, depth=1, num_heads=2, mlp_dim=32,
+              patch_size=4, head_zero_init=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(num_branches, reuse="token"):
+  res = (8, 16, 32)[:num_branches]
+  widths = (16, 24, 16)[:len(res)]
+  model = RAViT(branches=tuple(_branch(r, w) for r, w in zip(res, widths)),
+                num_classes=NUM_CLASSES, reuse=reuse)
+  rng = np.random.default_rng(num_branches)
+  views = tuple(rng.normal(size=(N, r, r, 3)).astype(np.float32) for r in res)
+  variables = jax.jit(model.init)(jax.random.key(num_branches), views)
+  # Larger head weights spread the exits' entropies over a wide range.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, x: x * 3.0 if "head" in jax.tree_util.keystr(p) else x, variables["params"])
+  variables = {"params": params}
+  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
+  exit_logits = np.stack([np.asarray(x) for x in apply(variables, views)])
+  return model, variables, views, exit_logits, apply
+
+
+def _mid_thresholds(scores, quantiles):
+  """Thresholds halfway between two neighbouring scores (robust to rounding)."""
+  s = np.sort(scores)
+  out = []
+  for q in quantiles:
+    i = int(np.clip(round(q * (len(s) - 1)), 0, len(s) - 2))
+    while s[i + 1] - s[i] < 1e-4 and i + 2 < len(s):
+      i += 1
+    assert s[i + 1] - s[i] >= 1e-4
+    out.append(float(0.5 * (s[i] + s[i + 1])))
+  return out
+
+
+def _scores(logits, criterion):
+  fn = early_exit.softmax_entropy if criterion == "entropy" else early_exit.max_probability
+  return np.asarray(fn(jnp.asarray(logits)))
+
+
+def _check_against_policy(result, exit_logits, thresholds, criterion):
+  ref_exit = np.asarray(early_exit.exit_policy(exit_logits, thresholds, criterion))
+  np.testing.assert_array_equal(result["exit_index"], ref_exit)
+  ref_logits = exit_logits[ref_exit, np.arange(exit_logits.shape[1])]
+  np.testing.assert_array_equal(result["predictions"], ref_logits.argmax(-1))
+  np.testing.assert_allclose(result["logits"], ref_logits, rtol=1e-5, atol=1e-5)
+  # Branch k ran on exactly the examples whose exit is >= k.
+  expected_counts = [(ref_exit >= k).sum() for k in range(exit_logits.shape[0])]
+  np.testing.assert_array_equal(result["counts"], expected_counts)
+  assert np.all(result["padded_counts"] >= result["counts"])
+  return ref_exit
+
+
+def _threshold_sets(exit_logits, criterion):
+  e = exit_logits.shape[0]
+  scores = [_scores(exit_logits[k], criterion) for k in range(e - 1)]
+  mids = [_mid_thresholds(s, (0.2, 0.5, 0.8)) for s in scores]
+  if criterion == "entropy":
+    everyone, nobody, negative = 1e9, 0.0, -1.0
+  else:
+    everyone, nobody, negative = 0.0, 1.0, 2.0
+  sets = [[m[i] for m in mids] for i in range(3)]
+  sets += [[everyone] * (e - 1), [nobody] * (e - 1), [negative] * (e - 1)]
+  if e == 3:
+    sets += [[nobody, everyone], [mids[0][1], nobody], [everyone, nobody]]
+  return sets
+
+
+@pytest.mark.parametrize("num_branches", [2, 3])
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+def test_matches_policy_on_all_exits(num_branches, criterion):
+  model, variables, views, exit_logits, _ = _setup(num_branches)
+  cascade = DynamicCascade(model, variables, [0.0] * (num_branches - 1), criterion)
+  seen_exits = set()
+  for thresholds in _threshold_sets(exit_logits, criterion):
+    cascade.thresholds = thresholds
+    result = cascade.predict(views)
+    ref_exit = _check_against_policy(result, exit_logits, thresholds, criterion)
+    seen_exits.update(ref_exit.tolist())
+    assert result["predictions"].shape == (N,) and result["logits"].shape == (N, NUM_CLASSES)
+  assert seen_exits == set(range(num_branches))  # every exit was taken at some point
+  assert cascade.num_compiled <= cascade.program_bound(N)
+
+
+@pytest.mark.parametrize("num_branches", [2, 3])
+def test_everyone_exits_first_and_nobody_exits_early(num_branches):
+  model, variables, views, exit_logits, _ = _setup(num_branches)
+  e = num_branches
+  cascade = DynamicCascade(model, variables, [1e9] * (e - 1))
+  everyone = cascade.predict(views)
+  np.testing.assert_array_equal(everyone["exit_index"], np.zeros(N))
+  np.testing.assert_array_equal(everyone["counts"], [N] + [0] * (e - 1))  # skipped
+  np.testing.assert_array_equal(everyone["predictions"], exit_logits[0].argmax(-1))
+  assert cascade.num_compiled == 1  # only branch 0 was ever compiled
+
+  cascade.thresholds = [-1.0] * (e - 1)
+  nobody = cascade.predict(views)
+  np.testing.assert_array_equal(nobody["exit_index"], np.full(N, e - 1))
+  np.testing.assert_array_equal(nobody["counts"], [N] * e)
+  np.testing.assert_array_equal(nobody["predictions"], exit_logits[-1].argmax(-1))
+  np.testing.assert_allclose(nobody["logits"], exit_logits[-1], rtol=1e-5, atol=1e-5)
+
+
+def test_device_views_match_host_views():
+  model, variables, views, exit_logits, _ = _setup(3)
+  thresholds = _threshold_sets(exit_logits, "entropy")[1]
+  host = DynamicCascade(model, variables, thresholds).predict(views)
+  device = DynamicCascade(model, variables, thresholds).predict(
+      tuple(jnp.asarray(v) for v in views))
+  for key in ("exit_index", "predictions", "counts"):
+    np.testing.assert_array_equal(host[key], device[key])
+  np.testing.assert_allclose(host["logits"], device["logits"], rtol=1e-5, atol=1e-6)
+  _check_against_policy(device, exit_logits, thresholds, "entropy")
+
+
+def test_full_cascade_predict_is_the_policy():
+  model, variables, views, exit_logits, _ = _setup(2)
+  t = _threshold_sets(exit_logits, "entropy")[1]
+  ref = full_cascade_predict(model, variables, views, t)
+  np.testing.assert_allclose(ref["exit_logits"], exit_logits, rtol=1e-5, atol=1e-6)
+  _check_against_policy(dict(ref, counts=[(ref["exit_index"] >= k).sum() for k in range(2)],
+                             padded_counts=np.full(2, N)), exit_logits, t, "entropy")
+
+
+@pytest.mark.parametrize("num_branches,buckets", [(2, None), (3, None), (3, (0.25, 0.5))])
+def test_compiled_programs_stay_bounded(num_branches, buckets):
+  model, variables, views, exit_logits, apply = _setup(num_branches)
+  e = num_branches
+  cascade = DynamicCascade(model, variables, [0.0] * (e - 1), buckets=buckets)
+  bound = cascade.program_bound(N)
+  assert bound == 1 + (e - 1) * len(cascade.bucket_sizes(N))
+  rng = np.random.default_rng(0)
+  compositions, trials = set(), []
+  for trial in range(14):
+    # New inputs half of the time, new thresholds every time.
+    if trial % 2:
+      batch = tuple(v[rng.permutation(N)] * rng.uniform(0.5, 1.5) for v in views)
+      logits = np.stack([np.asarray(x) for x in apply(variables, batch)])
+    else:
+      batch, logits = views, exit_logits
+    thresholds = [float(rng.uniform(0.3, 1.7)) for _ in range(e - 1)]
+    cascade.thresholds = thresholds
+    result = cascade.predict(batch)
+    _check_against_policy(result, logits, thresholds, "entropy")
+    compositions.add(tuple(result["counts"].tolist()))
+    trials.append((batch, thresholds))
+    assert cascade.num_compiled <= bound
+  assert len(compositions) > 3  # many different remaining counts ...
+  assert len(cascade.programs) == cascade.num_compiled <= bound  # ... few programs
+  # Warm: replaying every composition compiles nothing new.
+  before = cascade.num_compiled
+  for batch, thresholds in trials:
+    cascade.thresholds = thresholds
+    cascade.predict(batch)
+  assert cascade.num_compiled == before
+
+
+def test_reuse_none_and_logits_cascades():
+  for reuse in ("none", "both"):
+    model, variables, views, exit_logits, _ = _setup(3, reuse)
+    t = _threshold_sets(exit_logits, "entropy")[0]
+    result = DynamicCascade(model, variables, t).predict(views)
+    _check_against_policy(result, exit_logits, t, "entropy")
+
+
+def test_buckets():
+  assert default_buckets(100) == (8, 16, 32, 64, 100)
+  assert default_buckets(64) == (8, 16, 32, 64)
+  assert default_buckets(5) == (5,)
+  assert default_buckets(40, min_bucket=5) == (8, 16, 32, 40)
+  assert resolve_buckets(10, (0.25, 0.5)) == (3, 5, 10)
+  assert resolve_buckets(10, (4, 12, 4)) == (4, 10)
+  assert resolve_buckets(0) == ()
+  with pytest.raises(ValueError, match="fraction"):
+    resolve_buckets(10, (1.5,))
+  with pytest.raises(ValueError, match="positive"):
+    resolve_buckets(10, (0,))
+
+
+def test_rejects_bad_arguments():
+  model, variables, views, _, _ = _setup(2)
+  with pytest.raises(ValueError, match="thresholds for 2 exits"):
+    DynamicCascade(model, variables, [0.5, 0.5])
+  with pytest.raises(ValueError, match="criterion"):
+    DynamicCascade(model, variables, [0.5], criterion="margin")
+  cascade = DynamicCascade(model, variables, 0.5)  # a scalar for two exits is fine
+  with pytest.raises(ValueError, match="one view per branch"):
+    cascade.predict(views[:1])
+  with pytest.raises(ValueError, match="batch sizes"):
+    cascade.predict((views[0], views[1][:3]))
+  empty = cascade.predict(tuple(v[:0] for v in views))
+  assert empty["predictions"].shape == (0,) and empty["logits"].shape == (0, NUM_CLASSES)

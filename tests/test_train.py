@@ -1,0 +1,153 @@
+"""Trainer: sharded step equals single-device step, runlocal run, exact resume, bad input."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_vision import losses, models
+from adaptive_vision.train import loop, optim, sharding as shd, steps
+from adaptive_vision.train.metrics import read_metrics
+from configs import ravit_cifar10, vit_cifar10
+
+
+def tiny_config(**overrides):
+  c = vit_cifar10.get_config("runlocal")
+  c.data.synthetic_train_size = 256
+  c.data.synthetic_test_size = 64
+  c.data.val_size = 64
+  c.data.image_size = 16
+  c.model.image_size = 16
+  c.model.update(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=4)
+  c.batch_size = 16
+  c.eval_batch_size = 64
+  c.total_steps = 12
+  c.log_every = 1
+  c.checkpoint_every = 4
+  c.async_checkpoints = True
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+def _setup_state(c, mesh):
+  model = models.build(c.model)
+  tx, schedule = optim.make_optimizer(c.optim, 100)
+  init = loop.make_init_fn(model, tx, c)
+  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+  sharding = shd.state_shardings(abstract, mesh, c.param_sharding)
+  state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
+  step = steps.jit_train_step(
+      steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule),
+      mesh, sharding, None)
+  return state, step
+
+
+@pytest.mark.parametrize("strategy", ["replicate", "fsdp"])
+def test_sharded_step_matches_single_device(strategy):
+  assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
+  c = tiny_config(param_sharding=strategy)
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 16).astype(np.int32)}
+  results = []
+  for n in (1, 8):
+    mesh = shd.make_mesh(dict(data=n, model=1))
+    state, step = _setup_state(c, mesh)
+    for _ in range(2):
+      state, metrics = step(state, shd.global_batch(batch, mesh), None)
+    results.append((jax.device_get(state.params), float(metrics["loss"])))
+  (p1, l1), (p8, l8) = results
+  assert l1 == pytest.approx(l8, rel=1e-5)
+  for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_runlocal_writes_checkpoint_metrics_and_logits(tmp_path):
+  c = tiny_config()
+  workdir = str(tmp_path / "run")
+  summary = loop.train_and_evaluate(c, workdir)
+  assert summary["step"] == 12
+  ckpts = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+  assert ckpts[-1] == 12
+  train = read_metrics(workdir, "train")
+  assert [r["step"] for r in train] == list(range(1, 13))
+  assert all(np.isfinite(r["loss"]) for r in train)
+  evals = read_metrics(workdir, "eval")
+  assert {r["split"] for r in evals} == {"val", "test"}
+  assert os.path.exists(os.path.join(workdir, "config.json"))
+  with np.load(os.path.join(workdir, "test_logits.npz")) as f:
+    assert f["exit_logits"].shape == (1, 64, 10) and f["labels"].shape == (64,)
+    np.testing.assert_allclose(f["exit_macs"], models.exit_macs(c.model))
+
+
+def test_stopped_and_restarted_run_reproduces_losses_exactly(tmp_path):
+  c = tiny_config()
+  full = str(tmp_path / "full")
+  loop.train_and_evaluate(c, full)
+  split = str(tmp_path / "split")
+  c_stop = tiny_config(stop_at_step=6)
+  out = loop.train_and_evaluate(c_stop, split)
+  assert out["step"] == 6 and out.get("stopped_early")
+  loop.train_and_evaluate(tiny_config(), split)  # the same command again resumes
+  a = {r["step"]: r["loss"] for r in read_metrics(full, "train")}
+  b = {r["step"]: r["loss"] for r in read_metrics(split, "train")}
+  assert sorted(b) == list(range(1, 13))
+  assert a == b  # bitwise equal losses: same data order, same params, same rngs
+  fa = np.load(os.path.join(full, "test_logits.npz"))["exit_logits"]
+  fb = np.load(os.path.join(split, "test_logits.npz"))["exit_logits"]
+  np.testing.assert_array_equal(fa, fb)
+
+
+def test_ravit_runlocal_trains_two_exits(tmp_path):
+  c = ravit_cifar10.get_config("runlocal")
+  c.data.synthetic_train_size = 128
+  c.data.synthetic_test_size = 32
+  c.data.val_size = 32
+  c.batch_size = 16
+  c.total_steps = 3
+  summary = loop.train_and_evaluate(c, str(tmp_path / "ravit"))
+  with np.load(str(tmp_path / "ravit" / "test_logits.npz")) as f:
+    assert f["exit_logits"].shape == (2, 32, 10)
+    assert f["exit_macs"][0] < f["exit_macs"][1]
+  assert "accuracy/exit1" in summary["test"]
+
+
+def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
+  c = tiny_config()
+  c.optim.lr = 1e30
+  c.optim.grad_clip = 0.0
+  c.optim.warmup_fraction = 0.0
+  c.optim.schedule = "constant"
+  with pytest.raises(loop.NonFiniteError, match=r"step \d+: .*non-finite"):
+    loop.train_and_evaluate(c, str(tmp_path / "nan"))
+
+
+def test_bad_input_fails_before_compiling(tmp_path):
+  c = tiny_config()
+  c.model.image_size = 18
+  c.data.image_size = 18
+  with pytest.raises(ValueError, match="not divisible by patch size"):
+    loop.validate_config(c, str(tmp_path / "w"))
+  with pytest.raises(FileNotFoundError, match="parent of --workdir"):
+    loop.validate_config(tiny_config(), str(tmp_path / "missing" / "w"))
+  c = tiny_config()
+  c.data.source = "tfds"
+  c.data.name = "no_such_dataset_xyz"
+  with pytest.raises(ValueError, match="no_such_dataset_xyz"):
+    loop.train_and_evaluate(c, str(tmp_path / "w2"))
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  c = tiny_config(total_steps=4)
+  loop.train_and_evaluate(c, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  other = tiny_config(total_steps=4)
+  other.model.width = 48
+  with pytest.raises(ValueError, match="different model"):
+    loop.train_and_evaluate(other, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
