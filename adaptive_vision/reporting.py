@@ -421,3 +421,41 @@ __all__ = [
     'ExitLogits', 'save_logits', 'load_logits', 'early_exit_report', 'report_markdown',
     'plot_accuracy_vs_macs', 'write_report',
 ]
+
+
+def _load_run(run_dir: str | os.PathLike, split: str) -> ExitLogits | None:
+  path = os.path.join(run_dir, f'{split}_logits.npz')
+  if not os.path.exists(path):
+    if split == 'val':
+      return None
+    raise FileNotFoundError(f'{path} is missing; write it with python -m launch.evaluate '
+                            f'--config ... --workdir {run_dir}')
+  return load_logits(path)
+
+
+def report_runs(out_dir: str | os.PathLike, runs: Mapping[str, str | os.PathLike], *,
+                baseline: str | os.PathLike | None = None,
+                budgets: Sequence[float] = (0.55, 0.7),
+                title: str = 'Early-exit report') -> dict[str, Any]:
+  """Report over run directories holding `{val,test}_logits.npz`.
+
+  Writes the report files plus copies of every npz used (`<name>_<split>_logits.npz`,
+  `baseline_<split>_logits.npz`) into `out_dir`, so the folder is self-contained.
+  """
+  import shutil
+  os.makedirs(out_dir, exist_ok=True)
+  base_test = _load_run(baseline, 'test') if baseline else None
+  base_val = _load_run(baseline, 'val') if baseline else None
+  reports = {}
+  for name, run_dir in runs.items():
+    reports[name] = early_exit_report(
+        _load_run(run_dir, 'test'), val=_load_run(run_dir, 'val'), baseline=base_test,
+        baseline_val=base_val, budgets=list(budgets), name=name)
+  sources = dict(runs, **({'baseline': baseline} if baseline else {}))
+  for name, run_dir in sources.items():
+    for split in ('val', 'test'):
+      src = os.path.join(run_dir, f'{split}_logits.npz')
+      if os.path.exists(src):
+        shutil.copy(src, os.path.join(out_dir, f'{name}_{split}_logits.npz'))
+  write_report(out_dir, reports, title=title)
+  return reports

@@ -96,3 +96,54 @@ def cifar_vit_recipe(c: ml_collections.ConfigDict, *, epochs: int, batch: int, l
   c.checkpoint_every = 300
   c.log_every = 50
   return c
+
+
+def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
+                path=None, augment: str = "cifar", epochs: int = 15):
+  """Teacher or student of an ERDE experiment (configs/erde_*.py).
+
+  role=teacher  ResNet-<teacher_depth> with exits after stages 1 and 2, cross entropy
+  role=student  ResNet-<student_depth> with exits after stages 1 and 2, loss ce|kd|erde
+                distilled from the teacher checkpoint in teacher_dir
+  """
+  a = parse_arg(arg, role="student", loss="erde", teacher_dir="runs/erde_teacher",
+                teacher_depth=20, student_depth=8, width_multiplier=1.0,
+                epochs=epochs, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
+                entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0)
+  if a.role not in ("teacher", "student"):
+    raise ValueError(f"role={a.role!r}; use role=teacher or role=student")
+  c = base_config()
+  c.data.update(source=source, name=dataset, path=path, num_classes=num_classes,
+                image_size=32, augment=augment)
+  c.batch_size = a.batch
+  c.num_epochs = a.epochs
+  c.optim.update(name="sgd", lr=a.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                 warmup_fraction=0.02, schedule="cosine", grad_clip=0.0)
+  c.checkpoint_every = 300
+  c.log_every = 50
+
+  def resnet(depth, width_multiplier=1.0):
+    from adaptive_vision.models.resnet import stage_exits
+    return dict(name="resnet", depth=depth, width=16, width_multiplier=width_multiplier,
+                num_classes=num_classes, exits=tuple(stage_exits(depth)),
+                exit_dropout=0.5, image_size=32)
+
+  teacher = resnet(a.teacher_depth)
+  if a.role == "teacher":
+    c.model = teacher
+    c.loss.name = "ce"
+  else:
+    c.model = resnet(a.student_depth, a.width_multiplier)
+    c.loss.update(name=a.loss, temperature=a.temperature, kd_weight=a.kd_weight,
+                  entropy_weight=a.entropy_weight if a.loss == "erde" else 0.0,
+                  entropy_mode=a.entropy_mode, kl_on_wrong=a.kl_on_wrong)
+    if a.loss != "ce":
+      c.teacher = ml_collections.ConfigDict(dict(model=teacher, checkpoint=a.teacher_dir))
+  if a.size:
+    c.data.train_size = a.size
+  if a.runlocal:
+    runlocal(c, steps=100)
+    c.optim.lr = 0.05
+    for m in [c.model] + ([c.teacher.model] if c.teacher else []):
+      m.width_multiplier = 0.5
+  return c

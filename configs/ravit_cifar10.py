@@ -15,7 +15,7 @@ Arguments after ':' (comma separated):
   epochs=N, batch=N, lr=X, size=N (first N training images)
   baseline     the plain ViT of the last branch, same recipe
 
-Default split, 16x16 then 32x32, both Mu/4 branches (width 128, depth 6, 4x4
+Default split, 16x16 then 32x32, both Nano/4 branches (width 96, depth 4, 4x4
 patches): the 16x16 branch sees 16 tokens and costs ~25% of the 32x32 branch,
 so easy images can leave for a quarter of the baseline's compute; the 32x32
 branch is the baseline ViT plus the reused class token. Measured results:
@@ -27,7 +27,7 @@ from configs import common
 
 def get_config(arg=None):
   a = common.parse_arg(arg, branches=2, reuse="token", epochs=3, batch=128, lr=1e-3,
-                       size=0, variant="Mu/4", baseline=False, self_distill=0.0)
+                       size=0, variant="Nano/4", baseline=False, self_distill=0.0)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
   resolutions = {2: (16, 32), 3: (8, 16, 32)}.get(a.branches)

@@ -174,7 +174,7 @@ def test_compiled_programs_stay_bounded(num_branches, buckets):
   assert cascade.num_compiled == before
 
 
-def test_reuse_none_and_logits_cascades():
+def test_reuse_none_and_both_cascades():
   for reuse in ("none", "both"):
     model, variables, views, exit_logits, _ = _setup(3, reuse)
     t = _threshold_sets(exit_logits, "entropy")[0]

@@ -217,6 +217,7 @@ def test_build_and_resolutions_from_config():
   assert isinstance(model, RAViT)
   assert ravit.resolutions(cfg) == (112, 160, 224)
   assert model.dtype == jnp.bfloat16 and model.stop_gradient_reuse
+  assert hash(model) == hash(models.build(cfg))  # hashable: usable as a jit static arg
   macs = models.exit_macs(cfg)
   assert len(macs) == 3 and all(np.diff(macs) > 0)
   assert models.num_exits(cfg) == 3

@@ -35,6 +35,7 @@ from typing import Any, Mapping, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from adaptive_vision import flops
 from adaptive_vision.models import vit as vit_lib
@@ -122,6 +123,18 @@ class RAViT(nn.Module):
   reuse: str = "token"
   stop_gradient_reuse: bool = False
   dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    # Freeze the branch dicts so the module stays hashable (jit static args).
+    b = self.branches
+    if isinstance(b, (tuple, list)):
+      try:
+        frozen = tuple(FrozenDict(dict(x)) for x in b)  # dicts or ConfigDicts
+      except (TypeError, ValueError):
+        frozen = None  # left as given; _branch_specs explains what is wrong
+      if frozen is not None:
+        object.__setattr__(self, "branches", frozen)
+    super().__post_init__()
 
   @property
   def specs(self) -> tuple[BranchSpec, ...]:

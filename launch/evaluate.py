@@ -1,0 +1,80 @@
+r"""Per-exit logits of a trained run, and its early-exit report.
+
+  python -m launch.evaluate --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
+      [--baseline runs/vit_cifar10] [--out results/ravit_cifar10_cpu] [--name ravit]
+
+Restores the newest checkpoint in --workdir, writes `val_logits.npz` and
+`test_logits.npz` there (exit_logits [E, N, K], labels [N], cumulative
+exit_macs [E]), and, with --out, the report (report.json, report.md,
+accuracy_vs_macs.png) beside copies of the npz files. Thresholds are
+calibrated on the validation split held out of training, never on test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from launch import common
+
+config_flags.DEFINE_config_file("config", None, "config file [:args]", lock_config=True)
+flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+flags.DEFINE_string("baseline", None, "workdir of a single-exit baseline with *_logits.npz")
+flags.DEFINE_string("out", None, "where to write the report and copies of the npz files")
+flags.DEFINE_string("name", None, "the model's name in tables and plots")
+flags.DEFINE_list("budgets", ["0.55", "0.7"], "MACs budgets as fractions of the baseline")
+flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of recomputing")
+FLAGS = flags.FLAGS
+
+
+def compute_logits(config, workdir: str) -> None:
+  import jax
+  import numpy as np
+  from adaptive_vision import models, reporting
+  from adaptive_vision.train import checkpointing, loop, sharding as shd, steps
+
+  loop.validate_config(config, workdir)
+  variables = checkpointing.restore_variables(workdir)
+  mesh = shd.make_mesh(config.get("mesh"))
+  model = models.build(config.model)
+  rep = shd.replicated(mesh)
+  eval_step = steps.jit_eval_step(
+      steps.make_eval_step(model, multi_resolution=loop.is_multi_resolution(config)),
+      mesh, rep, rep)
+  state = type("S", (), {"params": jax.device_put(variables["params"], rep),
+                         "batch_stats": jax.device_put(variables.get("batch_stats", {}), rep)})
+  macs = np.asarray(models.exit_macs(config.model))
+  for split in ("val", "test"):
+    logits, labels = loop.evaluate_split(eval_step, state, config, split, mesh)
+    path = os.path.join(workdir, f"{split}_logits.npz")
+    reporting.save_logits(path, logits, labels, macs)
+    print(f"{split}: {len(labels)} examples, exit accuracies "
+          + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
+          + f" -> {path}", file=sys.stderr)
+
+
+def main(argv):
+  del argv
+  common.setup()
+  workdir = FLAGS.workdir
+  try:
+    if not FLAGS.reuse_logits or not os.path.exists(os.path.join(workdir, "test_logits.npz")):
+      compute_logits(FLAGS.config, workdir)
+    if FLAGS.out:
+      name = FLAGS.name or os.path.basename(os.path.normpath(workdir))
+      runs = {name: workdir}
+      from adaptive_vision import reporting
+      reporting.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
+                            budgets=[float(b) for b in FLAGS.budgets],
+                            title=f"{name} early exits")
+      print(f"wrote the report to {FLAGS.out}", file=sys.stderr)
+  except (ValueError, FileNotFoundError) as e:
+    common.fail(str(e))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir"])
+  common.run(main)

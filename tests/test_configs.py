@@ -1,0 +1,44 @@
+"""Every config builds, its model matches its data, and bad arguments are named."""
+
+import importlib
+import pathlib
+
+import pytest
+
+from adaptive_vision import models
+from adaptive_vision.train import loop
+
+CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parents[1] / "configs").glob("*.py")
+                 if p.stem not in ("__init__", "common"))
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("arg", [None, "runlocal"])
+def test_config_builds_and_validates(name, arg, tmp_path):
+  module = importlib.import_module(f"configs.{name}")
+  assert module.__doc__ and "python -m launch.train" in module.__doc__
+  c = module.get_config(arg)
+  macs = models.exit_macs(c.model)
+  assert all(m > 0 for m in macs) and macs == sorted(macs)
+  if c.get("teacher"):
+    models.exit_macs(c.teacher.model)
+  if c.loss.name in ("kd", "erde"):
+    assert c.teacher is not None
+  loop.validate_config(c, str(tmp_path / "w"))
+  if arg == "runlocal":
+    assert c.data.source == "synthetic"
+
+
+def test_unknown_config_argument_is_named():
+  from configs import vit_cifar10
+  with pytest.raises(ValueError, match="unknown config argument 'epohcs'"):
+    vit_cifar10.get_config("epohcs=3")
+
+
+def test_ravit_and_baseline_share_the_recipe():
+  from configs import ravit_cifar10, vit_cifar10
+  r, v = ravit_cifar10.get_config(), vit_cifar10.get_config()
+  assert r.optim.to_dict() == v.optim.to_dict()
+  assert (r.num_epochs, r.batch_size, r.data.augment) == (v.num_epochs, v.batch_size, v.data.augment)
+  last = dict(r.model.branches[-1])
+  assert last["variant"] == v.model.variant and last["resolution"] == v.model.image_size

@@ -1,0 +1,86 @@
+"""Distillation: the teacher is frozen, never checkpointed with the student, and a
+runlocal ERDE run trains end to end from a teacher checkpoint the test makes."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from adaptive_vision import losses, models
+from adaptive_vision.train import checkpointing, loop, optim, steps
+from configs import erde_cifar10
+
+
+def small(c):
+  c.data.synthetic_train_size = 128
+  c.data.synthetic_test_size = 32
+  c.data.val_size = 32
+  c.data.image_size = 16
+  c.batch_size = 16
+  c.eval_batch_size = 32
+  c.total_steps = 4
+  c.checkpoint_every = 2
+  c.log_every = 1
+  for m in [c.model] + ([c.teacher.model] if c.get("teacher") else []):
+    m.image_size = 16
+    m.width_multiplier = 0.25
+  return c
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("teacher") / "run")
+  loop.train_and_evaluate(small(erde_cifar10.get_config("role=teacher,runlocal")), workdir)
+  return workdir
+
+
+def _student(loss, teacher_dir):
+  return small(erde_cifar10.get_config(f"loss={loss},runlocal,teacher_dir={teacher_dir}"))
+
+
+def test_erde_student_trains_from_teacher_checkpoint(teacher_dir, tmp_path):
+  c = _student("erde", teacher_dir)
+  workdir = str(tmp_path / "student")
+  summary = loop.train_and_evaluate(c, workdir)
+  assert summary["step"] == 4
+  with np.load(os.path.join(workdir, "test_logits.npz")) as f:
+    assert f["exit_logits"].shape[0] == 3
+  # The student's checkpoint holds the student only.
+  saved = checkpointing.restore_variables(workdir)
+  assert checkpointing.shapes_of(saved["params"]) == checkpointing.shapes_of(
+      jax.eval_shape(lambda: models.build(c.model).init(
+          jax.random.PRNGKey(0), loop.dummy_inputs(c)))["params"])
+  teacher = checkpointing.restore_variables(teacher_dir)
+  assert checkpointing.shapes_of(saved["params"]) != checkpointing.shapes_of(teacher["params"])
+
+
+def test_teacher_gets_no_gradient_and_stays_frozen(teacher_dir):
+  c = _student("kd", teacher_dir)
+  model, tx_total = models.build(c.model), 10
+  tx, schedule = optim.make_optimizer(c.optim, tx_total)
+  teacher, teacher_vars = loop.load_teacher(c, __import__(
+      "adaptive_vision.train.sharding", fromlist=["x"]).make_mesh(dict(data=1)))
+  step = steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule,
+                               teacher=teacher)
+  state = loop.make_init_fn(model, tx, c)(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 8).astype(np.int32)}
+  # d(student loss)/d(teacher variables) is exactly zero: stop_gradient on the teacher.
+  grads = jax.grad(lambda tv: step(state, batch, tv)[1]["loss"])(teacher_vars)
+  assert all(float(np.abs(g).max()) == 0.0 for g in jax.tree_util.tree_leaves(grads))
+  new_state, _ = jax.jit(step)(state, batch, teacher_vars)
+  assert int(new_state.step) == 1  # the student moved; the teacher is an argument, not state
+
+
+def test_missing_or_mismatched_teacher_is_a_clear_error(teacher_dir, tmp_path):
+  c = _student("erde", str(tmp_path / "nowhere"))
+  with pytest.raises(FileNotFoundError, match="train the teacher first"):
+    loop.train_and_evaluate(c, str(tmp_path / "s1"))
+  c = _student("erde", teacher_dir)
+  c.teacher.model.depth = 14
+  c.teacher.model.exits = (1, 3)
+  with pytest.raises(ValueError, match="does not match teacher.model"):
+    loop.train_and_evaluate(c, str(tmp_path / "s2"))
+  assert not os.path.exists(str(tmp_path / "s2" / "checkpoints" / "4"))
