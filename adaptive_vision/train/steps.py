@@ -70,8 +70,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
         loss_of, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    grad_norm = optax.global_norm(grads)
-    param_norm = optax.global_norm(params)
+    grad_norm = optax.tree.norm(grads)
+    param_norm = optax.tree.norm(params)
     metrics = dict(metrics, loss=loss, grad_norm=grad_norm, param_norm=param_norm,
                    lr=schedule(state.step),
                    finite=jnp.isfinite(loss) & jnp.isfinite(grad_norm)

@@ -1,0 +1,183 @@
+"""Machine description, timing helpers, progress lines and child processes.
+
+Importing this module does not import jax or torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Optional, Sequence
+
+RESULT_TAG = "BENCH_RESULT "
+_START = time.perf_counter()
+
+
+def log(message: str) -> None:
+  """A progress line: seconds since the benchmark started, then the message."""
+  print(f"[bench {time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> set[str]:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("flags"):
+          return set(line.split(":", 1)[1].split())
+  except OSError:
+    pass
+  return set()
+
+
+def native_bf16_cpu() -> bool:
+  """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
+  flags = cpu_flags()
+  return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def package_version(name: str) -> Optional[str]:
+  try:
+    from importlib import metadata
+    return metadata.version(name)
+  except Exception:  # not installed
+    return None
+
+
+def machine_info() -> dict[str, Any]:
+  """What the figures were measured on (jax is imported here)."""
+  import jax
+  devices = jax.devices()
+  flags = cpu_flags()
+  info = {
+      "cpu_model": cpu_model(),
+      "cpu_count": os.cpu_count(),
+      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+      "cpu_simd": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
+      "native_bf16_cpu": native_bf16_cpu(),
+      "memory_gib": _total_memory_gib(),
+      "platform": platform.platform(),
+      "python": platform.python_version(),
+      "jax": jax.__version__,
+      "jaxlib": package_version("jaxlib"),
+      "flax": package_version("flax"),
+      "optax": package_version("optax"),
+      "torch": package_version("torch"),
+      "backend": jax.default_backend(),
+      "device_kind": devices[0].device_kind,
+      "device_count": len(devices),
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "load_average_at_start": _loadavg(),
+  }
+  return info
+
+
+def _total_memory_gib() -> Optional[float]:
+  try:
+    with open("/proc/meminfo") as f:
+      for line in f:
+        if line.startswith("MemTotal:"):
+          return round(int(line.split()[1]) / 2 ** 20, 1)
+  except OSError:
+    pass
+  return None
+
+
+def _loadavg() -> Optional[list[float]]:
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def summarize(times: Sequence[float]) -> dict[str, Any]:
+  times = [float(t) for t in times]
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "reps": len(times), "times_s": times}
+
+
+def repeat(fn: Callable[[], Any], *, reps: int, warmup: int = 1) -> dict[str, Any]:
+  """Wall-clock seconds of `fn()` (which must block until its work is done):
+  `warmup` untimed calls, then `reps` timed ones; returns `summarize(...)`."""
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(max(1, reps)):
+    start = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - start)
+  return summarize(times)
+
+
+def peak_rss_bytes() -> dict[str, Optional[int]]:
+  """Peak resident memory of this process so far (ru_maxrss) and its RSS now."""
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  # Linux reports kilobytes, macOS bytes.
+  peak = maxrss if sys.platform == "darwin" else maxrss * 1024
+  now = None
+  try:
+    import psutil
+    now = int(psutil.Process().memory_info().rss)
+  except ImportError:
+    pass
+  return {"peak_rss_bytes": int(peak), "rss_now_bytes": now}
+
+
+def emit_result(result: dict) -> None:
+  """How a child process hands its result to the parent (one tagged JSON line)."""
+  print(RESULT_TAG + json.dumps(result, allow_nan=False, default=_json_default), flush=True)
+
+
+def _json_default(x):
+  try:
+    return float(x)
+  except (TypeError, ValueError):
+    return str(x)
+
+
+def run_child(spec: dict, *, timeout: float, env: Optional[dict] = None) -> dict:
+  """Runs `python -m benchmarks.child` with `spec`; returns its result dict.
+
+  Never raises for a failure of the child: returns {'error': reason} instead
+  (non-zero exit, timeout, or no result line), so one broken measurement
+  leaves the rest of the benchmark standing.
+  """
+  cmd = [sys.executable, "-m", "benchmarks.child", json.dumps(spec)]
+  child_env = dict(os.environ)
+  if env:
+    child_env.update(env)
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  child_env["PYTHONPATH"] = os.pathsep.join(
+      [root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  start = time.perf_counter()
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=child_env, cwd=root)
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
+  result = None
+  for line in proc.stdout.splitlines():
+    if line.startswith(RESULT_TAG):
+      result = json.loads(line[len(RESULT_TAG):])
+  if proc.returncode != 0 or result is None:
+    tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-6:]
+    return {"error": f"child exited with code {proc.returncode}: " + " | ".join(tail)[-800:],
+            "wall_s": time.perf_counter() - start}
+  result.setdefault("wall_s", time.perf_counter() - start)
+  return result
