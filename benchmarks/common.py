@@ -125,18 +125,38 @@ def repeat(fn: Callable[[], Any], *, reps: int, warmup: int = 1) -> dict[str, An
   return summarize(times)
 
 
-def peak_rss_bytes() -> dict[str, Optional[int]]:
-  """Peak resident memory of this process so far (ru_maxrss) and its RSS now."""
-  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-  # Linux reports kilobytes, macOS bytes.
-  peak = maxrss if sys.platform == "darwin" else maxrss * 1024
-  now = None
+def _proc_status_kib(field: str) -> Optional[int]:
   try:
-    import psutil
-    now = int(psutil.Process().memory_info().rss)
-  except ImportError:
+    with open("/proc/self/status") as f:
+      for line in f:
+        if line.startswith(field + ":"):
+          return int(line.split()[1])
+  except (OSError, ValueError, IndexError):
     pass
-  return {"peak_rss_bytes": int(peak), "rss_now_bytes": now}
+  return None
+
+
+def peak_rss_bytes() -> dict[str, Optional[int]]:
+  """Peak resident memory of this process so far, and its RSS now.
+
+  Linux: VmHWM of /proc/self/status, the high-water mark of this process's own
+  address space. Not ru_maxrss: after fork + exec, ru_maxrss starts from the
+  parent's RSS at the fork, so a child of a large process reports the
+  parent's peak. Elsewhere ru_maxrss (kilobytes on Linux, bytes on macOS).
+  """
+  hwm, rss = _proc_status_kib("VmHWM"), _proc_status_kib("VmRSS")
+  maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  maxrss = maxrss if sys.platform == "darwin" else maxrss * 1024
+  now = rss * 1024 if rss is not None else None
+  if now is None:
+    try:
+      import psutil
+      now = int(psutil.Process().memory_info().rss)
+    except ImportError:
+      pass
+  return {"peak_rss_bytes": int(hwm * 1024 if hwm is not None else maxrss),
+          "rss_now_bytes": now, "source": "VmHWM" if hwm is not None else "ru_maxrss",
+          "ru_maxrss_bytes": int(maxrss)}
 
 
 def emit_result(result: dict) -> None:

@@ -3,9 +3,9 @@
 * ``cifar``: the CPU recipe, configs/vit_cifar10.py and configs/ravit_cifar10.py
   with their default arguments (Nano/4 ViT, width 96, depth 4, 32x32, batch
   128; RAViT 16->32).
-* ``imagenet``: the accelerator suite, ViT-S/16 at 224x224 and a RAViT with
-  S/16 branches at 112->160->224, bfloat16 compute, built inline (no
-  ImageNet config is needed: the data are synthetic).
+* ``imagenet``: the accelerator suite, configs/ravit_imagenet.py: ViT-S/16 at
+  224x224 (':baseline') and a RAViT with S/16 branches at 112->160->224,
+  bfloat16 compute, batch 256 (the data are synthetic: no ImageNet needed).
 * ``--quick`` shrinks either to tiny models and few repetitions (smoke test).
 """
 
@@ -101,7 +101,7 @@ def cifar(quick: bool = False, train_batch: Optional[int] = None) -> Suite:
   return Suite(
       name="cifar", quick=True, vit=_with_batch(vit, batch), ravit=_with_batch(ravit, batch),
       train_batch=batch, train_steps_per_rep=2, reps=2, warmup=1, infer_batch=32,
-      latency_images=4, matmul_sizes=(128, 256), peak_dtype="float32",
+      latency_images=2, matmul_sizes=(128, 256), peak_dtype="float32",
       exit_fractions=(0.25, 0.75), buckets=EIGHTHS, torch_compile=False, memory_steps=2,
       child_timeout_s=120, compile_timeout_s=120,
       notes=["--quick: tiny models (width 32, depth 1, 16x16 / 8->16), few reps; "
@@ -110,40 +110,26 @@ def cifar(quick: bool = False, train_batch: Optional[int] = None) -> Suite:
 
 def imagenet(quick: bool = False, train_batch: Optional[int] = None,
              dtype: str = "bfloat16") -> Suite:
-  from configs import common
-  if quick:
-    dims = dict(width=64, depth=1, num_heads=2, mlp_dim=128, patch_size=16)
-    image, resolutions, classes, batch = 64, (32, 48, 64), 100, train_batch or 8
-  else:
-    dims = dict(variant="S/16")
-    image, resolutions, classes, batch = 224, (112, 160, 224), 1000, train_batch or 256
-
-  def base():
-    c = common.base_config()
+  """configs/ravit_imagenet.py (RAViT, S/16 branches at 112->160->224) and its
+  ':baseline' (ViT-S/16 at 224), bf16 compute, at a benchmark batch of 256
+  (the recipe's 1024 is for a whole TPU slice). Stochastic depth 0.1 as in the
+  recipe (the PyTorch peer implements it too)."""
+  from configs import ravit_imagenet
+  arg = "runlocal," if quick else ""
+  vit = ravit_imagenet.get_config(arg + "baseline")
+  ravit = ravit_imagenet.get_config(arg.rstrip(",") or None)
+  batch = train_batch or (8 if quick else 256)
+  for c in (vit, ravit):
     c.batch_size = batch
-    c.data.update(source="synthetic", name="imagenet2012", path=None, num_classes=classes,
-                  image_size=image, augment="inception")
-    c.optim.update(name="adamw", lr=1e-3, weight_decay=0.05, warmup_fraction=0.05,
-                   schedule="cosine", grad_clip=1.0)
-    return c
-
-  vit = base()
-  vit.model = dict(name="vit", num_classes=classes, image_size=image, pool="token",
-                   dropout=0.0, stochastic_depth=0.0, dtype=dtype, **dims)
-  ravit = base()
-  ravit.model = dict(name="ravit", num_classes=classes, reuse="token",
-                     stop_gradient_reuse=False, dtype=dtype,
-                     branches=tuple(dict(resolution=r, pool="token", dropout=0.0,
-                                         stochastic_depth=0.0, **dims)
-                                    for r in resolutions))
-  ravit.data.resolutions = resolutions
+    c.model.dtype = dtype
   if quick:
     return Suite(
         name="imagenet", quick=True, vit=vit, ravit=ravit, train_batch=batch,
         train_steps_per_rep=2, reps=2, warmup=1, infer_batch=16, latency_images=2,
         matmul_sizes=(256,), peak_dtype=dtype, exit_fractions=(0.5,), buckets=EIGHTHS,
         torch_compile=False, memory_steps=2, child_timeout_s=120, compile_timeout_s=120,
-        notes=["--quick: tiny S/16-shaped models at 32->48->64; only shows the suite runs"])
+        notes=["--quick: the runlocal models of configs/ravit_imagenet.py (width 32, "
+               "depth 1, S/16 patches at 112->160->224); only shows the suite runs"])
   return Suite(
       name="imagenet", quick=False, vit=vit, ravit=ravit, train_batch=batch,
       train_steps_per_rep=10, reps=5, warmup=2, infer_batch=512, latency_images=16,

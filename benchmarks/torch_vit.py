@@ -5,7 +5,8 @@ stride = patch), learned position embeddings added to the patches, a class
 token prepended, pre-LayerNorm blocks (LayerNorm eps 1e-6 as flax; fused qkv
 projection with bias, scaled dot-product attention, output projection; MLP
 with tanh-approximated GELU as flax's `nn.gelu`), a final LayerNorm and a
-linear head on the class token. Training: softmax cross entropy (mean),
+linear head on the class token; stochastic depth with flax's linear ramp when
+the config sets it. Training: softmax cross entropy (mean),
 AdamW (decoupled weight decay on weight matrices and conv kernels only, as
 optim.weight_decay_mask 'kernels'), gradient clipping by global norm, a
 warmup + cosine learning-rate schedule, and the same metrics the JAX step
@@ -40,14 +41,14 @@ def spec_from_config(config, suite) -> dict:
                                 patch_size=m.get("patch_size"))
   if m.get("pool", "token") != "token":
     raise ValueError("the torch peer implements pool='token' only")
-  if m.get("dropout", 0.0) or m.get("stochastic_depth", 0.0):
-    raise ValueError("the torch peer has no dropout / stochastic depth; the benchmark "
-                     "configs set both to 0")
+  if m.get("dropout", 0.0):
+    raise ValueError("the torch peer has no dropout; the benchmark configs set it to 0")
   o = config.optim
   if o.get("name", "adamw") != "adamw":
     raise ValueError("the torch peer implements AdamW only")
   return dict(
       dims, image_size=int(m.image_size), num_classes=int(m.num_classes),
+      stochastic_depth=float(m.get("stochastic_depth") or 0.0),
       train_batch=int(suite.train_batch), infer_batch=int(suite.infer_batch),
       latency_images=int(suite.latency_images), steps=int(suite.train_steps_per_rep),
       reps=int(suite.reps), warmup=int(suite.warmup),
@@ -55,6 +56,7 @@ def spec_from_config(config, suite) -> dict:
       eps=float(o.get("eps", 1e-8)), weight_decay=float(o.get("weight_decay", 0.0)),
       grad_clip=float(o.get("grad_clip") or 0.0),
       warmup_fraction=float(o.get("warmup_fraction") or 0.0),
+      warmup_steps=int(o.get("warmup_steps") or 0),
       dtype=str(m.get("dtype") or "float32"), device="cpu")
 
 
@@ -80,9 +82,17 @@ def build(spec: dict):
       y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
       return self.out(y.transpose(1, 2).reshape(b, n, c))
 
+  def drop_path(x, rate: float, training: bool):
+    """Stochastic depth as vit._drop_path: drops the residual branch per example."""
+    if not training or rate == 0.0:
+      return x
+    keep = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), device=x.device) < 1.0 - rate
+    return torch.where(keep, x / (1.0 - rate), torch.zeros_like(x))
+
   class Block(nn.Module):
-    def __init__(self):
+    def __init__(self, rate: float = 0.0):
       super().__init__()
+      self.rate = rate
       self.norm1 = nn.LayerNorm(width, eps=1e-6)
       self.attn = Attention()
       self.norm2 = nn.LayerNorm(width, eps=1e-6)
@@ -90,8 +100,8 @@ def build(spec: dict):
                                nn.Linear(spec["mlp_dim"], width))
 
     def forward(self, x):
-      x = x + self.attn(self.norm1(x))
-      return x + self.mlp(self.norm2(x))
+      x = x + drop_path(self.attn(self.norm1(x)), self.rate, self.training)
+      return x + drop_path(self.mlp(self.norm2(x)), self.rate, self.training)
 
   class ViT(nn.Module):
     def __init__(self):
@@ -99,7 +109,9 @@ def build(spec: dict):
       self.embedding = nn.Conv2d(3, width, p, stride=p)
       self.pos_embedding = nn.Parameter(torch.randn(1, grid * grid, width) * 0.02)
       self.cls = nn.Parameter(torch.zeros(1, 1, width))
-      self.blocks = nn.ModuleList(Block() for _ in range(spec["depth"]))
+      depth, sd = spec["depth"], spec.get("stochastic_depth", 0.0)
+      # linear ramp to `sd` at the last block, as flax's ViT
+      self.blocks = nn.ModuleList(Block(sd * i / max(depth - 1, 1)) for i in range(depth))
       self.encoder_norm = nn.LayerNorm(width, eps=1e-6)
       self.head = nn.Linear(width, spec["num_classes"])
       nn.init.zeros_(self.head.weight)
@@ -115,12 +127,48 @@ def build(spec: dict):
   return ViT()
 
 
+def load_flax_params(model, params) -> None:
+  """Copies a flax ViT's params into the torch peer (for the equivalence test)."""
+  import numpy as np
+  import torch
+
+  def t(x):
+    return torch.from_numpy(np.array(x, dtype=np.float32))
+
+  def dense(linear, p, in_axes: int = 1):
+    """flax kernel [*in_dims, *out_dims] -> torch weight [out, in]."""
+    kernel = np.asarray(p["kernel"])
+    n_in = int(np.prod(kernel.shape[:in_axes]))
+    linear.weight.data = t(kernel.reshape(n_in, -1).T)
+    linear.bias.data = t(np.asarray(p["bias"]).reshape(-1))
+
+  def norm(ln, p):
+    ln.weight.data, ln.bias.data = t(p["scale"]), t(p["bias"])
+
+  model.embedding.weight.data = t(np.transpose(np.asarray(params["embedding"]["kernel"]),
+                                               (3, 2, 0, 1)))
+  model.embedding.bias.data = t(params["embedding"]["bias"])
+  model.pos_embedding.data = t(params["pos_embedding"])
+  model.cls.data = t(params["cls"])
+  for i, block in enumerate(model.blocks):
+    p = params[f"block{i}"]
+    norm(block.norm1, p["norm1"])
+    norm(block.norm2, p["norm2"])
+    dense(block.attn.qkv, p["attn"]["qkv"])   # [C, 3, H, hd] -> [3C, C]
+    dense(block.attn.out, p["attn"]["out"], in_axes=2)  # [H, hd, C] -> [C, C]
+    dense(block.mlp[0], p["mlp"]["Dense_0"])
+    dense(block.mlp[2], p["mlp"]["Dense_1"])
+  norm(model.encoder_norm, params["encoder_norm"])
+  dense(model.head, params["head"])
+
+
 def parameter_count(spec: dict) -> int:
   return int(sum(p.numel() for p in build(spec).parameters()))
 
 
 def _lr_lambda(spec: dict, total_steps: int = 10_000):
-  warmup = int(round(spec["warmup_fraction"] * total_steps))
+  warmup = spec.get("warmup_steps") or int(round(spec["warmup_fraction"] * total_steps))
+  warmup = min(warmup, total_steps - 1)
 
   def f(step):
     if step < warmup:

@@ -26,6 +26,9 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
                   process_id=process_id, local_device_ids=local_device_ids)
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
   jax.config.update("jax_threefry_partitionable", True)
+  # RngBitGenerator keys: deterministic like threefry but far cheaper for
+  # XLA:CPU to compile (a jitted ResNet init: ~15 s instead of ~80 s here).
+  jax.config.update("jax_default_prng_impl", "rbg")
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
@@ -51,7 +54,7 @@ def _config_error(error: BaseException, argv) -> str:
   if isinstance(error, KeyError) and error.args:
     first, _, rest = str(error.args[0]).partition("\n")
     key = first.strip("'\"")
-    message = " ".join(f"unknown field {first}. {rest}".split())
+    message = " ".join(f"unknown field {first}{'; ' + rest if rest.strip() else ''}".split())
   else:
     message = _one_line(error)
     key = message.split()[0].strip("'\"") if message else ""

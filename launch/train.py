@@ -1,31 +1,49 @@
 r"""Train and evaluate a config.
 
   python -m launch.train --config configs/vit_cifar10.py[:ARGS] --workdir DIR \
-      [--config.key=value ...] [--distributed]
+      [--config.key=value ...] [--distributed [--coordinator_address=HOST:PORT \
+       --num_processes=N --process_id=I]]
 
 Started again with the same command, a run resumes from the newest complete
-checkpoint in DIR.
+checkpoint in DIR (after a crash, a kill or a preemption alike).
+
+Exit codes: 0 done; 2 bad input (flags, config, data, workdir of another model,
+unreadable checkpoints), one line on stderr, nothing trained; 3 loss or
+gradients became NaN/inf (the last good checkpoint is kept); 1 SIGTERM
+(a checkpoint of the current step was saved; run the same command again).
+
+Multi-process runs (TPU pods, SLURM, several CPU processes): every process runs
+this same command with --distributed; see launch/multihost.py and docs/scale_out.md.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 from launch import common
 
 config_flags.DEFINE_config_file("config", None, "config file [:args]", lock_config=True)
 flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logits go")
-flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() (multi-host)")
+flags.DEFINE_bool("distributed", False,
+                  "call jax.distributed.initialize() (multi-host; detects TPU pods and "
+                  "SLURM by itself, or takes the three flags below)")
+flags.DEFINE_string("coordinator_address", None,
+                    "with --distributed: HOST:PORT of process 0's coordinator service")
+flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
+flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
 FLAGS = flags.FLAGS
 
 
 def main(argv):
   del argv
-  common.setup(FLAGS.distributed)
+  explicit = (FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  if any(v is not None for v in explicit) and not FLAGS.distributed:
+    common.fail("--coordinator_address/--num_processes/--process_id need --distributed")
+  common.setup(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
   from adaptive_vision.train import loop
   config = FLAGS.config
   try:
@@ -34,6 +52,13 @@ def main(argv):
     common.fail(str(e), code=3)
   except (ValueError, FileNotFoundError) as e:
     common.fail(str(e))
+  import jax
+  if jax.process_index() != 0:
+    return
+  if summary.get("stopped_early"):
+    print(f"stopped at step {summary['step']} (stop_at_step); run the same command "
+          "without it to continue", file=sys.stderr)
+    return
   test = summary.get("test", {})
   print(f"done: step {summary['step']}, test accuracy {100 * test.get('accuracy', float('nan')):.2f}%"
         f", {summary['train_seconds']:.0f} s training; outputs in {FLAGS.workdir}", file=sys.stderr)

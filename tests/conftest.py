@@ -9,3 +9,7 @@ os.environ.setdefault("TFDS_DISABLE_NETWORK", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
+# XLA:CPU compiles threefry's unrolled hash very slowly (a jitted ResNet-8 init:
+# ~80 s with threefry, ~15 s with rbg on a loaded 2-core machine); the
+# launchers make the same choice (launch/common.py).
+jax.config.update("jax_default_prng_impl", "rbg")

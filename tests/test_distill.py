@@ -12,7 +12,7 @@ from adaptive_vision.train import checkpointing, loop, optim, steps
 from configs import erde_cifar10
 
 
-def small(c):
+def small(c, teacher_role=False):
   c.data.synthetic_train_size = 128
   c.data.synthetic_test_size = 32
   c.data.val_size = 32
@@ -22,21 +22,24 @@ def small(c):
   c.total_steps = 4
   c.checkpoint_every = 2
   c.log_every = 1
-  for m in [c.model] + ([c.teacher.model] if c.get("teacher") else []):
-    m.image_size = 16
-    m.width_multiplier = 0.25
+  # Teacher twice as wide as the student, so their parameter shapes differ.
+  c.model.update(image_size=16, width_multiplier=0.5 if teacher_role else 0.25)
+  if c.get("teacher"):
+    c.teacher.model.update(image_size=16, width_multiplier=0.5)
   return c
 
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("teacher") / "run")
-  loop.train_and_evaluate(small(erde_cifar10.get_config("role=teacher,runlocal")), workdir)
+  loop.train_and_evaluate(small(erde_cifar10.get_config("role=teacher,runlocal,teacher_depth=8"),
+                           teacher_role=True), workdir)
   return workdir
 
 
 def _student(loss, teacher_dir):
-  return small(erde_cifar10.get_config(f"loss={loss},runlocal,teacher_dir={teacher_dir}"))
+  return small(erde_cifar10.get_config(
+      f"loss={loss},runlocal,teacher_dir={teacher_dir},teacher_depth=8"))
 
 
 def test_erde_student_trains_from_teacher_checkpoint(teacher_dir, tmp_path):
@@ -80,7 +83,7 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(teacher_dir, tmp_path):
     loop.train_and_evaluate(c, str(tmp_path / "s1"))
   c = _student("erde", teacher_dir)
   c.teacher.model.depth = 14
-  c.teacher.model.exits = (1, 3)
+  c.teacher.model.exits = (1, 3)  # the checkpoint holds a ResNet-8
   with pytest.raises(ValueError, match="does not match teacher.model"):
     loop.train_and_evaluate(c, str(tmp_path / "s2"))
   assert not os.path.exists(str(tmp_path / "s2" / "checkpoints" / "4"))

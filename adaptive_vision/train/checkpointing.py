@@ -2,8 +2,10 @@
 
 Saves are asynchronous; a step directory only becomes visible once complete
 (Orbax writes to a temporary name and renames), so a run killed mid-save
-leaves the previous checkpoints intact. Restore takes the newest checkpoint
-that loads; a damaged one is moved aside (never deleted) with a warning.
+leaves the previous checkpoints intact (and a temporary directory that the
+next start removes). Restore takes the newest checkpoint that loads; newer
+damaged ones are moved aside (never deleted) with a warning; when none loads
+it raises CheckpointRestoreError and touches nothing.
 """
 
 from __future__ import annotations
@@ -27,7 +29,9 @@ class Checkpointer:
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
     self.directory = os.path.abspath(directory)
     self._options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True)
+        max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
+        # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`; drop those.
+        cleanup_tmp_directories=True)
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
   def all_steps(self) -> list[int]:
@@ -46,36 +50,82 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
-  def _set_aside(self, step: int, error: Exception):
+  def _set_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
-    dst = f"{src}.damaged-{int(time.time())}"
+    dst = f"{src}.damaged-{time.strftime('%Y%m%d-%H%M%S')}"
+    n = 1
+    while os.path.exists(dst + (f"-{n}" if n > 1 else "")):
+      n += 1
+    dst += f"-{n}" if n > 1 else ""
     if jax.process_index() == 0 and os.path.exists(src):
       os.rename(src, dst)
+    return dst
+
+  def _reopen(self):
+    if jax.process_count() > 1:  # every process must see the renames before rescanning
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("checkpointing: damaged checkpoints moved")
     self.manager.close()
     self.manager = ocp.CheckpointManager(self.directory, options=self._options)
-    return dst
 
   def restore(self, abstract_state, data_iterator=None) -> Optional[tuple[int, Any]]:
     """(step, state) from the newest checkpoint that loads, or None if there is none.
 
     `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings; the
     iterator (if given) is set to the saved position.
+
+    Checkpoints newer than the one that loads are damaged (truncated or partly
+    deleted files): they are moved aside to `<step>.damaged-<time>` (never
+    deleted), with a warning naming both steps, so a restart does not trip on
+    them again. If checkpoints exist but none loads, nothing is moved and
+    CheckpointRestoreError says why: that is a config that no longer matches
+    the saved state (e.g. another optimizer) or damage to every checkpoint,
+    and training from scratch over them would silently lose the run.
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
+    failures = []
+    for step in steps:
       items = {"state": ocp.args.StandardRestore(abstract_state)}
       if data_iterator is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
       try:
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-        return step, restored["state"]
-      except Exception as e:  # a truncated or partly deleted checkpoint
-        older = steps[i + 1] if i + 1 < len(steps) else None
-        moved = self._set_aside(step, e)
-        log.warning("checkpoint at step %d is damaged (%s: %s); moved it to %s and "
-                    "falling back to %s", step, type(e).__name__, str(e)[:200], moved,
-                    f"step {older}" if older is not None else "a fresh start")
+        restored, error = self.manager.restore(step, args=ocp.args.Composite(**items)), None
+      except Exception as e:  # pylint: disable=broad-except
+        restored, error = None, e
+      if not _on_all_processes(error is None):
+        # In multi-process runs a checkpoint counts only if every process read
+        # its part, so all processes resume from the same step.
+        failures.append((step, error or RuntimeError("another process could not read it")))
+        continue
+      for bad, error in failures:
+        moved = self._set_aside(bad)
+        msg = (f"checkpoint at step {bad} is damaged ({type(error).__name__}: "
+               f"{' '.join(str(error).split())[:200]}); moved it to {moved} and "
+               f"resumed from the checkpoint at step {step}")
+        log.warning(msg)
+      if failures:
+        self._reopen()
+      return step, restored["state"]
+    if failures:
+      step, error = failures[0]
+      raise CheckpointRestoreError(
+          f"none of the checkpoints {[s for s, _ in failures]} in {self.directory} "
+          f"loads (step {step}: {type(error).__name__}: "
+          f"{' '.join(str(error).split())[:300]}). If the config changed since they "
+          "were written (optimizer, model), use the original config or a new "
+          "--workdir; if they are damaged, move them out of the way to start over")
     return None
+
+
+class CheckpointRestoreError(ValueError):
+  """Checkpoints exist but none of them restores."""
+
+
+def _on_all_processes(ok: bool) -> bool:
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+  return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
 def restore_variables(directory: str, step: Optional[int] = None) -> dict:
@@ -94,13 +144,21 @@ def restore_variables(directory: str, step: Optional[int] = None) -> dict:
         "(python -m launch.train --config ... --workdir DIR) and point "
         "teacher.checkpoint at DIR")
   options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  with ocp.CheckpointManager(directory, options=options) as manager:
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
     step = manager.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"{directory} holds no complete checkpoint; "
                               "train the teacher first")
+    # Onto this process's first device, whatever topology wrote it (a run on
+    # several processes or devices is read on one just as well).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+        manager.item_metadata(step)["state"])
     restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore()))
+        state=ocp.args.StandardRestore(target)))
   state = restored["state"]
   get = state.get if isinstance(state, dict) else lambda k, d=None: getattr(state, k, d)
   variables = {"params": get("params")}

@@ -108,10 +108,31 @@ def load_teacher(config, mesh):
 
 
 def evaluate_split(eval_step, state, config, split, mesh):
+  """(exit_logits [E, N, K], labels [N]) in the split's example order, for any
+  number of processes (so logits files of runs on different topologies line up)."""
+  global_batch = config.get("eval_batch_size", config.batch_size)
   it = data_lib.make_eval_iterator(
-      config.data, split, global_batch_size=config.get("eval_batch_size", config.batch_size),
+      config.data, split, global_batch_size=global_batch,
       process_index=jax.process_index(), process_count=jax.process_count())
-  return evaluation.predict_exits(eval_step, state.params, state.batch_stats, it, mesh)
+  logits, labels = evaluation.predict_exits(eval_step, state.params, state.batch_stats, it, mesh)
+  if jax.process_count() > 1:
+    order = np.argsort(_gathered_example_index(len(labels), global_batch, jax.process_count()))
+    logits, labels = logits[:, order], labels[order]
+  return logits, labels
+
+
+def _gathered_example_index(n: int, global_batch: int, process_count: int) -> np.ndarray:
+  """Example index of each row predict_exits returns in a multi-process run.
+
+  Process p reads examples p, p + P, p + 2P, ... (make_eval_iterator), so row
+  p * L + j of global batch b (L = local batch) is example b * G + j * P + p;
+  padding (index >= n) was dropped.
+  """
+  local = global_batch // process_count
+  b, p, j = np.meshgrid(np.arange(-(-n // global_batch)), np.arange(process_count),
+                        np.arange(local), indexing="ij")
+  index = (b * global_batch + j * process_count + p).reshape(-1)
+  return index[index < n]
 
 
 def train_and_evaluate(config, workdir: str) -> dict:
@@ -122,15 +143,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """
   validate_config(config, workdir)
   primary = jax.process_index() == 0
+  # Reads (or finds missing) the dataset before anything is written to workdir.
+  info = data_lib.dataset_info(config.data)
   os.makedirs(workdir, exist_ok=True)
-  if primary:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
   mesh = shd.make_mesh(config.get("mesh"))
   model = models.build(config.model)
   multi_res = is_multi_resolution(config)
-  info = data_lib.dataset_info(config.data)
   steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
   total_steps = int(config.get("total_steps") or config.num_epochs * steps_per_epoch)
 
@@ -159,6 +178,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
     log.info("resumed from step %d", start)
     if primary:
       print(f"resuming from checkpoint at step {start}", file=sys.stderr, flush=True)
+  if primary:  # only now: a refused workdir keeps the config.json of its run
+    _write_atomically(os.path.join(workdir, "config.json"),
+                      config.to_json_best_effort(indent=2, sort_keys=True))
 
   teacher, teacher_vars, teacher_multi = None, None, False
   if config.get("teacher"):
@@ -172,6 +194,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   eval_step = steps.jit_eval_step(steps.make_eval_step(model, multi_resolution=multi_res),
                                   mesh, state_sharding.params, state_sharding.batch_stats)
 
+  if primary:
+    _drop_metrics_after(workdir, start, redo_final=start >= total_steps)
   writer = MetricWriter(workdir, is_primary=primary)
   if primary and start == 0:
     writer.write(0, "info", {"params": param_count(abstract.params),
@@ -247,7 +271,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if eval_every and step % eval_every == 0 and step < total_steps:
         run_eval(step)
       if stop_at and step >= stop_at and step < total_steps:
-        ckpt.save(step, state, train_iter, force=True)
+        if pending is not None:
+          check(pending, step)
+          pending = None
+        if step not in ckpt.all_steps():  # not already saved by checkpoint_every
+          ckpt.save(step, state, train_iter, force=True)
         ckpt.wait()
         return {"step": step, "stopped_early": True,
                 "train_seconds": time.perf_counter() - train_start}
@@ -272,6 +300,48 @@ def train_and_evaluate(config, workdir: str) -> dict:
       signal.signal(signal.SIGTERM, previous_handler)
     ckpt.close()
     writer.close()
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def _drop_metrics_after(workdir: str, step: int, *, redo_final: bool = False) -> int:
+  """Makes metrics.jsonl hold exactly what a never-interrupted run would have
+  written up to `step`, the step training (re)starts from.
+
+  A run killed or preempted after its last checkpoint logged steps that the
+  resumed run computes and logs again; those lines (step > `step`, or every
+  line on a fresh start, whose 'info' line is written again) are dropped, as
+  is a line cut short by a kill. With `redo_final` (the run had finished and
+  is evaluated again) the eval/final lines of `step` go too. The file is
+  replaced atomically. Returns the number of lines dropped.
+  """
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return 0
+  keep, dropped, unterminated = [], 0, False
+  with open(path) as f:
+    for line in f:
+      unterminated = not line.endswith("\n")
+      try:
+        record = json.loads(line)
+        s, kind = int(record["step"]), record.get("kind")
+      except (ValueError, KeyError, TypeError):
+        dropped += 1  # cut short by a kill
+        continue
+      if step > 0 and (s < step or (s == step and not (redo_final and kind in ("eval", "final")))):
+        keep.append(line.rstrip("\n") + "\n")
+      else:
+        dropped += 1
+  if dropped or unterminated:
+    _write_atomically(path, "".join(keep))
+    log.info("metrics.jsonl: dropped %d lines written after step %d; they are written again",
+             dropped, step)
+  return dropped
 
 
 def threading_is_main() -> bool:

@@ -1,0 +1,200 @@
+"""Targets and the Markdown table of a benchmark result (pure functions of the dict)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+# The issue's targets on the 2-core CPU (cifar suite).
+TARGETS = (
+    ("train_fraction_of_peak", 0.60, "training FLOP/s >= 60% of the measured matmul peak"),
+    ("train_speedup_vs_torch_eager", 1.2, "training images/s >= 1.2x PyTorch eager"),
+    ("train_speedup_vs_torch_compile", 1.0, "training images/s >= torch.compile"),
+    ("early_exit_realized_over_predicted", 0.85,
+     "dynamic early exits realize >= 85% of the MAC-predicted speedup (worst point, batch >= 128)"),
+)
+
+
+def targets(result: dict) -> list[dict]:
+  """The issue's targets, judged for the full cifar suite (they are set for it)."""
+  quick = bool(result.get("suite", {}).get("quick"))
+  other_suite = result.get("suite", {}).get("name") != "cifar"
+  out = []
+  for key, goal, text in TARGETS:
+    value = result.get(key)
+    met: Optional[bool] = None if value is None else bool(value >= goal)
+    extra = ""
+    if key == "early_exit_realized_over_predicted" and value is not None:
+      batch = result.get("early_exit_batch") or 0
+      if batch < 128:
+        met, extra = None, f" (batch {batch} < 128: not judged)"
+    if quick:
+      met, extra = None, " (--quick: not judged)"
+    elif other_suite:
+      met, extra = None, " (the targets are set for the cifar suite: not judged)"
+    if value is None:
+      reason = _why_missing(result, key)
+      summary = f"not measured{': ' + reason if reason else ''}"
+    else:
+      summary = f"{value:.3f} vs {goal:g}: " + {True: "MET", False: "MISSED",
+                                                None: "not judged"}[met] + extra
+    out.append({"name": key, "description": text, "value": value, "goal": goal,
+                "met": met, "summary": summary})
+  return out
+
+
+def _why_missing(result: dict, key: str) -> str:
+  torch = result.get("torch") or {}
+  if key == "train_speedup_vs_torch_compile":
+    return str(torch.get("compile_error") or "")[:200]
+  if key == "train_speedup_vs_torch_eager":
+    return str(torch.get("eager_error") or "")[:200]
+  return ""
+
+
+def _f(x, fmt="{:.1f}", scale=1.0, none="—"):
+  return none if x is None else fmt.format(x * scale)
+
+
+def _g(d, *keys):
+  for k in keys:
+    if not isinstance(d, dict) or d.get(k) is None:
+      return None
+    d = d[k]
+  return d
+
+
+def markdown(r: dict) -> str:
+  m, s = r.get("machine", {}), r.get("suite", {})
+  lines = [f"# Benchmark: {s.get('name')} suite{' (--quick)' if s.get('quick') else ''}", ""]
+  lines.append(f"Machine: {m.get('cpu_model')}, {m.get('cpu_count')} cores, "
+               f"{m.get('memory_gib')} GiB; {m.get('backend')} device "
+               f"{m.get('device_kind')} x{m.get('device_count')}; jax {m.get('jax')}, "
+               f"flax {m.get('flax')}, torch {m.get('torch')}; python {m.get('python')}. "
+               f"Load average at start: {m.get('load_average_at_start')}.")
+  if m.get("xla_flags"):
+    lines.append(f"XLA_FLAGS: `{m['xla_flags']}`")
+  lines += ["", f"Command: `{r.get('command')}`. Medians of {s.get('reps')} repetitions "
+            f"after {s.get('warmup')} warm-up; compute dtype {s.get('compute_dtype')}.", ""]
+
+  lines += ["## Targets", "", "| target | measured | goal | result |", "|---|---|---|---|"]
+  for t in r.get("targets", []):
+    lines.append(f"| {t['description']} | {_f(t['value'], '{:.3f}')} | {t['goal']:g} | "
+                 f"{t['summary']} |")
+
+  peak = r.get("peak")
+  if peak:
+    lines += ["", "## Peak (square matmuls through jax.jit)", "",
+              "| dtype | size | GFLOP/s |", "|---|---|---|"]
+    for dt in ("float32", "bfloat16"):
+      if peak.get(dt):
+        for n, v in peak[dt]["sizes"].items():
+          lines.append(f"| {dt} | {n} | {_f(v['flops_per_s'], scale=1e-9)} |")
+    if peak.get("bfloat16_skipped"):
+      lines.append(f"| bfloat16 | — | {peak['bfloat16_skipped']} |")
+    lines.append(f"\nPeak used for fractions: {peak.get('used_for_fractions')}.")
+
+  train, torch = r.get("train") or {}, r.get("torch") or {}
+  if train or torch:
+    lines += ["", "## Training (jitted train step, synthetic batches on device)", "",
+              "| model | batch | params | images/s | step (ms) | XLA GFLOP/step | GFLOP/s | "
+              f"% of {(peak or {}).get('used_for_fractions', '')} peak | "
+              "compile / first step (s) |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in train.items():
+      lines.append(
+          f"| {name} (ours) | {v['batch']} | {v['params']:,} | {_f(v['images_per_s'])} | "
+          f"{_f(v['step_s'], scale=1e3)} | {_f(v['xla_flops_per_step'], '{:.3g}', 1e-9)} | "
+          f"{_f(v['flops_per_s'], scale=1e-9)} | {_f(v['fraction_of_peak'], scale=100)} | "
+          f"{_f(v['first_step_compile_s'])} |")
+    for mode in ("eager", "compile"):
+      v = torch.get(mode)
+      if v:
+        lines.append(f"| ViT, torch {mode} | {v['train']['batch']} | {v['params']:,} | "
+                     f"{_f(v['train']['images_per_s'])} | "
+                     f"{_f(v['train']['median_s'] / v['train']['steps_per_rep'], scale=1e3)} | "
+                     f"— | — | — | {_f(v['first_step_s'])} |")
+      elif torch.get(f"{mode}_error"):
+        lines.append(f"| ViT, torch {mode} | — | — | not run: {torch[f'{mode}_error'][:160]} "
+                     "| | | | | |")
+    sp = [f"ours / torch eager {_f(r.get('train_speedup_vs_torch_eager'), '{:.2f}x')}",
+          f"ours / torch.compile {_f(r.get('train_speedup_vs_torch_compile'), '{:.2f}x')}"]
+    lines.append("\nTraining speed-up: " + ", ".join(sp) + ".")
+    bd = _g(train, "vit", "breakdown")
+    if bd:
+      lines.append(f"ViT step breakdown: forward {_f(bd['forward']['s'], scale=1e3)} ms, "
+                   f"backward {_f(bd['backward_s'], scale=1e3)} ms, optimizer and the rest "
+                   f"{_f(bd['rest_s'], scale=1e3)} ms "
+                   f"({_f(bd['rest_share_of_step'], scale=100)}% of the step).")
+
+  inf = r.get("inference")
+  if inf:
+    lines += ["", f"## Inference ({inf['data']}, {inf['params']} params)", "",
+              f"| model | exits taken | images/s at batch {inf['batch']} | latency batch 1 (ms) | "
+              "speedup vs ViT | MAC-predicted | realized / predicted |",
+              "|---|---|---|---|---|---|---|"]
+    v = inf["vit"]
+    lines.append(f"| ViT baseline | — | {_f(v['images_per_s'], '{:.0f}')} | "
+                 f"{_f(v['latency']['median_s'], '{:.2f}', 1e3)} | 1.00 | 1.00 | — |")
+    for mode in ("eager", "compile"):
+      t = torch.get(mode)
+      if t and t.get("inference"):
+        lines.append(f"| ViT, torch {mode} | — | {_f(t['inference']['images_per_s'], '{:.0f}')}"
+                     f" (batch {t['inference']['batch']}) | "
+                     f"{_f(t['latency']['median_s'], '{:.2f}', 1e3)} | "
+                     f"{_f(t['inference']['images_per_s'] / v['images_per_s'], '{:.2f}')} | — | — |")
+    st = inf["ravit_static"]
+    lines.append(f"| RAViT, all branches | — | {_f(st['images_per_s'], '{:.0f}')} | — | "
+                 f"{_f(st['speedup_vs_vit'], '{:.2f}')} | {_f(st['predicted_speedup'], '{:.2f}')}"
+                 f" | {_f(st['speedup_vs_vit'] / st['predicted_speedup'], '{:.2f}')} |")
+    for p in inf.get("ravit_dynamic", []):
+      fr = "/".join(f"{100 * x:.0f}" for x in p["exit_fractions"])
+      acc = f", acc {100 * p['accuracy']:.2f}%" if p.get("accuracy") is not None else ""
+      lines.append(f"| RAViT dynamic, {p['label']}{acc} | {fr}% | {_f(p['images_per_s'], '{:.0f}')}"
+                   f" | {_f(p['latency']['median_s'], '{:.2f}', 1e3)} | "
+                   f"{_f(p['measured_speedup'], '{:.2f}')} | {_f(p['predicted_speedup'], '{:.2f}')}"
+                   f" | {_f(p['realized_over_predicted'], '{:.2f}')} |")
+    lines.append(f"\nDynamic executor buckets at batch {inf['batch']}: {inf['buckets']}; "
+                 f"{inf['programs_compiled']} programs compiled. Predicted speedup = ViT MACs / "
+                 "mean RAViT MACs at the measured exit fractions; batch-1 latencies are medians "
+                 "over single images (speed-ups at batch 1 are in the JSON).")
+
+  mem = r.get("memory")
+  if mem:
+    lines += ["", f"## Peak resident memory of training (batch {mem.get('batch')}, "
+              "one process per measurement)", "",
+              "| measurement | peak RSS (MiB) | RSS after imports (MiB) | difference (MiB) | "
+              "device peak (MiB) |", "|---|---|---|---|---|"]
+    for k, v in mem.items():
+      if not isinstance(v, dict):
+        continue
+      if "error" in v:
+        lines.append(f"| {k} | failed: {v['error'][:160]} | | | |")
+        continue
+      after = v.get("rss_after_import_bytes") or 0
+      dev = v.get("device_peak_bytes") or v.get("gpu_peak_allocated_bytes")
+      lines.append(f"| {k} | {v['peak_rss_bytes'] / 2 ** 20:.0f} | {after / 2 ** 20:.0f} | "
+                   f"{(v['peak_rss_bytes'] - after) / 2 ** 20:.0f} | "
+                   f"{_f(dev, '{:.0f}', 2 ** -20)} |")
+
+  secs = r.get("stage_seconds") or {}
+  if secs:
+    lines += ["", "Stage times: " + ", ".join(f"{k} {v:.0f} s" for k, v in secs.items()) + "."]
+  if r.get("notes"):
+    lines += ["", "Notes:", ""] + [f"- {n}" for n in r["notes"]]
+  if r.get("errors"):
+    lines += ["", "Errors:", ""] + [f"- {k}: {v}" for k, v in r["errors"].items()]
+  return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+  # python -m benchmarks.report results/bench_cpu.json  -> rewrites results/bench_cpu.md
+  import json
+  import os
+  import sys
+  for path in sys.argv[1:]:
+    with open(path) as f:
+      result = json.load(f)
+    md = os.path.splitext(path)[0] + ".md"
+    with open(md, "w") as f:
+      f.write(markdown(result))
+    print(f"wrote {md}")

@@ -1,0 +1,141 @@
+"""Smoke test of the benchmark: `python -m benchmarks.run --quick` runs and writes
+the JSON and Markdown with the required fields and sane values.
+
+The benchmark runs once, in a subprocess (its own XLA flags: not the 8 fake
+devices of conftest), and the tests below read its JSON. The PyTorch peer needs
+torch (`pip install -e '.[bench]'`); without it that test is skipped.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HAS_TORCH = importlib.util.find_spec("torch") is not None
+REQUIRED = ("train_fraction_of_peak", "train_speedup_vs_torch_eager",
+            "train_speedup_vs_torch_compile", "early_exit_realized_over_predicted")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp("bench") / "bench_cpu.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
+      os.pathsep) if p])
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  with open(out) as f:
+    result = json.load(f)
+  return result, out, proc.stdout
+
+
+def _between(x, lo, hi):
+  return x is not None and lo < x < hi
+
+
+def test_json_has_required_fields(quick_run):
+  result, out, stdout = quick_run
+  for key in REQUIRED:
+    assert key in result, key
+  assert not result["errors"], result["errors"]
+  assert "stage peak" in stdout and "wrote" in stdout  # progress lines
+  m = result["machine"]
+  assert m["cpu_count"] >= 1 and m["jax"] and m["device_kind"] and m["cpu_model"]
+  md = out.with_suffix(".md").read_text()
+  assert "## Targets" in md and "## Training" in md and "## Inference" in md
+  assert [t["name"] for t in result["targets"]] == list(REQUIRED)
+
+
+def test_jax_figures_are_sane(quick_run):
+  result, _, _ = quick_run
+  assert result["peak"]["float32"]["peak_flops_per_s"] > 0
+  for name in ("vit", "ravit"):
+    t = result["train"][name]
+    assert t["images_per_s"] > 0 and t["xla_flops_per_step"] > 0
+    assert _between(t["fraction_of_peak"], 0.0, 1.5), t["fraction_of_peak"]
+    assert t["first_step_compile_s"] > 0
+    # XLA's count agrees with the analytic 6 x forward MACs (norms, softmax, AdamW extra).
+    assert 0.8 < t["xla_over_analytic_flops"] < 1.5
+  assert _between(result["train_fraction_of_peak"], 0.0, 1.5)
+  inf = result["inference"]
+  assert inf["data"] == "synthetic" and inf["vit"]["images_per_s"] > 0
+  assert inf["vit"]["latency"]["median_s"] > 0
+  points = inf["ravit_dynamic"]
+  assert len(points) >= 2
+  for p in points:
+    assert p["images_per_s"] > 0 and p["predicted_speedup"] > 0
+    assert abs(sum(p["exit_fractions"]) - 1.0) < 1e-6
+    assert p["realized_over_predicted"] > 0
+  # the operating points really differ: more exits at the first exit, fewer MACs
+  assert points[0]["exit_fractions"][0] < points[-1]["exit_fractions"][0]
+  assert points[0]["mean_macs"] > points[-1]["mean_macs"]
+  assert result["early_exit_realized_over_predicted"] == min(
+      p["realized_over_predicted"] for p in points)
+  mem = result["memory"]["jax_vit"]
+  assert mem["peak_rss_bytes"] >= mem["rss_after_import_bytes"] > 0
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (CI installs .[test] only; "
+                    "pip install -e '.[bench]' for the PyTorch peer)")
+def test_torch_peer(quick_run):
+  result, _, _ = quick_run
+  torch = result["torch"]
+  assert torch["params_match"] is True
+  assert torch["eager"]["params"] == result["train"]["vit"]["params"]
+  assert torch["eager"]["train"]["images_per_s"] > 0
+  assert torch["eager"]["inference"]["images_per_s"] > 0
+  assert result["train_speedup_vs_torch_eager"] > 0
+  # --quick skips torch.compile: recorded as null with the reason
+  assert result["train_speedup_vs_torch_compile"] is None
+  assert "skipped" in torch["compile_error"]
+  assert result["memory"]["torch_vit_eager"]["peak_rss_bytes"] > 0
+
+
+def test_torch_model_matches_flax_parameter_count():
+  """The peer's parameter count equals the flax ViT's at the CIFAR config."""
+  if not HAS_TORCH:
+    pytest.skip("torch not installed (pip install -e '.[bench]')")
+  import jax
+  from adaptive_vision import models
+  from adaptive_vision.train.state import param_count
+  from benchmarks import suites, torch_vit
+  for name, quick in (("cifar", True), ("cifar", False), ("imagenet", True),
+                      ("imagenet", False)):
+    suite = suites.get(name, quick=quick)
+    model = models.build(suite.vit.model)
+    s = suite.vit.data.image_size
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0),
+                                               jax.numpy.zeros((1, s, s, 3))))
+    spec = torch_vit.spec_from_config(suite.vit, suite)
+    assert torch_vit.parameter_count(spec) == param_count(shapes["params"])
+
+
+def test_torch_model_computes_the_same_function():
+  """With the flax ViT's weights copied in, the peer gives the same logits."""
+  if not HAS_TORCH:
+    pytest.skip("torch not installed (pip install -e '.[bench]')")
+  import jax
+  import numpy as np
+  import torch
+  from adaptive_vision import models
+  from benchmarks import suites, torch_vit
+  suite = suites.get("cifar", quick=True)
+  suite.vit.model.update(depth=2, head_zero_init=False)
+  model = models.build(suite.vit.model)
+  s = suite.vit.data.image_size
+  x = np.random.default_rng(0).normal(size=(4, s, s, 3)).astype(np.float32)
+  variables = model.init(jax.random.key(0), x)
+  ours = np.asarray(model.apply(variables, x)[0])
+  spec = torch_vit.spec_from_config(suite.vit, suite)
+  spec["depth"] = 2
+  peer = torch_vit.build(spec)
+  torch_vit.load_flax_params(peer, variables["params"])
+  with torch.no_grad():
+    theirs = peer(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+  assert np.abs(ours).max() > 1e-3  # a non-trivial head
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,428 @@
+"""Faults a training run must survive, through the real launcher where it matters.
+
+* SIGKILL at random moments, one of them while an asynchronous checkpoint is
+  being written: the same command resumes from the newest complete checkpoint
+  and ends with bitwise the same per-step losses, parameters and test logits
+  as a run that was never stopped.
+* SIGTERM (preemption notice): a checkpoint of the current step, a clear
+  message, exit code 1; the restart loses no step.
+* A damaged newest checkpoint (truncated or deleted files): the run resumes
+  from the previous one, warning with both steps; the damaged one is moved
+  aside, never deleted; a restart does not trip on it again.
+* NaN/inf: the run stops naming the step and the metric; the last good
+  checkpoint stays readable and finite.
+* Bad input on the command line: exit code 2, one line, nothing written.
+
+metrics.jsonl after a kill: the resumed run drops the lines written after the
+checkpoint it restored (they are computed and written again), so the file
+holds each train step exactly once; the tests check that.
+
+Everything is tiny (width-32 depth-1 ViT on 16x16 synthetic images, 1 CPU
+device per launcher process). RELIABILITY_REPEATS=N repeats the kill tests
+(results/reliability.md).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from adaptive_vision import data as data_lib, models
+from adaptive_vision.train import checkpointing, loop, optim, sharding as shd
+from adaptive_vision.train.metrics import read_metrics
+from configs import vit_cifar10
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 24
+TINY = {  # the same tiny model and data on the command line and in process
+    "data.synthetic_train_size": 256, "data.synthetic_test_size": 64, "data.val_size": 64,
+    "data.image_size": 16, "model.image_size": 16, "model.width": 32, "model.depth": 1,
+    "model.num_heads": 2, "model.mlp_dim": 64, "batch_size": 16, "eval_batch_size": 64,
+    "log_every": 1, "checkpoint_every": 2, "total_steps": STEPS,
+}
+REPEATS = int(os.environ.get("RELIABILITY_REPEATS", "1"))
+TMP = ".orbax-checkpoint-tmp"
+
+
+def tiny(**overrides):
+  c = vit_cifar10.get_config("runlocal")
+  for key, value in {**TINY, **overrides}.items():
+    *parents, leaf = key.split(".")
+    node = c
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  c.eval_splits = ("test",)
+  return c
+
+
+def train_cmd(workdir, *extra, config="configs/vit_cifar10.py:runlocal", tiny_flags=True):
+  flags = [f"--config.{k}={v}" for k, v in TINY.items()] if tiny_flags else []
+  if tiny_flags:
+    flags.append("--config.eval_splits=('test',)")
+  return [sys.executable, "-m", "launch.train", "--config", config,
+          "--workdir", str(workdir), *flags, *extra]
+
+
+def cli_env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
+  env.pop("XLA_FLAGS", None)  # one CPU device, like a plain `python -m launch.train`
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def start(workdir, *extra, log=None):
+  log = open(log or f"{workdir}.log", "ab")
+  proc = subprocess.Popen(train_cmd(workdir, *extra), cwd=REPO, env=cli_env(),
+                          stdout=log, stderr=subprocess.STDOUT)
+  proc.log_path = log.name
+  log.close()
+  return proc
+
+
+def finish(proc, timeout=300):
+  try:
+    proc.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    proc.wait()
+    raise
+  return proc.returncode, Path(proc.log_path).read_text()
+
+
+def ckpt_entries(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return os.listdir(d) if os.path.isdir(d) else []
+
+
+def complete_steps(workdir):
+  return sorted(int(n) for n in ckpt_entries(workdir) if n.isdigit())
+
+
+def writing(workdir):
+  return [n for n in ckpt_entries(workdir) if TMP in n]
+
+
+def wait_until(pred, proc, timeout=240, poll=0.002):
+  t0 = time.time()
+  while time.time() - t0 < timeout:
+    if pred():
+      return True
+    if proc.poll() is not None:
+      return pred()
+    time.sleep(poll)
+  proc.kill()
+  raise TimeoutError(f"condition not met in {timeout} s; log: {proc.log_path}")
+
+
+def logged_steps(workdir):
+  """Train steps in metrics.jsonl while the run may be writing it."""
+  try:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return []
+  return [json.loads(l)["step"] for l in text.splitlines(keepends=True)
+          if l.endswith("\n") and '"kind": "train"' in l]
+
+
+def train_losses(workdir):
+  rows = read_metrics(workdir, "train")
+  steps = [r["step"] for r in rows]
+  assert steps == sorted(set(steps)), f"train steps logged twice or out of order: {steps}"
+  return {r["step"]: r["loss"] for r in rows}
+
+
+def final_params(workdir):
+  return jax.tree_util.tree_leaves(jax.device_get(
+      checkpointing.restore_variables(workdir)["params"]))
+
+
+def assert_same_run(workdir, reference):
+  """Bitwise the same per-step losses, final parameters and test logits."""
+  a, b = train_losses(reference), train_losses(workdir)
+  assert sorted(b) == list(range(1, STEPS + 1))
+  assert a == b
+  for x, y in zip(final_params(reference), final_params(workdir)):
+    np.testing.assert_array_equal(x, y)
+  with np.load(os.path.join(reference, "test_logits.npz")) as fa, \
+       np.load(os.path.join(workdir, "test_logits.npz")) as fb:
+    np.testing.assert_array_equal(fa["exit_logits"], fb["exit_logits"])
+    np.testing.assert_array_equal(fa["labels"], fb["labels"])
+
+
+def record(name, **fields):
+  """One JSON line per kill-test run in $RELIABILITY_LOG (for results/reliability.md)."""
+  path = os.environ.get("RELIABILITY_LOG")
+  if path:
+    with open(path, "a") as f:
+      f.write(json.dumps({"test": name, **fields}) + "\n")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """The same command, never interrupted."""
+  workdir = tmp_path_factory.mktemp("reference") / "run"
+  code, log = finish(start(workdir))
+  assert code == 0, log
+  return str(workdir)
+
+
+# ----------------------------------------------------------------------------- SIGKILL
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, repeat):
+  rng = random.Random()
+  workdir = str(tmp_path / "run")
+  # Kill 1: as soon as a checkpoint is being written (an Orbax temporary
+  # directory exists) while an older complete one exists.
+  proc = start(workdir)
+  wait_until(lambda: complete_steps(workdir) and writing(workdir), proc)
+  proc.kill()
+  proc.wait()
+  mid_write = bool(writing(workdir))  # still there after the kill: it died mid-write
+  newest = complete_steps(workdir)[-1]
+  # Kill 2: at a random moment once the resumed run has written a new checkpoint.
+  proc = start(workdir)
+  wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] > newest, proc)
+  delay = rng.uniform(0.0, 0.6)
+  time.sleep(delay)
+  killed2 = proc.poll() is None
+  proc.kill()
+  proc.wait()
+  log2 = Path(proc.log_path).read_text()
+  assert f"resuming from checkpoint at step {newest}" in log2
+  assert not writing(workdir) or killed2  # the restart removed kill 1's temporary directory
+  newest2 = complete_steps(workdir)[-1]
+  # The same command again, to the end.
+  code, log = finish(start(workdir, log=str(tmp_path / "run3.log")))
+  assert code == 0, log
+  assert f"resuming from checkpoint at step {newest2}" in log
+  assert not writing(workdir)
+  record("sigkill", repeat=repeat, kill1_mid_write=mid_write, kill1_resumed_from=newest,
+         kill2_delay_s=round(delay, 3), kill2_landed=killed2, kill2_resumed_from=newest2,
+         steps=STEPS)
+  assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------- SIGTERM
+
+
+def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_path):
+  workdir = str(tmp_path / "run")
+  proc = start(workdir)
+  wait_until(lambda: len(logged_steps(workdir)) >= 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  code, log = finish(proc)
+  assert code == 1, log
+  lines = [l for l in log.splitlines() if l.startswith("SIGTERM received")]
+  assert len(lines) == 1, log
+  step = int(lines[0].split("checkpoint at step ")[1].split()[0])
+  assert f"run the same command again to resume" in lines[0]
+  assert step in complete_steps(workdir) and step == complete_steps(workdir)[-1]
+  assert max(train_losses(workdir)) == step  # every step it logged is in the checkpoint
+  code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
+  assert code == 0, log
+  assert f"resuming from checkpoint at step {step}" in log
+  record("sigterm", saved_step=step, steps=STEPS)
+  assert_same_run(workdir, reference)
+
+
+# ----------------------------------------------------------------------------- damage
+
+
+def _array_files(step_dir):
+  # Orbax/OCDBT keeps array bytes in state/d/ and state/ocdbt.process_*/d/.
+  return glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True)
+
+
+def _truncate(paths):
+  for p in paths:
+    os.truncate(p, os.path.getsize(p) // 2)
+
+
+DAMAGE = {
+    "truncated array files": lambda d: _truncate(_array_files(d)),
+    "deleted array files": lambda d: [os.remove(p) for p in _array_files(d)],
+    "deleted state metadata": lambda d: os.remove(os.path.join(d, "state", "_METADATA")),
+    "deleted data-iterator file": lambda d: os.remove(glob.glob(os.path.join(d, "data", "*.json"))[0]),
+    "deleted state directory": lambda d: shutil.rmtree(os.path.join(d, "state")),
+}
+
+
+def _abstract_and_iterator(c):
+  mesh = shd.make_mesh(c.mesh)
+  tx, _ = optim.make_optimizer(c.optim, c.total_steps)
+  abstract = jax.eval_shape(loop.make_init_fn(models.build(c.model), tx, c),
+                            jax.random.PRNGKey(c.seed))
+  abstract = loop._with_shardings(abstract, shd.state_shardings(abstract, mesh))
+  it = data_lib.make_train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed)
+  return abstract, it
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+  """A run stopped at step 6 with checkpoints 2, 4, 6 (in process, 8 CPU devices)."""
+  workdir = str(tmp_path_factory.mktemp("stopped") / "run")
+  out = loop.train_and_evaluate(tiny(total_steps=8, stop_at_step=6), workdir)
+  assert out.get("stopped_early") and complete_steps(workdir) == [2, 4, 6]
+  return workdir
+
+
+def test_damaged_newest_checkpoint_falls_back_and_keeps_both(stopped_run, tmp_path, caplog):
+  intact, damaged = str(tmp_path / "intact"), str(tmp_path / "damaged")
+  shutil.copytree(stopped_run, intact)
+  shutil.copytree(stopped_run, damaged)
+  DAMAGE["truncated array files"](os.path.join(damaged, "checkpoints", "6"))
+  files_before = sorted(os.path.relpath(p, os.path.join(damaged, "checkpoints", "6"))
+                        for p in glob.glob(os.path.join(damaged, "checkpoints", "6", "**"),
+                                           recursive=True))
+  with caplog.at_level("WARNING"):
+    loop.train_and_evaluate(tiny(total_steps=8), damaged)  # the same command again
+  warning = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+  assert len(warning) == 1 and "step 6" in warning[0] and "step 4" in warning[0], warning
+  aside = glob.glob(os.path.join(damaged, "checkpoints", "6.damaged-*"))
+  assert len(aside) == 1 and aside[0] in warning[0]
+  assert sorted(os.path.relpath(p, aside[0]) for p in glob.glob(
+      os.path.join(aside[0], "**"), recursive=True)) == files_before  # nothing deleted
+  loop.train_and_evaluate(tiny(total_steps=8), intact)
+  a, b = train_losses(intact), train_losses(damaged)
+  assert sorted(b) == list(range(1, 9)) and a == b  # steps 5, 6 recomputed identically
+  with np.load(os.path.join(intact, "test_logits.npz")) as fa, \
+       np.load(os.path.join(damaged, "test_logits.npz")) as fb:
+    np.testing.assert_array_equal(fa["exit_logits"], fb["exit_logits"])
+  # Restarting again trips on nothing: the damaged copy is out of the way.
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    abstract, it = _abstract_and_iterator(tiny(total_steps=8))
+    ckpt = checkpointing.Checkpointer(os.path.join(damaged, "checkpoints"))
+    assert ckpt.restore(abstract, it)[0] == 8
+    ckpt.close()
+  assert not [r for r in caplog.records if "is damaged" in r.getMessage()]
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_each_kind_of_damage_is_detected_and_set_aside(stopped_run, tmp_path, damage):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  DAMAGE[damage](os.path.join(workdir, "checkpoints", "6"))
+  abstract, it = _abstract_and_iterator(tiny(total_steps=8))
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step, state = ckpt.restore(abstract, it)
+  ckpt.close()
+  assert step == 4 and int(state.step) == 4
+  assert complete_steps(workdir) == [2, 4]
+  assert len(glob.glob(os.path.join(workdir, "checkpoints", "6.damaged-*"))) == 1
+
+
+def test_no_loadable_checkpoint_is_an_error_that_moves_nothing(stopped_run, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  for s in (2, 4, 6):
+    DAMAGE["deleted array files"](os.path.join(workdir, "checkpoints", str(s)))
+  before = sorted(ckpt_entries(workdir))
+  with pytest.raises(checkpointing.CheckpointRestoreError, match=r"none of the checkpoints"):
+    loop.train_and_evaluate(tiny(total_steps=8), workdir)
+  assert sorted(ckpt_entries(workdir)) == before
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def test_nan_names_step_and_metric_and_last_good_checkpoint_is_intact(tmp_path):
+  workdir = str(tmp_path / "nan")
+  c = tiny(total_steps=12, checkpoint_every=1)
+  c.optim.update(lr=1e9, grad_clip=0.0, schedule="constant", warmup_steps=3)
+  with pytest.raises(loop.NonFiniteError) as err:
+    loop.train_and_evaluate(c, workdir)
+  message = str(err.value)
+  bad_step = int(message.split("step ")[1].split(":")[0])
+  assert any(m in message.split(":")[1] for m in ("loss", "grad_norm", "param_norm")), message
+  steps = complete_steps(workdir)
+  assert steps and steps[-1] < bad_step, (steps, message)
+  assert f"last good checkpoint (step {steps[-1]})" in message
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*.damaged-*"))
+  assert not [n for n in ckpt_entries(workdir) if TMP in n]
+  logged = train_losses(workdir)
+  assert max(logged) < bad_step and all(np.isfinite(v) for v in logged.values())
+  abstract, it = _abstract_and_iterator(c)
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+  step, state = ckpt.restore(abstract, it)
+  ckpt.close()
+  assert step == steps[-1]
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def run_cli(args, timeout=120):
+  t0 = time.time()
+  proc = subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO,
+                        env=cli_env(), capture_output=True, text=True, timeout=timeout)
+  lines = [l for l in proc.stderr.splitlines()
+           if l.strip() and not re.match(r"[IWEF]\d{4} ", l)]  # absl log lines
+  return proc.returncode, lines, proc.stderr, time.time() - t0
+
+
+BAD_INPUT = {
+    "misspelled key": (["--config.optim.lrr=1"], r"--config.optim.lrr=1: unknown field 'lrr'; Did you mean \"lr\""),
+    "unknown key": (["--config.nosuch=1"], r"--config.nosuch=1: unknown field 'nosuch'"),
+    "wrong type": (["--config.batch_size=abc"], r"--config.batch_size=abc: invalid literal for int"),
+    "bad config argument": (["--config", "configs/vit_cifar10.py:runlocal,epochz=3"],
+                            r"unknown config argument 'epochz'"),
+    "patch does not divide image": (["--config.data.image_size=18", "--config.model.image_size=18"],
+                                    r"image size 18 is not divisible by patch size 4"),
+    "cascade resolutions": (["--config", "configs/ravit_cifar10.py:runlocal",
+                             "--config.data.resolutions=(32,16)"],
+                            r"data.resolutions=\(32, 16\) but the RAViT branches take \(16, 32\)"),
+    "dataset missing offline": (["--config", "configs/vit_cifar10.py",
+                                 "--config.data.path={tmp}/no_cifar"],
+                                r"data.path {tmp}/no_cifar does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUT))
+def test_bad_input_one_line_exit_2_nothing_written(tmp_path, case):
+  extra, pattern = BAD_INPUT[case]
+  extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+  workdir = tmp_path / "w"
+  args = ["--config", "configs/vit_cifar10.py:runlocal", "--workdir", str(workdir)]
+  if "--config" in extra:
+    args = args[2:]
+  code, lines, stderr, seconds = run_cli(args + extra)
+  assert code == 2, stderr
+  assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert re.search(pattern.replace("{tmp}", re.escape(str(tmp_path))), lines[0]), lines[0]
+  assert not workdir.exists()
+  assert seconds < 60
+
+
+def test_workdir_of_another_model_is_refused_from_the_cli(reference, tmp_path):
+  workdir = tmp_path / "copy"
+  shutil.copytree(reference, workdir)
+  ckpts = workdir / "checkpoints"
+  before = {p: os.path.getmtime(p) for p in glob.glob(f"{ckpts}/**", recursive=True)}
+  metrics = (workdir / "metrics.jsonl").read_text()
+  config = (workdir / "config.json").read_text()
+  code, lines, stderr, _ = run_cli(train_cmd(workdir, "--config.model.width=48")[3:])
+  assert code == 2, stderr
+  assert len(lines) == 1 and "holds checkpoints of a different model" in lines[0], stderr
+  assert {p: os.path.getmtime(p) for p in glob.glob(f"{ckpts}/**", recursive=True)} == before
+  assert (workdir / "metrics.jsonl").read_text() == metrics
+  assert (workdir / "config.json").read_text() == config
