@@ -17,4 +17,7 @@ Modules:
   child.py      measurements that run in their own process (memory, torch)
   report.py     the Markdown table and the targets
   run.py        the command line
+  profile.py    per-op times of the train step (python -m benchmarks.profile)
+  sweep.py      XLA-flag / batch / dtype variants of the train step, one process each
+  gpu.sh        the imagenet suite on an accelerator
 """

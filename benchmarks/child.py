@@ -28,7 +28,7 @@ def main(argv) -> None:
   kind = spec.get("kind")
   if kind == "jax_train_memory":
     import jax
-    jax.config.update("jax_threefry_partitionable", True)
+    common.setup_jax()
     from benchmarks import jax_bench, suites
     suite = suites.get(spec["suite"], quick=spec["quick"], train_batch=spec.get("train_batch"),
                        dtype=spec.get("dtype"))

@@ -19,6 +19,13 @@ RESULT_TAG = "BENCH_RESULT "
 _START = time.perf_counter()
 
 
+def setup_jax() -> None:
+  """The JAX settings of the launchers (launch.common.setup: partitionable
+  threefry, rbg default PRNG), so the benchmark compiles what training compiles."""
+  from launch import common as launch_common
+  launch_common.setup()
+
+
 def log(message: str) -> None:
   """A progress line: seconds since the benchmark started, then the message."""
   print(f"[bench {time.perf_counter() - _START:7.1f}s] {message}", flush=True)

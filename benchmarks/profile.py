@@ -181,8 +181,8 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
 
   import jax
-  jax.config.update("jax_threefry_partitionable", True)
   from benchmarks import common, jax_bench, suites
+  common.setup_jax()
   suite = suites.get(args.suite, quick=args.quick, train_batch=args.batch, dtype=args.dtype)
   config = suite.vit if args.model == "vit" else suite.ravit
   common.log(f"profiling the {args.model} train step, batch {config.batch_size} ...")

@@ -172,7 +172,7 @@ def main(argv=None) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + quick_flag).strip()
 
   import jax
-  jax.config.update("jax_threefry_partitionable", True)
+  common.setup_jax()
   from benchmarks import jax_bench, report, suites, torch_vit
 
   suite = suites.get(args.suite, quick=args.quick, train_batch=args.train_batch,

@@ -2,15 +2,19 @@
 joined by jax.distributed over a loopback port, started by launch/multihost.py
 running the ordinary `python -m launch.train ... --distributed` command.
 
-Each process reads its own slice of the training data (train[i::2]); both
-write their parts of the checkpoint (array shards, their data-iterator
-position), both restore it, and the result matches one process fed the same
-global batches (the two slices concatenated) to float tolerance.
+Each process reads its own slice of the training data (train[i::2]). A
+SIGTERM to one process makes both save the same step (jax's preemption
+service) and exit; both wrote their parts of that checkpoint (array shards,
+their data-iterator position); the same command restores it on both, and the
+result matches one process fed the same global batches (the two slices
+concatenated) to float tolerance: per-step losses, parameters, test logits.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,11 +26,12 @@ import pytest
 from adaptive_vision import data as data_lib, evaluation, losses, models
 from adaptive_vision.train import checkpointing, loop, optim, sharding as shd, steps
 from adaptive_vision.train.metrics import read_metrics
+from launch import multihost
 
 import test_reliability as rel  # the tiny config, on the command line and in process
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 8
+STEPS = 12
 
 
 def _gloo_available() -> bool:
@@ -37,7 +42,7 @@ def _gloo_available() -> bool:
   return hasattr(_jax, "make_gloo_tcp_collectives")
 
 
-def multihost(*args, timeout=420):
+def run_multihost(*args, timeout=420):
   env = rel.cli_env()
   return subprocess.run(
       [sys.executable, "-m", "launch.multihost", "--python", sys.executable, *args],
@@ -78,22 +83,41 @@ def single_process_reference(c):
 @pytest.mark.skipif(not _gloo_available(),
                     reason="this jaxlib has no gloo CPU collectives: multi-process CPU "
                            "training cannot run here")
-def test_two_processes_checkpoint_restore_and_match_one_process(tmp_path):
+def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
   workdir = tmp_path / "mp"
-  # Phase 1: both processes train to step 4 and write checkpoints 2 and 4 together.
-  out = multihost("local", "--num_processes", "2", "--devices_per_process", "2",
-                  "--timeout", "400", "--", *train_args(workdir, "--config.stop_at_step=4"))
-  assert out.returncode == 0, out.stderr[-4000:]
-  assert out.stderr.count("stopped at step 4") == 1  # printed by process 0 only
-  step4 = workdir / "checkpoints" / "4"
-  assert sorted(os.listdir(step4 / "data")) == [
+  # Phase 1: the two processes train; SIGTERM reaches process 1 only (as when a
+  # scheduler preempts one host). Both save the same step and exit.
+  args = argparse.Namespace(num_processes=2, devices_per_process=2, python=sys.executable)
+  procs, logs = [], []
+  for i, (extra, cmd) in enumerate(multihost.local_commands(args, train_args(workdir),
+                                                            multihost.free_port())):
+    logs.append(tmp_path / f"process{i}.log")
+    with open(logs[-1], "wb") as log:
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env={**rel.cli_env(), **extra},
+                                    stdout=log, stderr=subprocess.STDOUT))
+  try:
+    rel.wait_until(lambda: len(rel.logged_steps(str(workdir))) >= 2, procs[0], timeout=400)
+    procs[1].send_signal(signal.SIGTERM)
+    codes = [p.wait(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  texts = [l.read_text() for l in logs]
+  assert codes == [1, 1], texts
+  saved = [int(t.split("saved a checkpoint at step ")[1].split()[0]) for t in texts]
+  assert saved[0] == saved[1] and saved[0] < STEPS, saved  # the same step on both
+  step_dir = workdir / "checkpoints" / str(saved[0])
+  assert sorted(os.listdir(step_dir / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
-  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step4 / "state"))
-  # Phase 2: the same command; both processes restore step 4 and finish.
-  out = multihost("local", "--num_processes", "2", "--devices_per_process", "2",
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir / "state"))
+  # Phase 2: the same command (through launch/multihost.py); both processes
+  # restore that step and finish.
+  out = run_multihost("local", "--num_processes", "2", "--devices_per_process", "2",
                   "--timeout", "400", "--", *train_args(workdir))
   assert out.returncode == 0, out.stderr[-4000:]
-  assert "resuming from checkpoint at step 4" in out.stderr
+  assert f"resuming from checkpoint at step {saved[0]}" in out.stderr
+  assert out.stderr.count("done: step") == 1  # printed by process 0 only
   info = read_metrics(str(workdir), "info")[0]
   assert info["processes"] == 2 and info["devices"] == 4
 
@@ -106,27 +130,29 @@ def test_two_processes_checkpoint_restore_and_match_one_process(tmp_path):
       checkpointing.restore_variables(str(workdir))["params"]))
   with np.load(workdir / "test_logits.npz") as f:
     labels, logits = f["labels"], f["exit_logits"]
-  rel.record("multiprocess", steps=STEPS, processes=2, devices=4,
+  rel.record("multiprocess", steps=STEPS, processes=2, devices=4, preempted_at=saved[0],
              max_loss_diff=float(np.max(np.abs(got_losses - want_losses))),
              max_param_diff=max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in
                                 zip(params, jax.tree_util.tree_leaves(want_params))),
              max_logit_diff=float(np.max(np.abs(logits - want_logits))))
   np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-6)
+  # Sums over 4 devices in another order: ~1e-7 differences in gradients, which
+  # Adam turns into up to ~1e-6..1e-5 differences in near-zero parameters.
   for a, b in zip(params, jax.tree_util.tree_leaves(want_params)):
-    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=5e-5)
   np.testing.assert_array_equal(labels, want_labels)  # the split's order, as in one process
   np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
 
 
 def test_multihost_dry_run_prints_commands(tmp_path):
   args = ["--", "--config", "configs/vit_cifar10.py", "--workdir", "/shared/runs/vit"]
-  out = multihost("tpu", "--name", "pod", "--zone", "us-central2-b", "--dry-run", *args)
+  out = run_multihost("tpu", "--name", "pod", "--zone", "us-central2-b", "--dry-run", *args)
   assert out.returncode == 0, out.stderr
   assert "gcloud compute tpus tpu-vm ssh pod --zone=us-central2-b --worker=all" in out.stdout
   assert "-m launch.train --config configs/vit_cifar10.py --workdir /shared/runs/vit " \
          "--distributed" in out.stdout
   script = tmp_path / "job.sbatch"
-  out = multihost("slurm", "--nodes", "2", "--gpus_per_node", "4", "--script", str(script),
+  out = run_multihost("slurm", "--nodes", "2", "--gpus_per_node", "4", "--script", str(script),
                   "--dry-run", *args)
   assert out.returncode == 0, out.stderr
   text = script.read_text()
@@ -138,7 +164,7 @@ def test_multihost_dry_run_prints_commands(tmp_path):
                  "--distributed"):
     assert needle in text, needle
   assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-  out = multihost("local", "--num_processes", "2", "--port", "12345", "--dry-run", *args)
+  out = run_multihost("local", "--num_processes", "2", "--port", "12345", "--dry-run", *args)
   assert out.returncode == 0, out.stderr
   lines = [l for l in out.stdout.splitlines() if "launch.train" in l]
   assert len(lines) == 2 and all("--coordinator_address=127.0.0.1:12345" in l for l in lines)

@@ -45,6 +45,9 @@ from adaptive_vision.train import checkpointing, loop, optim, sharding as shd
 from adaptive_vision.train.metrics import read_metrics
 from configs import vit_cifar10
 
+# Failed restores of damaged checkpoints leave orbax coroutines unawaited.
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
 TINY = {  # the same tiny model and data on the command line and in process
@@ -223,10 +226,12 @@ def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, 
 # ----------------------------------------------------------------------------- SIGTERM
 
 
-def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_path):
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_path, repeat):
   workdir = str(tmp_path / "run")
   proc = start(workdir)
-  wait_until(lambda: len(logged_steps(workdir)) >= 3, proc)
+  after = random.Random().randint(1, STEPS // 2)  # steps logged before the notice
+  wait_until(lambda: len(logged_steps(workdir)) >= after, proc)
   proc.send_signal(signal.SIGTERM)
   code, log = finish(proc)
   assert code == 1, log
@@ -239,8 +244,34 @@ def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_pat
   code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
   assert code == 0, log
   assert f"resuming from checkpoint at step {step}" in log
-  record("sigterm", saved_step=step, steps=STEPS)
+  record("sigterm", repeat=repeat, signal_after_logged_steps=after, saved_step=step,
+         steps=STEPS)
   assert_same_run(workdir, reference)
+
+
+def test_resume_drops_metric_lines_it_will_write_again(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  lines = [{"step": 0, "kind": "info"}] + [{"step": s, "kind": "train", "loss": s}
+                                           for s in range(1, 7)]
+  lines += [{"step": 6, "kind": "eval"}, {"step": 6, "kind": "final"}]
+  text = "".join(json.dumps(l) + "\n" for l in lines)
+  cut = '{"step": 7, "kind": "tr'  # a kill in the middle of a write
+
+  def rows():
+    return [json.loads(l) for l in path.read_text().splitlines()]
+
+  path.write_text(text + cut)
+  assert loop._drop_metrics_after(str(tmp_path), 4) == 5
+  assert rows() == lines[:5]  # info and steps 1-4: the restored checkpoint's
+  path.write_text(text + cut)
+  assert loop._drop_metrics_after(str(tmp_path), 6, redo_final=True) == 3
+  assert rows() == lines[:7]
+  path.write_text(text + cut)
+  assert loop._drop_metrics_after(str(tmp_path), 0) == len(lines) + 1  # fresh start
+  assert path.read_text() == ""
+  path.write_text(text[:-1])  # last line complete but unterminated: appending must not glue
+  assert loop._drop_metrics_after(str(tmp_path), 6) == 0
+  assert path.read_text() == text
 
 
 # ----------------------------------------------------------------------------- damage

@@ -212,7 +212,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   preempted = []
   previous_handler = None
-  if hasattr(signal, "SIGTERM") and threading_is_main():
+  # Several processes must save the same step together: jax's preemption
+  # service (on with jax.distributed) catches SIGTERM on any of them and names
+  # a step that all reach. One process: a plain SIGTERM handler.
+  synced_preemption = jax.process_count() > 1 and _preemption_service_running()
+  if not synced_preemption and hasattr(signal, "SIGTERM") and threading_is_main():
     previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.append(True))
 
   def check(metrics, step):
@@ -251,10 +255,15 @@ def train_and_evaluate(config, workdir: str) -> dict:
         check(pending, step)
       step += 1
       pending = metrics
+      if synced_preemption:
+        from jax.experimental import multihost_utils
+        if multihost_utils.reached_preemption_sync_point(step):
+          preempted.append(True)
+      stopping = bool(preempted)  # read once: the signal may arrive any time
       if step == start + 1:
         progress.reset(step)  # exclude compilation from images/s
       boundary = step % log_every == 0 or step == total_steps
-      if boundary or step % ckpt_every == 0 or preempted:
+      if boundary or step % ckpt_every == 0 or stopping:
         m = check(metrics, step)
         pending = None
         if boundary:
@@ -262,9 +271,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
           rec["images_per_sec"] = progress.rate(step)
           writer.write(step, "train", rec)
           progress.line(step, float(m["loss"]), f"lr {float(m['lr']):.2e}")
-      if step % ckpt_every == 0 or preempted:
-        ckpt.save(step, state, train_iter, force=bool(preempted))
-      if preempted:
+      if step % ckpt_every == 0 or stopping:
+        ckpt.save(step, state, train_iter, force=stopping)
+      if stopping:
         ckpt.wait()
         raise Preempted(f"SIGTERM received: saved a checkpoint at step {step} in "
                         f"{workdir}; run the same command again to resume")
@@ -342,6 +351,14 @@ def _drop_metrics_after(workdir: str, step: int, *, redo_final: bool = False) ->
     log.info("metrics.jsonl: dropped %d lines written after step %d; they are written again",
              dropped, step)
   return dropped
+
+
+def _preemption_service_running() -> bool:
+  try:
+    from jax._src import distributed
+    return distributed.global_state.preemption_sync_manager is not None
+  except (ImportError, AttributeError):
+    return False
 
 
 def threading_is_main() -> bool:
