@@ -1,0 +1,82 @@
+r"""Model A against model B along their accuracy/compute curves (test split).
+
+  python -m launch.compare --a erde=runs/erde_erde --b kd=runs/erde_kd \
+      --teacher runs/erde_teacher --out results/erde_cifar10_cpu/erde_vs_kd
+
+Writes <out>.json and <out>.md: accuracies at the same entropy thresholds and at
+matched mean MACs, how often A >= B, the mean difference, and (with --teacher)
+the best accuracy A reaches within 25% of the teacher's final-exit MACs
+against the teacher's final-exit accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("a", None, "name=workdir of model A")
+flags.DEFINE_string("b", None, "name=workdir of model B")
+flags.DEFINE_string("teacher", None, "workdir of the teacher (for the MACs-budget target)")
+flags.DEFINE_float("budget", 0.25, "fraction of the teacher's final-exit MACs")
+flags.DEFINE_string("out", None, "output path without extension")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  from adaptive_vision import curves, early_exit, reporting
+  (na, da), (nb, db) = (x.split("=", 1) for x in (FLAGS.a, FLAGS.b))
+  a = reporting.load_logits(os.path.join(da, "test_logits.npz"))
+  b = reporting.load_logits(os.path.join(db, "test_logits.npz"))
+  out = {"a": na, "b": nb, **curves.compare(a, b)}
+  lines = [f"# {na} vs {nb} (test split)", ""]
+  for key, title in (("same_thresholds", "At the same entropy thresholds"),
+                     ("matched_macs", "At matched mean MACs (interpolated)")):
+    s = out[key]
+    lines += [f"## {title}", "",
+              f"{na} >= {nb} at {s['a_at_least_b']} of {s['points']} points; mean difference "
+              f"{100 * (s['mean_difference'] or 0):+.2f} points, worst {100 * s.get('min_difference', 0):+.2f}.", "",
+              f"| {'threshold' if key == 'same_thresholds' else 'mean MMACs'} | {na} acc % | {nb} acc % |"
+              + (f" {na} MMACs | {nb} MMACs |" if key == "same_thresholds" else ""),
+              "| --- | --- | --- |" + (" --- | --- |" if key == "same_thresholds" else "")]
+    for r in s["rows"]:
+      if key == "same_thresholds":
+        lines.append(f"| {r['threshold']:.3f} | {100 * r['a_accuracy']:.2f} | {100 * r['b_accuracy']:.2f} "
+                     f"| {r['a_mean_macs'] / 1e6:.2f} | {r['b_mean_macs'] / 1e6:.2f} |")
+      else:
+        lines.append(f"| {r['mean_macs'] / 1e6:.2f} | {100 * r['a_accuracy']:.2f} | {100 * r['b_accuracy']:.2f} |")
+    lines.append("")
+  if FLAGS.teacher:
+    t = reporting.load_logits(os.path.join(FLAGS.teacher, "test_logits.npz"))
+    t_acc = float((t.exit_logits[-1].argmax(-1) == t.labels).mean())
+    t_macs = float(t.exit_macs[-1])
+    sweep = early_exit.threshold_sweep(a.exit_logits, a.labels, a.exit_macs, num_points=200)
+    best = curves.best_accuracy_within(sweep, FLAGS.budget * t_macs)
+    out["teacher_target"] = {
+        "teacher_final_accuracy": t_acc, "teacher_final_macs": t_macs,
+        "budget_macs": FLAGS.budget * t_macs,
+        "best_a_within_budget": best,
+        "gap_points": None if best is None else 100 * (t_acc - best["accuracy"]),
+        "met": bool(best is not None and 100 * (t_acc - best["accuracy"]) <= 1.0)}
+    tt = out["teacher_target"]
+    lines += ["## Against the teacher", "",
+              f"Teacher final exit: {100 * t_acc:.2f}% at {t_macs / 1e6:.2f} MMACs. "
+              f"Best {na} point within {100 * FLAGS.budget:.0f}% of that ({tt['budget_macs'] / 1e6:.2f} MMACs): "
+              + ("none" if best is None else
+                 f"{100 * best['accuracy']:.2f}% at {best['mean_macs'] / 1e6:.2f} MMACs, "
+                 f"{tt['gap_points']:.2f} points below the teacher (target: within 1 point; "
+                 f"{'met' if tt['met'] else 'missed'})."), ""]
+  os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
+  with open(FLAGS.out + ".json", "w") as f:
+    json.dump(out, f, indent=1)
+  with open(FLAGS.out + ".md", "w") as f:
+    f.write("\n".join(lines))
+  print(f"wrote {FLAGS.out}.md and .json", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["a", "b", "out"])
+  app.run(main)
