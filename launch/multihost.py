@@ -41,7 +41,6 @@ import sys
 import time
 from typing import Sequence
 
-TRAIN = ["python", "-m", "launch.train"]
 
 
 def free_port() -> int:

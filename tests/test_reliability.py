@@ -46,7 +46,8 @@ from adaptive_vision.train.metrics import read_metrics
 from configs import vit_cifar10
 
 # Failed restores of damaged checkpoints leave orbax coroutines unawaited.
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+              pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")]
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -88,12 +89,26 @@ def cli_env():
   return env
 
 
+_started = []
+
+
+@pytest.fixture(autouse=True)
+def _no_stray_processes():
+  yield
+  while _started:
+    proc = _started.pop()
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait()
+
+
 def start(workdir, *extra, log=None):
   log = open(log or f"{workdir}.log", "ab")
   proc = subprocess.Popen(train_cmd(workdir, *extra), cwd=REPO, env=cli_env(),
                           stdout=log, stderr=subprocess.STDOUT)
   proc.log_path = log.name
   log.close()
+  _started.append(proc)
   return proc
 
 
@@ -193,13 +208,17 @@ def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, 
   rng = random.Random()
   workdir = str(tmp_path / "run")
   # Kill 1: as soon as a checkpoint is being written (an Orbax temporary
-  # directory exists) while an older complete one exists.
+  # directory exists) once a complete one of step >= a random 2..10 exists.
   proc = start(workdir)
-  wait_until(lambda: complete_steps(workdir) and writing(workdir), proc)
+  after = rng.choice([2, 4, 6, 8, 10])
+  wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] >= after
+             and writing(workdir), proc)
   proc.kill()
   proc.wait()
-  mid_write = bool(writing(workdir))  # still there after the kill: it died mid-write
+  left = writing(workdir)
+  mid_write = bool(left)  # a temporary directory outlived the process: it died mid-write
   newest = complete_steps(workdir)[-1]
+  redone1 = max(logged_steps(workdir)) - newest  # logged, not checkpointed: computed again
   # Kill 2: at a random moment once the resumed run has written a new checkpoint.
   proc = start(workdir)
   wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] > newest, proc)
@@ -210,15 +229,17 @@ def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, 
   proc.wait()
   log2 = Path(proc.log_path).read_text()
   assert f"resuming from checkpoint at step {newest}" in log2
-  assert not writing(workdir) or killed2  # the restart removed kill 1's temporary directory
+  assert not set(left) & set(writing(workdir))  # the restart removed kill 1's leftovers
   newest2 = complete_steps(workdir)[-1]
+  redone2 = max(logged_steps(workdir)) - newest2
   # The same command again, to the end.
   code, log = finish(start(workdir, log=str(tmp_path / "run3.log")))
   assert code == 0, log
   assert f"resuming from checkpoint at step {newest2}" in log
   assert not writing(workdir)
-  record("sigkill", repeat=repeat, kill1_mid_write=mid_write, kill1_resumed_from=newest,
-         kill2_delay_s=round(delay, 3), kill2_landed=killed2, kill2_resumed_from=newest2,
+  record("sigkill", repeat=repeat, kill1_after_ckpt=after, kill1_mid_write=mid_write,
+         kill1_resumed_from=newest, kill1_steps_redone=redone1, kill2_delay_s=round(delay, 3),
+         kill2_landed=killed2, kill2_resumed_from=newest2, kill2_steps_redone=redone2,
          steps=STEPS)
   assert_same_run(workdir, reference)
 

@@ -45,6 +45,14 @@ def validate_config(config, workdir: str) -> None:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
+  mesh_cfg = config.get("mesh") or {}
+  data_axis = int(mesh_cfg.get("data", -1))
+  if data_axis == -1:
+    data_axis = jax.device_count() // int(mesh_cfg.get("model", 1))
+  if data_axis > 0 and config.batch_size % data_axis:
+    raise ValueError(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
+                     "devices of the mesh's data axis; use a multiple of "
+                     f"{data_axis} (or set mesh.data)")
   models.build(config.model)  # unknown keys, bad variants, image/patch mismatch
   macs = models.exit_macs(config.model)
   if config.model.name == "ravit":
@@ -111,6 +119,9 @@ def evaluate_split(eval_step, state, config, split, mesh):
   """(exit_logits [E, N, K], labels [N]) in the split's example order, for any
   number of processes (so logits files of runs on different topologies line up)."""
   global_batch = config.get("eval_batch_size", config.batch_size)
+  # Eval batches are padded anyway, so round up to what the mesh can split.
+  shards = mesh.shape[shd.DATA]
+  global_batch = -(-global_batch // shards) * shards
   it = data_lib.make_eval_iterator(
       config.data, split, global_batch_size=global_batch,
       process_index=jax.process_index(), process_count=jax.process_count())
