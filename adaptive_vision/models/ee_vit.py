@@ -17,15 +17,14 @@ the final head); `out` is the ViT's dict ('blocks', 'encoded', 'cls_token',
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
 
 from adaptive_vision import flops
-from adaptive_vision.models import _check_image_size
+from adaptive_vision.models import _check_image_size, module_kwargs
 from adaptive_vision.models.exit_heads import TokenExitHead, check_exits, token_exit_head_macs
-from adaptive_vision.models.vit import ViT, _kwargs as _vit_kwargs
+from adaptive_vision.models.vit import ViT
 
 
 class EarlyExitViT(ViT):
@@ -51,20 +50,8 @@ class EarlyExitViT(ViT):
 # ----------------------------------------------------------------------------
 # Model-family contract (see adaptive_vision/models/__init__.py)
 
-_FIELDS = {f.name for f in dataclasses.fields(EarlyExitViT)} - {"parent", "name"}
-_CONFIG_ONLY = {"name", "image_size"}
-
-
 def _kwargs(model_cfg) -> dict:
-  cfg = dict(model_cfg)
-  unknown = set(cfg) - _FIELDS - _CONFIG_ONLY
-  if unknown:
-    raise ValueError(f"unknown EarlyExitViT config keys {sorted(unknown)}; valid keys are "
-                     f"{sorted(_FIELDS | _CONFIG_ONLY)}")
-  exits = cfg.pop("exits", ())
-  kw = _vit_kwargs({k: v for k, v in cfg.items()})  # ViT's own conversions (dtype)
-  kw["exits"] = exits
-  return kw
+  return module_kwargs(model_cfg, EarlyExitViT)
 
 
 def build(model_cfg) -> EarlyExitViT:

@@ -30,7 +30,6 @@ epsilon 1e-5, statistics in the 'batch_stats' collection (apply with
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import numbers
 from typing import Any, Sequence
@@ -39,6 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adaptive_vision import flops
+from adaptive_vision.models import module_kwargs
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
 
 STANDARD_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
@@ -207,20 +207,8 @@ def cumulative_exit_macs(breakdown: dict, exits: Sequence[int]) -> list[float]:
 # ----------------------------------------------------------------------------
 # Model-family contract (see adaptive_vision/models/__init__.py)
 
-_FIELDS = {f.name for f in dataclasses.fields(ResNet)} - {"parent", "name"}
-_CONFIG_ONLY = {"name", "image_size"}
-
-
 def _kwargs(model_cfg) -> dict:
-  cfg = dict(model_cfg)
-  unknown = set(cfg) - _FIELDS - _CONFIG_ONLY
-  if unknown:
-    raise ValueError(f"unknown ResNet config keys {sorted(unknown)}; valid keys are "
-                     f"{sorted(_FIELDS | _CONFIG_ONLY)}")
-  kw = {k: v for k, v in cfg.items() if k in _FIELDS}
-  if isinstance(kw.get("dtype"), str):
-    kw["dtype"] = jnp.dtype(kw["dtype"])
-  return kw
+  return module_kwargs(model_cfg, ResNet)
 
 
 def build(model_cfg) -> ResNet:

@@ -8,7 +8,6 @@ cascade and distillation read what they need without model surgery.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -17,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import flops
-from adaptive_vision.models import _check_image_size
+from adaptive_vision.models import _check_image_size, module_kwargs
 
 # width, depth, heads, mlp: the standard sizes (Dosovitskiy et al.; Touvron et
 # al. for Ti/S) plus two small ones sized for CPU experiments on CIFAR.
@@ -211,20 +210,8 @@ def resample_params(params: dict, image_size: int, patch_size: int) -> dict:
 # ----------------------------------------------------------------------------
 # Model-family contract (see adaptive_vision/models/__init__.py)
 
-_FIELDS = {f.name for f in dataclasses.fields(ViT)} - {"parent", "name"}
-_CONFIG_ONLY = {"name", "image_size"}
-
-
 def _kwargs(model_cfg) -> dict:
-  cfg = dict(model_cfg)
-  unknown = set(cfg) - _FIELDS - _CONFIG_ONLY
-  if unknown:
-    raise ValueError(f"unknown ViT config keys {sorted(unknown)}; valid keys are "
-                     f"{sorted(_FIELDS | _CONFIG_ONLY)}")
-  kw = {k: v for k, v in cfg.items() if k in _FIELDS}
-  if isinstance(kw.get("dtype"), str):
-    kw["dtype"] = jnp.dtype(kw["dtype"])
-  return kw
+  return module_kwargs(model_cfg, ViT)
 
 
 def build(model_cfg) -> ViT:
