@@ -45,6 +45,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.num_epochs = 1
   c.total_steps = 0          # >0 overrides num_epochs
   c.stop_at_step = 0         # >0: stop this invocation there (checkpointed); rerun resumes
+  c.allow_config_change = False  # resume a workdir even if its recipe changed
   c.log_every = 50
   c.eval_every = 0           # steps; 0 = only at the end
   c.checkpoint_every = 500

@@ -151,3 +151,14 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different model"):
     loop.train_and_evaluate(other, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_resume_with_another_recipe_is_refused(tmp_path):
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
+  changed = tiny_config(total_steps=20)
+  with pytest.raises(ValueError, match="another recipe.*total_steps: 12 -> 20"):
+    loop.train_and_evaluate(changed, workdir)
+  # Operational keys may change (here: logging cadence and the stop step).
+  out = loop.train_and_evaluate(tiny_config(log_every=2, stop_at_step=8), workdir)
+  assert out["step"] == 8

@@ -74,6 +74,49 @@ def validate_config(config, workdir: str) -> None:
   del macs
 
 
+# Keys that may change between invocations of one run without changing what it
+# computes (logging, checkpoint cadence, placement, where files live).
+_OPERATIONAL = ("log_every", "eval_every", "checkpoint_every", "stop_at_step", "max_to_keep",
+                "async_checkpoints", "eval_batch_size", "eval_splits", "mesh", "param_sharding",
+                "allow_config_change", "data.num_workers", "data.cache_dir", "data.path",
+                "teacher.checkpoint")
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in (d or {}).items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def check_same_recipe(config, workdir: str) -> None:
+  """Refuses to resume a run whose recipe changed (epochs, optimizer, data, loss...).
+
+  Resuming under another recipe would silently mix two schedules; the config
+  field `allow_config_change=True` accepts it deliberately.
+  """
+  path = os.path.join(workdir, "config.json")
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  if config.get("allow_config_change") or not os.path.exists(path):
+    return
+  if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
+    return  # nothing to resume: a fresh start may use any recipe
+  with open(path) as f:
+    old = _flatten(json.load(f))
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  operational = lambda k: any(k == o or k.startswith(o + ".") for o in _OPERATIONAL)
+  changed = sorted(k for k in set(old) | set(new)
+                   if not operational(k) and old.get(k) != new.get(k))
+  if changed:
+    shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in changed[:4])
+    raise ValueError(f"workdir {workdir} holds a run trained with another recipe ({shown}); "
+                     "use a new --workdir, or set --config.allow_config_change=True to resume anyway")
+
+
 def dummy_inputs(config, batch: int = 2):
   if is_multi_resolution(config):
     return tuple(jnp.zeros((batch, r, r, 3)) for r in config.data.resolutions)
@@ -174,6 +217,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
       workdir, {"model": json.loads(config.model.to_json_best_effort()),
                 "params": checkpointing.shapes_of(abstract.params)}, write=True)
 
+  check_same_recipe(config, workdir)
   train_iter = data_lib.make_train_iterator(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
