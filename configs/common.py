@@ -110,7 +110,8 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
   a = parse_arg(arg, role="student", loss="erde", teacher_dir="runs/erde_teacher",
                 teacher_depth=20, student_depth=8, width_multiplier=1.0,
                 epochs=epochs, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
-                entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0)
+                entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0,
+                warmup=0.1, clip=2.0)
   if a.role not in ("teacher", "student"):
     raise ValueError(f"role={a.role!r}; use role=teacher or role=student")
   c = base_config()
@@ -118,8 +119,11 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
                 image_size=32, augment=augment)
   c.batch_size = a.batch
   c.num_epochs = a.epochs
+  # Warmup and clipping keep the exit heads alive: with 2% warmup and no
+  # clipping, lr 0.1 drove the first exit head's BatchNorm bias so negative
+  # that every ReLU after it died (a constant 10%-accuracy exit; measured).
   c.optim.update(name="sgd", lr=a.lr, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                 warmup_fraction=0.02, schedule="cosine", grad_clip=0.0)
+                 warmup_fraction=a.warmup, schedule="cosine", grad_clip=a.clip)
   c.checkpoint_every = 300
   c.log_every = 50
 

@@ -71,7 +71,7 @@ def main(argv):
                  f"{'met' if tt['met'] else 'missed'})."), ""]
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
   with open(FLAGS.out + ".json", "w") as f:
-    json.dump(out, f, indent=1)
+    json.dump(out, f, indent=1, default=lambda o: getattr(o, "tolist", lambda: str(o))())
   with open(FLAGS.out + ".md", "w") as f:
     f.write("\n".join(lines))
   print(f"wrote {FLAGS.out}.md and .json", file=sys.stderr)
