@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import types
 
 from absl import flags
 from ml_collections import config_flags
@@ -44,8 +45,9 @@ def compute_logits(config, workdir: str) -> None:
   eval_step = steps.jit_eval_step(
       steps.make_eval_step(model, multi_resolution=loop.is_multi_resolution(config)),
       mesh, rep, rep)
-  state = type("S", (), {"params": jax.device_put(variables["params"], rep),
-                         "batch_stats": jax.device_put(variables.get("batch_stats", {}), rep)})
+  state = types.SimpleNamespace(  # what evaluate_split reads of a train state
+      params=jax.device_put(variables["params"], rep),
+      batch_stats=jax.device_put(variables.get("batch_stats", {}), rep))
   macs = np.asarray(models.exit_macs(config.model))
   for split in ("val", "test"):
     logits, labels = loop.evaluate_split(eval_step, state, config, split, mesh)
