@@ -29,8 +29,7 @@ is fetched once at the end.
 from __future__ import annotations
 
 import math
-import time
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -247,28 +246,3 @@ def full_cascade_predict(model, variables, views, thresholds,
   logits = stacked[exit_index, np.arange(stacked.shape[1])]
   return dict(predictions=logits.argmax(-1).astype(np.int32), exit_index=exit_index,
               logits=logits, exit_logits=stacked)
-
-
-def time_batches(fn: Callable[[Any], Any], batches: Iterable[Any], repeats: int = 3,
-                 warmup: bool = True) -> dict[str, float]:
-  """Wall-clock of `fn` over `batches` (outputs blocked on), best of `repeats`.
-
-  Returns seconds for one pass over the batches (`best`, `median`) and the
-  number of examples in one pass (leading dimension of each batch's first leaf).
-  """
-  batches = list(batches)
-
-  def one_pass():
-    for b in batches:
-      jax.block_until_ready(fn(b))
-
-  if warmup:
-    one_pass()
-  times = []
-  for _ in range(max(1, repeats)):
-    start = time.perf_counter()
-    one_pass()
-    times.append(time.perf_counter() - start)
-  examples = sum(int(np.shape(jax.tree_util.tree_leaves(b)[0])[0]) for b in batches)
-  return dict(best=float(min(times)), median=float(np.median(times)),
-              examples=float(examples))

@@ -152,3 +152,17 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
     for m in [c.model] + ([c.teacher.model] if c.teacher else []):
       m.width_multiplier = 0.5
   return c
+
+
+def cascade_or_baseline(c: ml_collections.ConfigDict, *, branch: dict, resolutions,
+                        num_classes: int, baseline: bool, reuse: str = "token", **model_extra):
+  """Sets c.model to a RAViT over `resolutions` (every branch `branch`), or with
+  `baseline` to the plain ViT of the last branch, so both share one recipe."""
+  if baseline:
+    c.model = dict(name="vit", num_classes=num_classes, image_size=resolutions[-1],
+                   **model_extra, **branch)
+  else:
+    c.model = dict(name="ravit", num_classes=num_classes, reuse=reuse, **model_extra,
+                   branches=tuple(dict(resolution=r, **branch) for r in resolutions))
+    c.data.resolutions = tuple(resolutions)
+  return c

@@ -36,12 +36,9 @@ def get_config(arg=None):
   branch = dict(variant=a.variant, pool="token", dropout=0.0, stochastic_depth=0.0)
   if a.runlocal:
     branch = dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4)
-  if a.baseline:
-    c.model = dict(name="vit", num_classes=10, image_size=32, **branch)
-  else:
-    c.model = dict(name="ravit", num_classes=10, reuse=a.reuse, stop_gradient_reuse=False,
-                   branches=tuple(dict(resolution=r, **branch) for r in resolutions))
-    c.data.resolutions = resolutions
+  common.cascade_or_baseline(c, branch=branch, resolutions=resolutions, num_classes=10,
+                             baseline=a.baseline, reuse=a.reuse)
+  if not a.baseline:
     c.loss.self_distill_weight = a.self_distill
   if a.size:
     c.data.train_size = a.size

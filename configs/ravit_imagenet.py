@@ -30,12 +30,8 @@ def get_config(arg=None):
   branch = dict(variant=a.variant, pool="token", dropout=0.0, stochastic_depth=0.1)
   if a.runlocal:
     branch = dict(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=16)
-  if a.baseline:
-    c.model = dict(name="vit", num_classes=1000, image_size=224, dtype="bfloat16", **branch)
-  else:
-    c.model = dict(name="ravit", num_classes=1000, reuse=a.reuse, dtype="bfloat16",
-                   branches=tuple(dict(resolution=r, **branch) for r in resolutions))
-    c.data.resolutions = resolutions
+  common.cascade_or_baseline(c, branch=branch, resolutions=resolutions, num_classes=1000,
+                             baseline=a.baseline, reuse=a.reuse, dtype="bfloat16")
   if a.runlocal:
     common.runlocal(c, steps=20, batch=8)
     c.data.update(synthetic_train_size=256, synthetic_test_size=64, val_size=32)

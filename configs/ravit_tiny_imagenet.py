@@ -29,12 +29,8 @@ def get_config(arg=None):
   branch = dict(variant=a.variant, pool="token", dropout=0.0, stochastic_depth=0.1)
   if a.runlocal:
     branch = dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=8)
-  if a.baseline:
-    c.model = dict(name="vit", num_classes=200, image_size=64, **branch)
-  else:
-    c.model = dict(name="ravit", num_classes=200, reuse=a.reuse,
-                   branches=tuple(dict(resolution=r, **branch) for r in resolutions))
-    c.data.resolutions = resolutions
+  common.cascade_or_baseline(c, branch=branch, resolutions=resolutions, num_classes=200,
+                             baseline=a.baseline, reuse=a.reuse)
   if a.runlocal:
     common.runlocal(c, steps=60)
   return c
