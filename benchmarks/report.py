@@ -84,44 +84,48 @@ def markdown(r: dict) -> str:
   peak = r.get("peak")
   if peak:
     lines += ["", "## Peak (square matmuls through jax.jit)", "",
-              "| dtype | size | GFLOP/s |", "|---|---|---|"]
+              "| dtype | size | GFLOP/s, fastest repetition | GFLOP/s, median |",
+              "|---|---|---|---|"]
     for dt in ("float32", "bfloat16"):
       if peak.get(dt):
         for n, v in peak[dt]["sizes"].items():
-          lines.append(f"| {dt} | {n} | {_f(v['flops_per_s'], scale=1e-9)} |")
+          lines.append(f"| {dt} | {n} | {_f(v['flops_per_s'], scale=1e-9)} | "
+                       f"{_f(v.get('median_flops_per_s'), scale=1e-9)} |")
     if peak.get("bfloat16_skipped"):
-      lines.append(f"| bfloat16 | — | {peak['bfloat16_skipped']} |")
+      lines.append(f"| bfloat16 | — | {peak['bfloat16_skipped']} | |")
     lines.append(f"\nPeak used for fractions: {peak.get('used_for_fractions')}.")
 
   train, torch = r.get("train") or {}, r.get("torch") or {}
   if train or torch:
     lines += ["", "## Training (jitted train step, synthetic batches on device)", "",
-              "| model | batch | params | images/s | step (ms) | XLA GFLOP/step | GFLOP/s | "
-              f"% of {(peak or {}).get('used_for_fractions', '')} peak | "
+              "| model | devices | batch | params | images/s | step (ms) | XLA GFLOP/step | "
+              f"GFLOP/s | % of {(peak or {}).get('used_for_fractions', '')} peak | "
               "compile / first step (s) |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in train.items():
       lines.append(
-          f"| {name} (ours) | {v['batch']} | {v['params']:,} | {_f(v['images_per_s'])} | "
+          f"| {name} (ours) | {v.get('devices', 1)} | {v['batch']} | {v['params']:,} | "
+          f"{_f(v['images_per_s'])} | "
           f"{_f(v['step_s'], scale=1e3)} | {_f(v['xla_flops_per_step'], '{:.3g}', 1e-9)} | "
           f"{_f(v['flops_per_s'], scale=1e-9)} | {_f(v['fraction_of_peak'], scale=100)} | "
           f"{_f(v['first_step_compile_s'])} |")
     for mode in ("eager", "compile"):
       v = torch.get(mode)
       if v:
-        lines.append(f"| ViT, torch {mode} | {v['train']['batch']} | {v['params']:,} | "
+        lines.append(f"| ViT, torch {mode} | {v.get('threads', '')} threads | "
+                     f"{v['train']['batch']} | {v['params']:,} | "
                      f"{_f(v['train']['images_per_s'])} | "
                      f"{_f(v['train']['median_s'] / v['train']['steps_per_rep'], scale=1e3)} | "
                      f"— | — | — | {_f(v['first_step_s'])} |")
       elif torch.get(f"{mode}_error"):
-        lines.append(f"| ViT, torch {mode} | — | — | not run: {torch[f'{mode}_error'][:160]} "
-                     "| | | | | |")
+        lines.append(f"| ViT, torch {mode} | — | — | — | not run: "
+                     f"{torch[f'{mode}_error'][:160]} | | | | | |")
     sp = [f"ours / torch eager {_f(r.get('train_speedup_vs_torch_eager'), '{:.2f}x')}",
           f"ours / torch.compile {_f(r.get('train_speedup_vs_torch_compile'), '{:.2f}x')}"]
     lines.append("\nTraining speed-up: " + ", ".join(sp) + ".")
-    bd = _g(train, "vit", "breakdown")
+    bd = _g(train, "vit", "breakdown") or _g(train, "vit_one_device", "breakdown")
     if bd:
-      lines.append(f"ViT step breakdown: forward {_f(bd['forward']['s'], scale=1e3)} ms, "
+      lines.append(f"ViT step breakdown (one device): forward {_f(bd['forward']['s'], scale=1e3)} ms, "
                    f"backward {_f(bd['backward_s'], scale=1e3)} ms, optimizer and the rest "
                    f"{_f(bd['rest_s'], scale=1e3)} ms "
                    f"({_f(bd['rest_share_of_step'], scale=100)}% of the step).")
@@ -155,7 +159,9 @@ def markdown(r: dict) -> str:
                    f" | {_f(p['realized_over_predicted'], '{:.2f}')} |")
     lines.append(f"\nDynamic executor buckets at batch {inf['batch']}: {inf['buckets']}; "
                  f"{inf['programs_compiled']} programs compiled. Predicted speedup = ViT MACs / "
-                 "mean RAViT MACs at the measured exit fractions; batch-1 latencies are medians "
+                 "mean RAViT MACs at the measured exit fractions; the measured speed-up of a "
+                 "dynamic point is the median of paired rounds (ViT and RAViT timed back to "
+                 "back), so the machine's drift cancels; batch-1 latencies are medians "
                  "over single images (speed-ups at batch 1 are in the JSON).")
 
   mem = r.get("memory")

@@ -13,7 +13,8 @@ predict), (5) peak resident memory of training, one process per measurement.
 
 Writes the JSON (--out) and a Markdown table beside it (same name, .md), and
 prints a progress line per stage. Every figure is a median of several
-repetitions after warm-up. `--quick` shrinks everything to seconds (smoke test).
+repetitions after warm-up, except the peak, the machine's ceiling, which is
+the fastest repetition. `--quick` shrinks everything to seconds (smoke test).
 See docs/benchmarks.md.
 """
 
@@ -56,6 +57,12 @@ def parse_args(argv=None):
   p.add_argument("--train-models", default="vit,ravit",
                  help="which train steps the train stage times (vit, ravit or both)")
   p.add_argument("--dtype", default=None, help="compute dtype override (e.g. bfloat16)")
+  p.add_argument("--attention", default=None, choices=("auto", "xla", "fused"),
+                 help="attention implementation of every ViT (default: the configs', 'auto')")
+  p.add_argument("--cpu-devices", type=int, default=1,
+                 help="CPU only: split the host into N XLA devices and shard the train "
+                      "batch over them, as `launch.train --cpu_devices=N` does; the train "
+                      "stage then also times the ViT on one device, for comparison")
   p.add_argument("--reps", type=int, default=None, help="override the repetitions")
   p.add_argument("--torch-compile", default="auto", choices=("auto", "on", "off"),
                  help="torch.compile peer (auto: on, except with --quick)")
@@ -171,12 +178,19 @@ def main(argv=None) -> dict:
     # inherit it. Takes effect only if jax has not started its backend yet.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + quick_flag).strip()
 
+  if args.cpu_devices < 1:
+    raise SystemExit(f"--cpu-devices {args.cpu_devices}: give 1 or more")
+  if args.cpu_devices > 1:
+    # Through XLA_FLAGS (not jax's config) so the memory children inherit it.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
+                               f"platform_device_count={args.cpu_devices}").strip()
+
   import jax
   common.setup_jax()
   from benchmarks import jax_bench, report, suites, torch_vit
 
   suite = suites.get(args.suite, quick=args.quick, train_batch=args.train_batch,
-                     dtype=args.dtype)
+                     dtype=args.dtype, attention=args.attention)
   if args.reps:
     suite.reps = args.reps
   if args.torch_compile != "auto":
@@ -228,7 +242,13 @@ def main(argv=None) -> dict:
   train: dict[str, Any] = {}
   if "train" in stages:
     wanted = [m.strip() for m in args.train_models.split(",") if m.strip()]
-    for name, config in (("vit", suite.vit), ("ravit", suite.ravit)):
+    runs = [("vit", suite.vit), ("ravit", suite.ravit)]
+    if jax.device_count() > 1 and "vit" in wanted:
+      one = suite.vit.copy_and_resolve_references()
+      one.mesh.data = 1
+      runs.append(("vit_one_device", one))
+      wanted.append("vit_one_device")
+    for name, config in runs:
       if name not in wanted:
         continue
       with Stage(f"train {name}", seconds):
@@ -236,7 +256,9 @@ def main(argv=None) -> dict:
           train[name] = jax_bench.train(config, steps_per_rep=suite.train_steps_per_rep,
                                         reps=suite.reps, warmup=suite.warmup,
                                         peak_flops=peak_flops,
-                                        breakdown=(name == "vit" and not suite.quick))
+                                        breakdown=(not suite.quick and name == (
+                                            "vit" if jax.device_count() == 1
+                                            else "vit_one_device")))
         except Exception as e:  # keep the other measurements
           result["errors"][f"train_{name}"] = f"{type(e).__name__}: {e}"
           common.log(f"  train {name} failed: {e}")

@@ -142,7 +142,7 @@ SUITES = {"cifar": cifar, "imagenet": imagenet}
 
 
 def get(name: str, *, quick: bool = False, train_batch: Optional[int] = None,
-        dtype: Optional[str] = None) -> Suite:
+        dtype: Optional[str] = None, attention: Optional[str] = None) -> Suite:
   if name not in SUITES:
     raise ValueError(f"unknown suite {name!r}; use one of {sorted(SUITES)}")
   kwargs = {}
@@ -154,4 +154,9 @@ def get(name: str, *, quick: bool = False, train_batch: Optional[int] = None,
       c.model.dtype = dtype
     suite.peak_dtype = dtype
     suite.notes.append(f"model compute dtype overridden to {dtype}")
+  if attention:
+    suite.vit.model.attention = attention
+    suite.ravit.model.branches = tuple(dict(b, attention=attention)
+                                       for b in suite.ravit.model.branches)
+    suite.notes.append(f"attention implementation overridden to {attention!r}")
   return suite

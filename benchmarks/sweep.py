@@ -36,6 +36,12 @@ VARIANTS = {
                               "scheduler that overlaps independent ops"),
     "single_thread_eigen": ("--xla_cpu_multi_thread_eigen=false", [],
                             "no intra-op threading (lower bound / overhead check)"),
+    "attention_fused": ("", ["--attention", "fused"],
+                        "jax.nn.dot_product_attention (the default before the 'xla' layout)"),
+    "cpu_devices2": ("", ["--cpu-devices", "2"], "host split into 2 devices, batch sharded"),
+    "cpu_devices4": ("", ["--cpu-devices", "4"], "host split into 4 devices, batch sharded"),
+    "cpu_devices4_no_ynn": ("--xla_cpu_experimental_ynn_fusion_type=", ["--cpu-devices", "4"],
+                            "4 devices and no YNNPACK fusions (the fastest found)"),
 }
 
 

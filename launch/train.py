@@ -2,7 +2,7 @@ r"""Train and evaluate a config.
 
   python -m launch.train --config configs/vit_cifar10.py[:ARGS] --workdir DIR \
       [--config.key=value ...] [--distributed [--coordinator_address=HOST:PORT \
-       --num_processes=N --process_id=I]]
+       --num_processes=N --process_id=I]] [--cpu_devices=N]
 
 Started again with the same command, a run resumes from the newest complete
 checkpoint in DIR (after a crash, a kill or a preemption alike).
@@ -34,6 +34,9 @@ flags.DEFINE_string("coordinator_address", None,
                     "with --distributed: HOST:PORT of process 0's coordinator service")
 flags.DEFINE_integer("num_processes", None, "with --distributed: number of processes")
 flags.DEFINE_integer("process_id", None, "with --distributed: this process's index")
+flags.DEFINE_integer("cpu_devices", 0,
+                     "CPU-only hosts: split the host into N XLA devices and shard the batch "
+                     "over them (faster on CPU, see results/bench_notes.md); 0: one device")
 FLAGS = flags.FLAGS
 
 
@@ -43,7 +46,8 @@ def main(argv):
   if any(v is not None for v in explicit) and not FLAGS.distributed:
     common.fail("--coordinator_address/--num_processes/--process_id need --distributed")
   common.setup(FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
-               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+               cpu_devices=FLAGS.cpu_devices)
   from adaptive_vision.train import loop
   config = FLAGS.config
   try:

@@ -139,3 +139,67 @@ def test_torch_model_computes_the_same_function():
     theirs = peer(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
   assert np.abs(ours).max() > 1e-3  # a non-trivial head
   np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_devices_train_stage_counts_the_whole_step(tmp_path):
+  """--cpu-devices 2 shards the train step over two CPU devices and also times
+  one device; XLA's per-device FLOP count is scaled back to the whole step, and
+  the host's peak is not multiplied by the fake device count."""
+  out = tmp_path / "bench.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
+      os.pathsep) if p])
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--stages",
+                         "peak,train", "--train-models", "vit", "--cpu-devices", "2",
+                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  sharded, one = result["train"]["vit"], result["train"]["vit_one_device"]
+  assert (sharded["devices"], one["devices"]) == (2, 1)
+  assert abs(sharded["xla_flops_per_step"] / one["xla_flops_per_step"] - 1) < 0.05
+  peak = result["peak"]["float32"]["peak_flops_per_s"]
+  for r in (sharded, one):
+    assert r["fraction_of_peak"] == pytest.approx(r["flops_per_s"] / peak)
+  assert "| 2 |" in out.with_suffix(".md").read_text()
+
+
+def test_paired_comparison_runs_and_reports_ratios(tmp_path):
+  """benchmarks.paired compiles the variants in one process and times them in
+  turns; the default is its own reference (ratio exactly 1 in every round)."""
+  out = tmp_path / "paired.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
+      os.pathsep) if p])
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.paired", "--quick", "--rounds", "2",
+                         "--steps", "1", "--only", "devices2,no_ynn", "--max-devices", "2",
+                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  v = result["variants"]
+  assert list(v) == ["default", "devices2", "no_ynn"]
+  assert v["default"]["speedup_median"] == 1.0
+  assert v["devices2"]["devices"] == 2 and v["no_ynn"]["compiler_options"]
+  for r in v.values():
+    assert len(r["step_times_s"]) == 2 and r["images_per_s"] > 0
+  bad = subprocess.run([sys.executable, "-m", "benchmarks.paired", "--only", "nope"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "unknown variants" in bad.stderr
+
+
+def test_micro_benchmark_times_every_shape(tmp_path):
+  if not HAS_TORCH:
+    pytest.skip("torch not installed (pip install -e '.[bench]')")
+  out = tmp_path / "micro.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.micro", "--threads", "1", "--out",
+                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
+                        timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  rows = json.loads(out.read_text())["rows"]
+  from benchmarks import micro
+  assert len(rows) == len(micro.MATMULS) + 3
+  for r in rows[:len(micro.MATMULS)]:
+    assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
+  assert all((r["jax_ms"] or r["torch_ms"]) > 0 for r in rows)

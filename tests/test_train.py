@@ -162,3 +162,23 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
   # Operational keys may change (here: logging cadence and the stop step).
   out = loop.train_and_evaluate(tiny_config(log_every=2, stop_at_step=8), workdir)
   assert out["step"] == 8
+
+
+def test_launcher_cpu_devices_splits_the_host(tmp_path):
+  """`launch.train --cpu_devices=N` (via launch.common.setup) gives N CPU devices,
+  which the trainer's default mesh then shards the batch over."""
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  code = ("from launch import common; common.setup(cpu_devices=3); import jax; "
+          "from adaptive_vision.train import sharding; "
+          "print(jax.device_count(), sharding.make_mesh().shape['data'])")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert proc.stdout.split()[-2:] == ["3", "3"]
+  bad = subprocess.run([sys.executable, "-c", "from launch import common; "
+                        "common.setup(cpu_devices=-1)"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert bad.returncode != 0 and "cpu_devices=-1" in bad.stderr

@@ -76,23 +76,80 @@ class MlpBlock(nn.Module):
     return nn.Dropout(self.dropout, deterministic=not train)(x)
 
 
-class Attention(nn.Module):
-  num_heads: int
+def _flat_init(init, shape, fan_in_axes: int):
+  """Initializes a [in..., out...] kernel as the equivalent 2-D matrix, as
+  `nn.DenseGeneral` does, so fan-in/fan-out match a plain Dense layer."""
+  def wrapped(key, _shape, dtype=jnp.float32):
+    flat = (int(np.prod(shape[:fan_in_axes])), int(np.prod(shape[fan_in_axes:])))
+    return init(key, flat, dtype).reshape(shape)
+  return wrapped
+
+
+class _Projection(nn.Module):
+  """`einsum(spec, x, kernel) + bias` with `nn.DenseGeneral`'s parameter names,
+  shapes and initialization, but with the output layout chosen by `spec`."""
+  spec: str
+  kernel_shape: tuple
+  bias_shape: tuple
+  bias_broadcast: tuple  # the bias reshaped to broadcast against the output
+  fan_in_axes: int
   dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
+    kernel = self.param("kernel", _flat_init(nn.initializers.xavier_uniform(),
+                                             self.kernel_shape, self.fan_in_axes),
+                        self.kernel_shape)
+    bias = self.param("bias", nn.initializers.zeros, self.bias_shape)
+    y = jnp.einsum(self.spec, x.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype).reshape(self.bias_broadcast)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "fused")
+
+
+class Attention(nn.Module):
+  """Multi-head self-attention.
+
+  implementation:
+    'fused': `jax.nn.dot_product_attention` on [B, N, H, d], which XLA maps to
+      a flash-style kernel on GPU/TPU;
+    'xla': explicit einsums with the heads-first layout [B, H, N, d] produced
+      directly by the q/k/v projection, so the batched dots need no transposes
+      (on CPU, where no fused kernel exists, this made the CIFAR ViT train
+      step ~6% faster; results/bench_notes.md);
+    'auto': 'xla' on CPU, 'fused' elsewhere.
+  Both have the same parameters (those of `nn.DenseGeneral` 'qkv' and 'out').
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  implementation: str = "auto"
+
+  @nn.compact
+  def __call__(self, x):
     b, n, width = x.shape
-    head_dim = width // self.num_heads
-    qkv = nn.DenseGeneral((3, self.num_heads, head_dim), dtype=self.dtype,
-                          kernel_init=nn.initializers.xavier_uniform(),
-                          name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    # XLA fuses this into a flash-style kernel on GPU/TPU where it can.
-    y = jax.nn.dot_product_attention(q, k, v)
-    return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
-                           kernel_init=nn.initializers.xavier_uniform(),
-                           name="out")(y)
+    h = self.num_heads
+    d = width // h
+    impl = self.implementation
+    if impl not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(f"attention implementation {impl!r}; use one of "
+                       f"{ATTENTION_IMPLEMENTATIONS}")
+    if impl == "auto":
+      impl = "xla" if jax.default_backend() == "cpu" else "fused"
+    if impl == "fused":
+      qkv = nn.DenseGeneral((3, h, d), dtype=self.dtype,
+                            kernel_init=nn.initializers.xavier_uniform(), name="qkv")(x)
+      y = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+      return nn.DenseGeneral(width, axis=(-2, -1), dtype=self.dtype,
+                             kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
+    qkv = _Projection("bnc,cshd->sbhnd", (width, 3, h, d), (3, h, d), (3, 1, h, 1, d),
+                      1, self.dtype, name="qkv")(x)
+    q, k, v = qkv[0] * jnp.asarray(d ** -0.5, qkv.dtype), qkv[1], qkv[2]
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    y = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return _Projection("bhnd,hdc->bnc", (h, d, width), (width,), (width,), 2,
+                       self.dtype, name="out")(y)
 
 
 def _drop_path(x, rate: float, train: bool, module: nn.Module):
@@ -110,11 +167,13 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
+  attention: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     y = nn.LayerNorm(dtype=self.dtype, name="norm1")(x)
-    y = Attention(self.num_heads, dtype=self.dtype, name="attn")(y)
+    y = Attention(self.num_heads, dtype=self.dtype, implementation=self.attention,
+                  name="attn")(y)
     y = nn.Dropout(self.dropout, deterministic=not train)(y)
     x = x + _drop_path(y, self.drop_path, train, self)
     y = nn.LayerNorm(dtype=self.dtype, name="norm2")(x)
@@ -141,6 +200,7 @@ class ViT(nn.Module):
   stochastic_depth: float = 0.0  # drop-path rate of the last block (linear ramp)
   head_zero_init: bool = True
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
+  attention: str = "auto"        # see Attention: 'auto', 'xla' or 'fused'
 
   @property
   def dims(self) -> dict:
@@ -174,7 +234,8 @@ class ViT(nn.Module):
     for i in range(depth):
       rate = self.stochastic_depth * i / max(depth - 1, 1)
       x = EncoderBlock(d["num_heads"], d["mlp_dim"], self.dropout, rate,
-                       dtype=self.dtype, name=f"block{i}")(x, train=train)
+                       dtype=self.dtype, attention=self.attention,
+                       name=f"block{i}")(x, train=train)
       blocks.append(x)
     encoded = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)
     pre_logits = encoded[:, 0] if self.pool == "token" else encoded[:, 1:].mean(1)

@@ -1,0 +1,134 @@
+r"""Paired, interleaved timing of train-step variants in one process.
+
+  python -m benchmarks.paired [--only default,no_ynn,...] [--model vit|ravit]
+      [--rounds 12] [--steps 3] [--quick] [--out results/bench_paired.json]
+
+On a shared machine the speed drifts by +-25% between minutes, so comparing
+separate runs (benchmarks.sweep) cannot resolve 10% effects. Here every
+variant is compiled in the same process, then the variants take turns, a few
+steps each, for `--rounds` rounds (the order reversed every other round);
+the figure of merit is the median over rounds of the paired ratio
+(time of `default` in that round / time of the variant in that round).
+
+A variant is a combination of: XLA compiler options (per compile, through
+`jax.jit(...).lower(...).compile(options)`), the attention implementation, and
+the number of CPU devices the batch is sharded over (the process starts with
+`--max-devices` CPU devices; a variant's mesh uses the first ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# name -> (compiler options, attention implementation or None, devices, what)
+VARIANTS = {
+    "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU)"),
+    "attention_fused": ({}, "fused", 1, "jax.nn.dot_product_attention (previous default)"),
+    "no_ynn": (NO_YNN, None, 1, "no YNNPACK fusions: XLA's own dot/elementwise code"),
+    "fast_math": ({"xla_cpu_enable_fast_math": True}, None, 1, "fast-math approximations"),
+    "concurrency_scheduler": ({"xla_cpu_enable_concurrency_optimized_scheduler": True}, None,
+                              1, "scheduler that maximizes concurrent ops"),
+    "devices2": ({}, None, 2, "batch sharded over 2 CPU devices"),
+    "devices4": ({}, None, 4, "batch sharded over 4 CPU devices"),
+    "devices4_no_ynn": (NO_YNN, None, 4, "4 CPU devices, no YNNPACK fusions"),
+}
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
+  p.add_argument("--model", default="vit", choices=("vit", "ravit"))
+  p.add_argument("--rounds", type=int, default=12)
+  p.add_argument("--steps", type=int, default=3, help="train steps per variant per round")
+  p.add_argument("--max-devices", type=int, default=4)
+  p.add_argument("--quick", action="store_true", help="the tiny --quick models")
+  p.add_argument("--out", default=None, help="write the result as JSON here")
+  return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  names = [n.strip() for n in (args.only or ",".join(VARIANTS)).split(",") if n.strip()]
+  unknown = set(names) - set(VARIANTS)
+  if unknown:
+    raise SystemExit(f"unknown variants {sorted(unknown)}; valid: {sorted(VARIANTS)}")
+  if "default" in names:
+    names.remove("default")
+  names.insert(0, "default")
+  if max(VARIANTS[n][2] for n in names) > args.max_devices:
+    raise SystemExit("a variant needs more devices than --max-devices")
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
+                             f"device_count={args.max_devices}").strip()
+  import jax
+  from benchmarks import common, jax_bench, suites
+  common.setup_jax()
+  if jax.default_backend() != "cpu":
+    raise SystemExit("benchmarks.paired compares CPU variants; run benchmarks.run elsewhere")
+
+  built = {}
+  for name in names:
+    options, attention, devices, _ = VARIANTS[name]
+    suite = suites.get("cifar", quick=args.quick, attention=attention)
+    config = suite.vit if args.model == "vit" else suite.ravit
+    config.mesh.data = devices
+    start = time.perf_counter()
+    _, state, step, batch, _, _ = jax_bench.build_train(config)
+    compiled = step.lower(state, batch, None).compile(options or None)
+    built[name] = [compiled, state, batch]
+    common.log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
+
+  times = {n: [] for n in names}
+  for r in range(args.rounds + 1):  # round 0 warms up
+    for name in (names if r % 2 == 0 else names[::-1]):
+      compiled, state, batch = built[name]
+      start = time.perf_counter()
+      for _ in range(args.steps):
+        state, metrics = compiled(state, batch, None)
+      jax.block_until_ready((state, metrics))
+      built[name][1] = state
+      if r:
+        times[name].append((time.perf_counter() - start) / args.steps)
+    if r:
+      common.log(f"round {r}/{args.rounds}")
+
+  batch_size = built["default"][2]["label"].shape[0]
+  base = np.asarray(times["default"])
+  rows = {}
+  for name in names:
+    t = np.asarray(times[name])
+    ratio = base / t
+    options, attention, devices, what = VARIANTS[name]
+    rows[name] = {
+        "what": what, "compiler_options": options, "attention": attention or "config",
+        "devices": devices, "median_step_s": float(np.median(t)),
+        "images_per_s": float(batch_size / np.median(t)),
+        "speedup_median": float(np.median(ratio)),
+        "speedup_quartiles": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))],
+        "step_times_s": t.tolist(),
+    }
+  result = {"command": " ".join(["python -m benchmarks.paired"] + list(argv or sys.argv[1:])),
+            "model": args.model, "batch": int(batch_size), "rounds": args.rounds,
+            "steps_per_round": args.steps, "machine": common.machine_info(),
+            "variants": rows}
+  print(f"\n{'variant':24s} {'img/s':>7s} {'speed-up vs default (median, IQR)':>36s}")
+  for name, v in rows.items():
+    q1, q3 = v["speedup_quartiles"]
+    print(f"{name:24s} {v['images_per_s']:7.1f} {v['speedup_median']:10.3f}x "
+          f"[{q1:.2f}, {q3:.2f}]  {v['what']}")
+  if args.out:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+  return result
+
+
+if __name__ == "__main__":
+  main()
