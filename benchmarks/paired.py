@@ -38,6 +38,8 @@ VARIANTS = {
     "devices2": ({}, None, 2, "batch sharded over 2 CPU devices"),
     "devices4": ({}, None, 4, "batch sharded over 4 CPU devices"),
     "devices4_no_ynn": (NO_YNN, None, 4, "4 CPU devices, no YNNPACK fusions"),
+    "devices2_one_thread_ops": ({"xla_cpu_multi_thread_eigen": False}, None, 2,
+                                "2 CPU devices, each op on one thread (no intra-op split)"),
 }
 
 
