@@ -203,3 +203,20 @@ def test_micro_benchmark_times_every_shape(tmp_path):
   for r in rows[:len(micro.MATMULS)]:
     assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
   assert all((r["jax_ms"] or r["torch_ms"]) > 0 for r in rows)
+
+
+def test_pipeline_benchmark_feeds_the_real_train_step(tmp_path):
+  from configs import common as configs_common
+  if not os.path.exists(os.path.join(configs_common.OFFLINE_CIFAR10, "train.tar.gz")):
+    pytest.skip(f"the offline CIFAR-10 copy is not at {configs_common.OFFLINE_CIFAR10}")
+  out = tmp_path / "pipeline.json"
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--train-size", "1024",
+                         "--batches", "4", "--rounds", "2", "--steps", "1", "--out", str(out)],
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["data"]["source"] == "folder" and r["data"]["augment"] == "cifar"
+  assert r["pipeline_alone"]["images_per_s"] > 0
+  assert r["pipeline_alone"]["host_cpu_ms_per_image"] > 0
+  assert r["train_step"]["overlap"] > 0 and len(r["train_step"]["paired_ratios"]) == 2
