@@ -27,6 +27,9 @@ import time
 import numpy as np
 
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# YNNPACK for dots only: no YNN reductions, whose operands XLA materializes as
+# full-size broadcasts (112 `wrapped_broadcast` copies in the ViT step, 15 without).
+YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 # name -> (compiler options, attention implementation or None, devices, what)
 VARIANTS = {
     "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU)"),
@@ -37,6 +40,9 @@ VARIANTS = {
                               1, "scheduler that maximizes concurrent ops"),
     "devices2": ({}, None, 2, "batch sharded over 2 CPU devices"),
     "devices4": ({}, None, 4, "batch sharded over 4 CPU devices"),
+    "devices8": ({}, None, 8, "batch sharded over 8 CPU devices"),
+    "ynn_dots_only": (YNN_DOTS, None, 1, "YNNPACK fusions around dots only (no YNN reductions)"),
+    "devices4_ynn_dots_only": (YNN_DOTS, None, 4, "4 CPU devices, YNNPACK fusions around dots only"),
     "devices4_no_ynn": (NO_YNN, None, 4, "4 CPU devices, no YNNPACK fusions"),
     "devices2_one_thread_ops": ({"xla_cpu_multi_thread_eigen": False}, None, 2,
                                 "2 CPU devices, each op on one thread (no intra-op split)"),
