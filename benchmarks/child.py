@@ -7,7 +7,9 @@ prints one line `BENCH_RESULT {json}` (see common.run_child). Kinds:
 * ``jax_train_memory``: {suite, quick, train_batch, dtype, model: 'vit'|'ravit', steps}
   peak resident memory of JAX training at the suite's batch;
 * ``torch``: {spec, compile: bool} the PyTorch peer's train / inference timings;
-* ``torch_memory``: {spec, steps} peak resident memory of eager PyTorch training.
+* ``torch_memory``: {spec, steps} peak resident memory of eager PyTorch training;
+* ``torch_serve``: {spec} eager PyTorch train steps on request over stdin/stdout
+  (torch_vit.serve), for benchmarks.paired.
 
 A process per measurement keeps peaks (ru_maxrss only grows) and thread pools
 (XLA's and PyTorch's OpenMP) from mixing.
@@ -43,6 +45,10 @@ def main(argv) -> None:
         raise SystemExit("the JAX side runs on a GPU but this torch has no CUDA; "
                          "no like-for-like peer")
     result = torch_vit.measure(t, compile=bool(spec.get("compile")))
+  elif kind == "torch_serve":
+    from benchmarks import torch_vit
+    torch_vit.serve(spec["spec"], sys.stdin, sys.stdout)
+    return
   elif kind == "torch_memory":
     from benchmarks import torch_vit
     result = torch_vit.train_memory(spec["spec"], spec["steps"])

@@ -49,6 +49,52 @@ VARIANTS = {
 }
 
 
+TORCH_VARIANT = (None, "torch SDPA", None, "the PyTorch eager peer (benchmarks/torch_vit.py), "
+                 "same model, batch and optimizer, all cores")
+
+
+class _TorchPeer:
+  """The PyTorch eager peer in a child process, running train steps on request."""
+
+  def __init__(self, spec: dict):
+    import subprocess
+    from benchmarks import common
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(
+        os.pathsep) if p])
+    self.proc = subprocess.Popen(
+        [sys.executable, "-m", "benchmarks.child", json.dumps({"kind": "torch_serve",
+                                                               "spec": spec})],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+    self._expect("TORCH_READY")
+    common.log("torch eager peer ready")
+
+  def _expect(self, tag: str) -> str:
+    for line in self.proc.stdout:
+      if line.startswith(tag):
+        return line[len(tag):].strip()
+    raise RuntimeError(f"the torch peer exited (code {self.proc.wait()}) before {tag}")
+
+  def __call__(self, steps: int) -> float:
+    self.proc.stdin.write(f"{steps}\n")
+    self.proc.stdin.flush()
+    return float(self._expect("TORCH_SECONDS"))
+
+  def close(self):
+    try:
+      self.proc.stdin.write("quit\n")
+      self.proc.stdin.close()
+      self.proc.wait(timeout=30)
+    except Exception:  # already gone
+      self.proc.kill()
+
+
+def _start_torch_peer(suite):
+  from benchmarks import torch_vit
+  return _TorchPeer(torch_vit.spec_from_config(suite.vit, suite))
+
+
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,6 +104,9 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=3, help="train steps per variant per round")
   p.add_argument("--max-devices", type=int, default=4)
   p.add_argument("--quick", action="store_true", help="the tiny --quick models")
+  p.add_argument("--torch-eager", action="store_true",
+                 help="also time the PyTorch eager peer of the ViT in the same rounds (a "
+                      "child process that runs its steps while this one waits)")
   p.add_argument("--out", default=None, help="write the result as JSON here")
   return p.parse_args(argv)
 
@@ -80,6 +129,8 @@ def main(argv=None) -> dict:
   common.setup_jax()
   if jax.default_backend() != "cpu":
     raise SystemExit("benchmarks.paired compares CPU variants; run benchmarks.run elsewhere")
+  if args.torch_eager and args.model != "vit":
+    raise SystemExit("--torch-eager: the PyTorch peer is the ViT; use --model vit")
 
   built = {}
   for name in names:
@@ -93,27 +144,40 @@ def main(argv=None) -> dict:
     built[name] = [compiled, state, batch]
     common.log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
 
-  times = {n: [] for n in names}
-  for r in range(args.rounds + 1):  # round 0 warms up
-    for name in (names if r % 2 == 0 else names[::-1]):
-      compiled, state, batch = built[name]
-      start = time.perf_counter()
-      for _ in range(args.steps):
-        state, metrics = compiled(state, batch, None)
-      jax.block_until_ready((state, metrics))
-      built[name][1] = state
+  peer = _start_torch_peer(suites.get("cifar", quick=args.quick)) if args.torch_eager else None
+
+  def run_variant(name: str) -> float:
+    if name == "torch_eager":
+      return peer(args.steps) / args.steps
+    compiled, state, batch = built[name]
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = compiled(state, batch, None)
+    jax.block_until_ready((state, metrics))
+    built[name][1] = state
+    return (time.perf_counter() - start) / args.steps
+
+  order = names + (["torch_eager"] if peer else [])
+  times = {n: [] for n in order}
+  try:
+    for r in range(args.rounds + 1):  # round 0 warms up
+      for name in (order if r % 2 == 0 else order[::-1]):
+        t = run_variant(name)
+        if r:
+          times[name].append(t)
       if r:
-        times[name].append((time.perf_counter() - start) / args.steps)
-    if r:
-      common.log(f"round {r}/{args.rounds}")
+        common.log(f"round {r}/{args.rounds}")
+  finally:
+    if peer:
+      peer.close()
 
   batch_size = built["default"][2]["label"].shape[0]
   base = np.asarray(times["default"])
   rows = {}
-  for name in names:
+  for name in order:
     t = np.asarray(times[name])
     ratio = base / t
-    options, attention, devices, what = VARIANTS[name]
+    options, attention, devices, what = VARIANTS.get(name, TORCH_VARIANT)
     rows[name] = {
         "what": what, "compiler_options": options, "attention": attention or "config",
         "devices": devices, "median_step_s": float(np.median(t)),
@@ -122,6 +186,8 @@ def main(argv=None) -> dict:
         "speedup_quartiles": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))],
         "step_times_s": t.tolist(),
     }
+    if "torch_eager" in times:  # paired: this variant's images/s over the peer's
+      rows[name]["speedup_vs_torch_eager"] = float(np.median(np.asarray(times["torch_eager"]) / t))
   result = {"command": " ".join(["python -m benchmarks.paired"] + list(argv or sys.argv[1:])),
             "model": args.model, "batch": int(batch_size), "rounds": args.rounds,
             "steps_per_round": args.steps, "machine": common.machine_info(),
@@ -131,6 +197,9 @@ def main(argv=None) -> dict:
     q1, q3 = v["speedup_quartiles"]
     print(f"{name:24s} {v['images_per_s']:7.1f} {v['speedup_median']:10.3f}x "
           f"[{q1:.2f}, {q3:.2f}]  {v['what']}")
+  if "torch_eager" in rows:
+    print("\npaired images/s over PyTorch eager's (median of rounds): " + ", ".join(
+        f"{n} {v['speedup_vs_torch_eager']:.3f}x" for n, v in rows.items() if n != "torch_eager"))
   if args.out:
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

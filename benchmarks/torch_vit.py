@@ -206,9 +206,9 @@ def _sync(torch, device):
     torch.cuda.synchronize()
 
 
-def measure(spec: dict, *, compile: bool = False, train: bool = True,
-            inference: bool = True) -> dict[str, Any]:
-  """Train and inference timings of the peer, eager or torch.compile'd."""
+def _train_step(spec: dict, *, compile: bool = False):
+  """(train_step, torch, model, device, fwd, gen): one AdamW step of the peer on a
+  fixed random batch, as the JAX benchmark times its step on a device batch."""
   import torch.nn.functional as F
   torch, model, opt, sched, device = _setup(spec)
   s = spec["image_size"]
@@ -216,12 +216,6 @@ def measure(spec: dict, *, compile: bool = False, train: bool = True,
   x = torch.randn(spec["train_batch"], 3, s, s, generator=gen).to(device)
   y = torch.randint(0, spec["num_classes"], (spec["train_batch"],), generator=gen).to(device)
   params = list(model.parameters())
-  out: dict[str, Any] = {
-      "mode": "compile" if compile else "eager", "device": device,
-      "threads": torch.get_num_threads(), "torch": torch.__version__,
-      "params": int(sum(p.numel() for p in params)),
-      "optimizer": "torch.optim.AdamW (foreach default)",
-  }
   fwd = torch.compile(model) if compile else model
 
   def train_step():
@@ -241,6 +235,45 @@ def measure(spec: dict, *, compile: bool = False, train: bool = True,
       accuracy = (logits.argmax(-1) == y).float().mean()
       param_norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(params)))
     return loss, grad_norm, accuracy, param_norm
+
+  return train_step, torch, model, device, gen
+
+
+def serve(spec: dict, stdin, stdout) -> None:
+  """Train steps on request, for paired timing against JAX (benchmarks.paired):
+  prints `TORCH_READY` after two warm-up steps, then for each line `N` on
+  stdin runs N steps and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
+  train_step, torch, model, device, _ = _train_step(spec)
+  model.train()
+  for _ in range(2):
+    train_step()
+  _sync(torch, device)
+  print("TORCH_READY", file=stdout, flush=True)
+  for line in stdin:
+    line = line.strip()
+    if line == "quit" or not line:
+      break
+    start = time.perf_counter()
+    last = None
+    for _ in range(int(line)):
+      last = train_step()
+    float(last[0].item())
+    _sync(torch, device)
+    print(f"TORCH_SECONDS {time.perf_counter() - start}", file=stdout, flush=True)
+
+
+def measure(spec: dict, *, compile: bool = False, train: bool = True,
+            inference: bool = True) -> dict[str, Any]:
+  """Train and inference timings of the peer, eager or torch.compile'd."""
+  train_step, torch, model, device, gen = _train_step(spec, compile=compile)
+  s = spec["image_size"]
+  params = list(model.parameters())
+  out: dict[str, Any] = {
+      "mode": "compile" if compile else "eager", "device": device,
+      "threads": torch.get_num_threads(), "torch": torch.__version__,
+      "params": int(sum(p.numel() for p in params)),
+      "optimizer": "torch.optim.AdamW (foreach default)",
+  }
 
   if train:
     model.train()

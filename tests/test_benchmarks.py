@@ -173,12 +173,15 @@ def test_paired_comparison_runs_and_reports_ratios(tmp_path):
       os.pathsep) if p])
   proc = subprocess.run([sys.executable, "-m", "benchmarks.paired", "--quick", "--rounds", "2",
                          "--steps", "1", "--only", "devices2,no_ynn", "--max-devices", "2",
-                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+                         "--out", str(out)] + (["--torch-eager"] if HAS_TORCH else []),
+                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   v = result["variants"]
-  assert list(v) == ["default", "devices2", "no_ynn"]
+  assert list(v) == ["default", "devices2", "no_ynn"] + (["torch_eager"] if HAS_TORCH else [])
+  if HAS_TORCH:  # the peer ran in the same rounds; ours over theirs, paired
+    assert v["default"]["speedup_vs_torch_eager"] > 0
+    assert v["torch_eager"]["speedup_vs_torch_eager"] == 1.0
   assert v["default"]["speedup_median"] == 1.0
   assert v["devices2"]["devices"] == 2 and v["no_ynn"]["compiler_options"]
   for r in v.values():
