@@ -29,7 +29,6 @@ def main(argv) -> None:
   spec = json.loads(argv[1])
   kind = spec.get("kind")
   if kind == "jax_train_memory":
-    import jax
     common.setup_jax()
     from benchmarks import jax_bench, suites
     suite = suites.get(spec["suite"], quick=spec["quick"], train_batch=spec.get("train_batch"),

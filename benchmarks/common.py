@@ -166,6 +166,15 @@ def peak_rss_bytes() -> dict[str, Optional[int]]:
           "ru_maxrss_bytes": int(maxrss)}
 
 
+def write_json(result: dict, path: Optional[str]) -> None:
+  """Writes a benchmark's result to `path` (creating its folder); no-op without a path."""
+  if not path:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=1, default=_json_default)
+
+
 def emit_result(result: dict) -> None:
   """How a child process hands its result to the parent (one tagged JSON line)."""
   print(RESULT_TAG + json.dumps(result, allow_nan=False, default=_json_default), flush=True)

@@ -11,7 +11,6 @@ already on device (no data pipeline), unless real test images are asked for.
 from __future__ import annotations
 
 import json
-import os
 import time
 from typing import Any, Optional, Sequence
 

@@ -14,7 +14,6 @@ Medians of 20 calls after one warm-up; JAX and PyTorch alternate per shape.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -102,10 +101,7 @@ def main(argv=None) -> dict:
     print(f"{r['op']:40s} {fmt(r['jax_ms']):>8s} {fmt(r['torch_ms'], '{:9.2f}'):>9s} "
           f"{fmt(r.get('jax_gflops'), '{:12.1f}'):>12s} "
           f"{fmt(r.get('torch_gflops'), '{:14.1f}'):>14s}")
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  common.write_json(result, args.out)
   return result
 
 

@@ -200,10 +200,7 @@ def main(argv=None) -> dict:
   if "torch_eager" in rows:
     print("\npaired images/s over PyTorch eager's (median of rounds): " + ", ".join(
         f"{n} {v['speedup_vs_torch_eager']:.3f}x" for n, v in rows.items() if n != "torch_eager"))
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  common.write_json(result, args.out)
   return result
 
 

@@ -18,7 +18,6 @@ grain's prefetch thread, as in training). Measures:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -116,10 +115,7 @@ def main(argv=None) -> dict:
                                                      "resolutions", "image_size")},
             "setup_s": setup_s, "pipeline_alone": alone, "train_step": fed,
             "machine": common.machine_info()}
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1, default=str)
+  common.write_json(result, args.out)
   return result
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import os
 import re
 import tempfile
@@ -208,10 +207,7 @@ def main(argv=None) -> dict:
   result.update(model=args.model, batch=config.batch_size, steps=args.steps,
                 machine=common.machine_info(), traced_step_ms=1e3 * trace["traced_s"] / args.steps)
   _print(result)
-  if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-      json.dump(result, f, indent=1)
+  common.write_json(result, args.out)
   return result
 
 

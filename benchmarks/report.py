@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 # The targets on the 2-core CPU (cifar suite).
 TARGETS = (

@@ -27,7 +27,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 from benchmarks import common
 

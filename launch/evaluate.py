@@ -67,7 +67,6 @@ def main(argv):
       compute_logits(FLAGS.config, workdir)
     if FLAGS.out:
       name = FLAGS.name or os.path.basename(os.path.normpath(workdir))
-      runs = {name: workdir}
       from adaptive_vision import reporting
       reporting.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
                             budgets=[float(b) for b in FLAGS.budgets],

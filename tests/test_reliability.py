@@ -259,7 +259,7 @@ def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_pat
   lines = [l for l in log.splitlines() if l.startswith("SIGTERM received")]
   assert len(lines) == 1, log
   step = int(lines[0].split("checkpoint at step ")[1].split()[0])
-  assert f"run the same command again to resume" in lines[0]
+  assert "run the same command again to resume" in lines[0]
   assert step in complete_steps(workdir) and step == complete_steps(workdir)[-1]
   assert max(train_losses(workdir)) == step  # every step it logged is in the checkpoint
   code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))

@@ -1,10 +1,8 @@
 """Trainer: sharded step equals single-device step, runlocal run, exact resume, bad input."""
 
-import json
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

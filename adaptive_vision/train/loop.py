@@ -9,7 +9,6 @@ import os
 import signal
 import sys
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
