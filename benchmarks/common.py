@@ -26,6 +26,40 @@ def setup_jax() -> None:
   launch_common.setup()
 
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def get_path(d, *keys):
+  """d[k0][k1]... or None where a level is missing, None or not a dict."""
+  for k in keys:
+    if not isinstance(d, dict) or d.get(k) is None:
+      return None
+    d = d[k]
+  return d
+
+
+def add_xla_flags(*flags: str, env: Optional[dict] = None) -> None:
+  """Appends flags to XLA_FLAGS of `env` (default: this process, before jax starts
+  its backend; child processes inherit it)."""
+  env = os.environ if env is None else env
+  env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", "")] + [f for f in flags if f]).strip()
+
+
+def cpu_devices_flag(n: int) -> str:
+  """The XLA flag that splits the CPU host into n devices."""
+  return f"--xla_force_host_platform_device_count={int(n)}"
+
+
+def child_env(drop: Sequence[str] = (), **extra: str) -> dict:
+  """This process's environment for a child run from the repository root: the
+  repository first on PYTHONPATH, `drop` removed, `extra` set."""
+  env = {k: v for k, v in os.environ.items() if k not in drop}
+  env.update(extra)
+  env["PYTHONPATH"] = os.pathsep.join(
+      [REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+  return env
+
+
 def log(message: str) -> None:
   """A progress line: seconds since the benchmark started, then the message."""
   print(f"[bench {time.perf_counter() - _START:7.1f}s] {message}", flush=True)
@@ -195,16 +229,10 @@ def run_child(spec: dict, *, timeout: float, env: Optional[dict] = None) -> dict
   leaves the rest of the benchmark standing.
   """
   cmd = [sys.executable, "-m", "benchmarks.child", json.dumps(spec)]
-  child_env = dict(os.environ)
-  if env:
-    child_env.update(env)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  child_env["PYTHONPATH"] = os.pathsep.join(
-      [root] + [p for p in child_env.get("PYTHONPATH", "").split(os.pathsep) if p])
   start = time.perf_counter()
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=child_env, cwd=root)
+                          env=child_env(**(env or {})), cwd=REPO_ROOT)
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s", "wall_s": time.perf_counter() - start}
   result = None

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 
 import numpy as np
+
+from benchmarks import common  # no jax import: XLA_FLAGS can still be set
 
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # YNNPACK for dots only: no YNN reductions, whose operands XLA materializes as
@@ -58,15 +59,11 @@ class _TorchPeer:
 
   def __init__(self, spec: dict):
     import subprocess
-    from benchmarks import common
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(
-        os.pathsep) if p])
     self.proc = subprocess.Popen(
         [sys.executable, "-m", "benchmarks.child", json.dumps({"kind": "torch_serve",
                                                                "spec": spec})],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=root, env=env)
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=common.REPO_ROOT,
+        env=common.child_env(drop=("XLA_FLAGS",)))
     self._expect("TORCH_READY")
     common.log("torch eager peer ready")
 
@@ -122,10 +119,9 @@ def main(argv=None) -> dict:
   names.insert(0, "default")
   if max(VARIANTS[n][2] for n in names) > args.max_devices:
     raise SystemExit("a variant needs more devices than --max-devices")
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                             f"device_count={args.max_devices}").strip()
+  common.add_xla_flags(common.cpu_devices_flag(args.max_devices))
   import jax
-  from benchmarks import common, jax_bench, suites
+  from benchmarks import jax_bench, suites
   common.setup_jax()
   if jax.default_backend() != "cpu":
     raise SystemExit("benchmarks.paired compares CPU variants; run benchmarks.run elsewhere")

@@ -24,6 +24,8 @@ import time
 
 import numpy as np
 
+from benchmarks import common  # no jax import: XLA_FLAGS can still be set
+
 
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
@@ -42,13 +44,12 @@ def parse_args(argv=None):
 def main(argv=None) -> dict:
   args = parse_args(argv)
   if args.cpu_devices > 1:
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                               f"device_count={args.cpu_devices}").strip()
+    common.add_xla_flags(common.cpu_devices_flag(args.cpu_devices))
   import jax
   from adaptive_vision.data import pipeline as data_lib
   from adaptive_vision.data import sources
   from adaptive_vision.train import sharding as shd
-  from benchmarks import common, jax_bench, suites
+  from benchmarks import jax_bench, suites
   common.setup_jax()
   suite = suites.get("cifar")
   config = suite.vit if args.model == "vit" else suite.ravit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+from benchmarks.common import get_path
+
 # The targets on the 2-core CPU (cifar suite).
 TARGETS = (
     ("train_fraction_of_peak", 0.60, "training FLOP/s >= 60% of the measured matmul peak"),
@@ -53,14 +55,6 @@ def _why_missing(result: dict, key: str) -> str:
 
 def _f(x, fmt="{:.1f}", scale=1.0, none="—"):
   return none if x is None else fmt.format(x * scale)
-
-
-def _g(d, *keys):
-  for k in keys:
-    if not isinstance(d, dict) or d.get(k) is None:
-      return None
-    d = d[k]
-  return d
 
 
 def markdown(r: dict) -> str:
@@ -123,7 +117,7 @@ def markdown(r: dict) -> str:
     sp = [f"ours / torch eager {_f(r.get('train_speedup_vs_torch_eager'), '{:.2f}x')}",
           f"ours / torch.compile {_f(r.get('train_speedup_vs_torch_compile'), '{:.2f}x')}"]
     lines.append("\nTraining speed-up: " + ", ".join(sp) + ".")
-    bd = _g(train, "vit", "breakdown") or _g(train, "vit_one_device", "breakdown")
+    bd = get_path(train, "vit", "breakdown") or get_path(train, "vit_one_device", "breakdown")
     if bd:
       lines.append(f"ViT step breakdown (one device): forward {_f(bd['forward']['s'], scale=1e3)} ms, "
                    f"backward {_f(bd['backward_s'], scale=1e3)} ms, optimizer and the rest "

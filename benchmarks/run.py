@@ -94,14 +94,6 @@ def _ratio(a, b):
   return a / b if a is not None and b else None
 
 
-def _get(d, *keys):
-  for k in keys:
-    if not isinstance(d, dict) or d.get(k) is None:
-      return None
-    d = d[k]
-  return d
-
-
 class Stage:
   """Context manager: progress lines and the stage's seconds in `seconds`."""
 
@@ -176,14 +168,13 @@ def main(argv=None) -> dict:
   if args.quick and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     # Halves XLA's compile time, which is most of a --quick run; the children
     # inherit it. Takes effect only if jax has not started its backend yet.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + quick_flag).strip()
+    common.add_xla_flags(quick_flag)
 
   if args.cpu_devices < 1:
     raise SystemExit(f"--cpu-devices {args.cpu_devices}: give 1 or more")
   if args.cpu_devices > 1:
     # Through XLA_FLAGS (not jax's config) so the memory children inherit it.
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_"
-                               f"platform_device_count={args.cpu_devices}").strip()
+    common.add_xla_flags(common.cpu_devices_flag(args.cpu_devices))
 
   import jax
   common.setup_jax()
@@ -301,8 +292,8 @@ def main(argv=None) -> dict:
           common.log(f"  torch {mode}: train {r['train']['images_per_s']:.1f} img/s, "
                      f"inference {r['inference']['images_per_s']:.0f} img/s "
                      f"(first step {r['first_step_s']:.1f} s)")
-        ours = _get(train, "vit", "params")
-        theirs = _get(torch_res, "eager", "params") or _get(torch_res, "compile", "params")
+        ours = common.get_path(train, "vit", "params")
+        theirs = common.get_path(torch_res, "eager", "params") or common.get_path(torch_res, "compile", "params")
         torch_res["params_match"] = None if ours is None or theirs is None else ours == theirs
         if torch_res["params_match"] is False:
           raise AssertionError(f"the torch peer has {theirs} parameters, ours {ours}: "
@@ -352,19 +343,19 @@ def main(argv=None) -> dict:
       result["memory"] = mem
 
   # headline figures and targets ----------------------------------------------------
-  ours_train = _get(train, "vit", "images_per_s")
-  result["train_fraction_of_peak"] = _get(train, "vit", "fraction_of_peak")
+  ours_train = common.get_path(train, "vit", "images_per_s")
+  result["train_fraction_of_peak"] = common.get_path(train, "vit", "fraction_of_peak")
   result["train_images_per_s"] = ours_train
-  result["train_compile_s"] = _get(train, "vit", "first_step_compile_s")
+  result["train_compile_s"] = common.get_path(train, "vit", "first_step_compile_s")
   result["train_speedup_vs_torch_eager"] = _ratio(
-      ours_train, _get(torch_res, "eager", "train", "images_per_s"))
+      ours_train, common.get_path(torch_res, "eager", "train", "images_per_s"))
   result["train_speedup_vs_torch_compile"] = _ratio(
-      ours_train, _get(torch_res, "compile", "train", "images_per_s"))
+      ours_train, common.get_path(torch_res, "compile", "train", "images_per_s"))
   inf = result.get("inference") or {}
   result["inference_speedup_vs_torch_eager"] = _ratio(
-      _get(inf, "vit", "images_per_s"), _get(torch_res, "eager", "inference", "images_per_s"))
+      common.get_path(inf, "vit", "images_per_s"), common.get_path(torch_res, "eager", "inference", "images_per_s"))
   result["inference_speedup_vs_torch_compile"] = _ratio(
-      _get(inf, "vit", "images_per_s"), _get(torch_res, "compile", "inference", "images_per_s"))
+      common.get_path(inf, "vit", "images_per_s"), common.get_path(torch_res, "compile", "inference", "images_per_s"))
   points = inf.get("ravit_dynamic") or []
   result["early_exit_realized_over_predicted"] = (
       min(p["realized_over_predicted"] for p in points) if points else None)

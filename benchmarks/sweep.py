@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import common
+
 # name -> (extra XLA_FLAGS, extra benchmarks.run arguments, what it tests)
 VARIANTS = {
     "baseline": ("", [], "the defaults"),
@@ -61,21 +63,18 @@ def main(argv=None):
     names.insert(0, "baseline")
   out_dir = args.out_dir or ("results/bench_sweep" + ("_quick" if args.quick else ""))
   os.makedirs(out_dir, exist_ok=True)
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = {}
   for name in names:
     flags, extra, _ = VARIANTS[name]
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + flags).strip()
-    env["PYTHONPATH"] = os.pathsep.join([root] + [x for x in env.get("PYTHONPATH", "").split(
-        os.pathsep) if x])
+    env = common.child_env()
+    common.add_xla_flags(flags, env=env)
     out = os.path.join(out_dir, f"{name}.json")
     stages = "peak,train" if name == "baseline" else "train"
     cmd = [sys.executable, "-m", "benchmarks.run", "--stages", stages, "--train-models",
            args.models, "--out", out] + extra + (["--quick"] if args.quick else [])
     start = time.perf_counter()
     print(f"[sweep] {name}: XLA_FLAGS='{env['XLA_FLAGS']}' {' '.join(extra)}", flush=True)
-    proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, cwd=common.REPO_ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
       rows[name] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
       print(f"[sweep] {name} failed: {rows[name]['error']}", flush=True)

@@ -16,6 +16,15 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
+def _bench(module, *args, timeout=600):
+  """`python -m benchmarks.<module> args` from the repository root, without the
+  test session's XLA_FLAGS (conftest's 8 fake devices)."""
+  from benchmarks import common
+  return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)],
+                        cwd=ROOT, env=common.child_env(drop=("XLA_FLAGS",)),
+                        capture_output=True, text=True, timeout=timeout)
+
+
 REQUIRED = ("train_fraction_of_peak", "train_speedup_vs_torch_eager",
             "train_speedup_vs_torch_compile", "early_exit_realized_over_predicted")
 
@@ -23,11 +32,7 @@ REQUIRED = ("train_fraction_of_peak", "train_speedup_vs_torch_eager",
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
   out = tmp_path_factory.mktemp("bench") / "bench_cpu.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
-      os.pathsep) if p])
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--out", str(out)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = _bench("run", "--quick", "--out", out)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   with open(out) as f:
     result = json.load(f)
@@ -146,13 +151,8 @@ def test_cpu_devices_train_stage_counts_the_whole_step(tmp_path):
   one device; XLA's per-device FLOP count is scaled back to the whole step, and
   the host's peak is not multiplied by the fake device count."""
   out = tmp_path / "bench.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
-      os.pathsep) if p])
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--quick", "--stages",
-                         "peak,train", "--train-models", "vit", "--cpu-devices", "2",
-                         "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=600)
+  proc = _bench("run", "--quick", "--stages", "peak,train", "--train-models", "vit",
+                "--cpu-devices", "2", "--out", out)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   sharded, one = result["train"]["vit"], result["train"]["vit_one_device"]
@@ -168,13 +168,9 @@ def test_paired_comparison_runs_and_reports_ratios(tmp_path):
   """benchmarks.paired compiles the variants in one process and times them in
   turns; the default is its own reference (ratio exactly 1 in every round)."""
   out = tmp_path / "paired.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(
-      os.pathsep) if p])
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.paired", "--quick", "--rounds", "2",
-                         "--steps", "1", "--only", "devices2,no_ynn", "--max-devices", "2",
-                         "--out", str(out)] + (["--torch-eager"] if HAS_TORCH else []),
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = _bench("paired", "--quick", "--rounds", "2", "--steps", "1", "--only",
+                "devices2,no_ynn", "--max-devices", "2", "--out", out,
+                *(["--torch-eager"] if HAS_TORCH else []))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   v = result["variants"]
@@ -186,8 +182,7 @@ def test_paired_comparison_runs_and_reports_ratios(tmp_path):
   assert v["devices2"]["devices"] == 2 and v["no_ynn"]["compiler_options"]
   for r in v.values():
     assert len(r["step_times_s"]) == 2 and r["images_per_s"] > 0
-  bad = subprocess.run([sys.executable, "-m", "benchmarks.paired", "--only", "nope"], cwd=ROOT,
-                       env=env, capture_output=True, text=True, timeout=120)
+  bad = _bench("paired", "--only", "nope", timeout=120)
   assert bad.returncode != 0 and "unknown variants" in bad.stderr
 
 
@@ -195,10 +190,7 @@ def test_micro_benchmark_times_every_shape(tmp_path):
   if not HAS_TORCH:
     pytest.skip("torch not installed (pip install -e '.[bench]')")
   out = tmp_path / "micro.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.micro", "--threads", "1", "--out",
-                         str(out)], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=600)
+  proc = _bench("micro", "--threads", "1", "--out", out)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
   from benchmarks import micro
@@ -213,10 +205,8 @@ def test_pipeline_benchmark_feeds_the_real_train_step(tmp_path):
   if not os.path.exists(os.path.join(configs_common.OFFLINE_CIFAR10, "train.tar.gz")):
     pytest.skip(f"the offline CIFAR-10 copy is not at {configs_common.OFFLINE_CIFAR10}")
   out = tmp_path / "pipeline.json"
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  proc = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--train-size", "1024",
-                         "--batches", "4", "--rounds", "2", "--steps", "1", "--out", str(out)],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  proc = _bench("pipeline", "--train-size", "1024", "--batches", "4", "--rounds", "2",
+                "--steps", "1", "--out", out)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["data"]["source"] == "folder" and r["data"]["augment"] == "cifar"
