@@ -26,7 +26,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, branches=2, reuse="token", epochs=3, batch=128, lr=1e-3,
+  a = common.parse_arg(arg, branches=2, reuse="token", epochs=40, batch=128, lr=1e-3,
                        size=0, variant="Nano/4", baseline=False, self_distill=0.0)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)

@@ -20,7 +20,7 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="Nano/4", epochs=3, size=0, batch=128, lr=1e-3, sd=0.0)
+  a = common.parse_arg(arg, variant="Nano/4", epochs=40, size=0, batch=128, lr=1e-3, sd=0.0)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
   c.model = dict(name="vit", variant=a.variant, num_classes=10, image_size=32,
