@@ -155,14 +155,22 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
 
 
 def cascade_or_baseline(c: ml_collections.ConfigDict, *, branch: dict, resolutions,
-                        num_classes: int, baseline: bool, reuse: str = "token", **model_extra):
-  """Sets c.model to a RAViT over `resolutions` (every branch `branch`), or with
-  `baseline` to the plain ViT of the last branch, so both share one recipe."""
+                        num_classes: int, baseline: bool, reuse: str = "token",
+                        later: dict | None = None, **model_extra):
+  """Sets c.model to a RAViT over `resolutions`, or with `baseline` to the plain
+  ViT of `branch` at the last resolution, so both share one recipe.
+
+  Every branch is `branch`; branches after the first are updated with `later`
+  (e.g. dict(depth=2)), which makes the helped branches lighter than the
+  baseline, as in the paper.
+  """
   if baseline:
     c.model = dict(name="vit", num_classes=num_classes, image_size=resolutions[-1],
                    **model_extra, **branch)
   else:
+    branches = [dict(resolution=resolutions[0], **branch)]
+    branches += [dict(dict(resolution=r, **branch), **(later or {})) for r in resolutions[1:]]
     c.model = dict(name="ravit", num_classes=num_classes, reuse=reuse, **model_extra,
-                   branches=tuple(dict(resolution=r, **branch) for r in resolutions))
+                   branches=tuple(branches))
     c.data.resolutions = tuple(resolutions)
   return c

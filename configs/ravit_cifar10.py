@@ -27,7 +27,8 @@ from configs import common
 
 def get_config(arg=None):
   a = common.parse_arg(arg, branches=2, reuse="token", epochs=40, batch=128, lr=1e-3,
-                       size=0, variant="Nano/4", baseline=False, self_distill=0.0)
+                       size=0, variant="Nano/4", baseline=False, self_distill=0.0,
+                       later_depth=0, later_width=0, full=False, stop_grad=False)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
   resolutions = {2: (16, 32), 3: (8, 16, 32)}.get(a.branches)
@@ -36,8 +37,17 @@ def get_config(arg=None):
   branch = dict(variant=a.variant, pool="token", dropout=0.0, stochastic_depth=0.0)
   if a.runlocal:
     branch = dict(width=64, depth=2, num_heads=2, mlp_dim=128, patch_size=4)
+  later = {}
+  if a.later_depth:
+    later["depth"] = a.later_depth
+  if a.later_width:  # heads of 32 channels, MLP 4x wide, as in the Nano/Mu sizes
+    later.update(width=a.later_width, num_heads=max(a.later_width // 32, 1),
+                 mlp_dim=4 * a.later_width)
+  if a.full or a.runlocal:
+    later = {}
   common.cascade_or_baseline(c, branch=branch, resolutions=resolutions, num_classes=10,
-                             baseline=a.baseline, reuse=a.reuse)
+                             baseline=a.baseline, reuse=a.reuse, later=later,
+                             **({"stop_gradient_reuse": True} if a.stop_grad else {}))
   if not a.baseline:
     c.loss.self_distill_weight = a.self_distill
   if a.size:
