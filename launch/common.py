@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Optional, Sequence
 
@@ -27,6 +28,9 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   1.15-1.4x faster on 2 cores (results/bench_notes.md). Ignored on GPU/TPU.
   """
   import jax
+  if _nothing_but_cpu():
+    # Else JAX tries to load libtpu.so first and logs that it failed to.
+    jax.config.update("jax_platforms", "cpu")
   if cpu_devices:
     if cpu_devices < 0:
       raise ValueError(f"cpu_devices={cpu_devices}; give a positive count or 0 for JAX's default")
@@ -40,6 +44,34 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   # XLA:CPU to compile (a jitted ResNet init: ~15 s instead of ~80 s here).
   jax.config.update("jax_default_prng_impl", "rbg")
   logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def _nothing_but_cpu() -> bool:
+  """True when JAX could only ever run on the CPU here and the user chose no
+  platform: no TPU library (the libtpu package or TPU_LIBRARY_PATH), no TPU chip
+  on the PCI bus, no PJRT plugin (CUDA, ROCm, ... come as `jax_plugins`)."""
+  import glob
+  import importlib.metadata
+  import importlib.util
+  import pkgutil
+  import jax
+  if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms:
+    return False
+  if any(os.environ.get(v) for v in ("TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS")):
+    return False
+  if importlib.util.find_spec("libtpu") is not None:
+    return False
+  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+    try:
+      with open(vendor) as f:
+        if f.read().strip() == "0x1ae0":  # Google: a TPU
+          return False
+    except OSError:
+      pass
+  namespace = importlib.util.find_spec("jax_plugins")
+  if namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
+    return False
+  return not importlib.metadata.entry_points(group="jax_plugins")
 
 
 def fail(message: str, code: int = 2):

@@ -31,14 +31,17 @@ flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of r
 FLAGS = flags.FLAGS
 
 
-def compute_logits(config, workdir: str) -> None:
+def compute_logits(config, workdir: str, config_arg: str = "...") -> None:
+  """`config_arg`: the --config argument, for the command that trains a missing run."""
   import jax
   import numpy as np
   from adaptive_vision import models, reporting
   from adaptive_vision.train import checkpointing, loop, sharding as shd, steps
 
   loop.validate_config(config, workdir)
-  variables = checkpointing.restore_variables(workdir)
+  variables = checkpointing.restore_variables(
+      workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
+                    f"--workdir {workdir}`")
   mesh = shd.make_mesh(config.get("mesh"))
   model = models.build(config.model)
   rep = shd.replicated(mesh)
@@ -64,7 +67,7 @@ def main(argv):
   workdir = FLAGS.workdir
   try:
     if not FLAGS.reuse_logits or not os.path.exists(os.path.join(workdir, "test_logits.npz")):
-      compute_logits(FLAGS.config, workdir)
+      compute_logits(FLAGS.config, workdir, config_flags.get_config_filename(FLAGS["config"]))
     if FLAGS.out:
       name = FLAGS.name or os.path.basename(os.path.normpath(workdir))
       from adaptive_vision import reporting

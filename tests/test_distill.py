@@ -79,7 +79,8 @@ def test_teacher_gets_no_gradient_and_stays_frozen(teacher_dir):
 
 def test_missing_or_mismatched_teacher_is_a_clear_error(teacher_dir, tmp_path):
   c = _student("erde", str(tmp_path / "nowhere"))
-  with pytest.raises(FileNotFoundError, match="train the teacher first"):
+  with pytest.raises(FileNotFoundError, match=r"^no checkpoint directory at .*nowhere; train "
+                     r"the teacher first .* point teacher\.checkpoint at DIR$"):
     loop.train_and_evaluate(c, str(tmp_path / "s1"))
   c = _student("erde", teacher_dir)
   c.teacher.model.depth = 14

@@ -1,6 +1,7 @@
 """Trainer: sharded step equals single-device step, runlocal run, exact resume, bad input."""
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -130,13 +131,29 @@ def test_bad_input_fails_before_compiling(tmp_path):
   c.data.image_size = 18
   with pytest.raises(ValueError, match="not divisible by patch size"):
     loop.validate_config(c, str(tmp_path / "w"))
-  with pytest.raises(FileNotFoundError, match="parent of --workdir"):
-    loop.validate_config(tiny_config(), str(tmp_path / "missing" / "w"))
   c = tiny_config()
   c.data.source = "tfds"
   c.data.name = "no_such_dataset_xyz"
   with pytest.raises(ValueError, match="no_such_dataset_xyz"):
     loop.train_and_evaluate(c, str(tmp_path / "w2"))
+
+
+def test_workdir_parents_are_made_and_bad_workdirs_are_one_line_errors(tmp_path, monkeypatch):
+  # Missing parents (runs/ in a fresh clone) are fine; the check creates nothing.
+  loop.validate_config(tiny_config(), str(tmp_path / "runs" / "deeper" / "w"))
+  assert not os.path.exists(tmp_path / "runs")
+  (tmp_path / "afile").write_text("x")
+  with pytest.raises(ValueError, match=r"^--workdir is a file, not a directory: .*afile;"):
+    loop.validate_config(tiny_config(), str(tmp_path / "afile"))
+  with pytest.raises(ValueError, match=r"^a parent of --workdir is a file, not a directory"):
+    loop.validate_config(tiny_config(), str(tmp_path / "afile" / "runs" / "w"))
+  # (os.access stands in for a read-only folder: root may write anywhere.)
+  real_access = os.access
+  monkeypatch.setattr(os, "access", lambda p, mode: False if str(p) == str(tmp_path)
+                      else real_access(p, mode))
+  with pytest.raises(ValueError, match="^the folder to create --workdir in is not writable: "
+                     + re.escape(f"{tmp_path};")):
+    loop.validate_config(tiny_config(), str(tmp_path / "runs" / "w"))
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):

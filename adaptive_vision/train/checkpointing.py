@@ -128,38 +128,49 @@ def _on_all_processes(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.array([ok]))))
 
 
-def restore_variables(directory: str, step: Optional[int] = None) -> dict:
+TEACHER_HINT = ("train the teacher first (python -m launch.train --config ... --workdir DIR) "
+                "and point teacher.checkpoint at DIR")
+
+
+def restore_variables(directory: str, step: Optional[int] = None, *,
+                      hint: str = "train a run there first (python -m launch.train "
+                                  "--config ... --workdir DIR)") -> dict:
   """Params (and batch_stats) of a run's checkpoint, e.g. a distillation teacher.
 
-  Reads only; raises FileNotFoundError naming the directory when there is no
-  checkpoint there.
+  Reads only the `state` item of the step (not the data iterator, whose
+  handler is the trainer's business). When there is no checkpoint, raises
+  FileNotFoundError naming the directory and ending with `hint`: how to make
+  one, in the words of the command that asked (a teacher, an evaluation).
   """
   directory = os.path.abspath(directory)
   if os.path.basename(directory) != "checkpoints" and os.path.isdir(
       os.path.join(directory, "checkpoints")):
     directory = os.path.join(directory, "checkpoints")
   if not os.path.isdir(directory):
-    raise FileNotFoundError(
-        f"no checkpoint directory at {directory}; train the teacher first "
-        "(python -m launch.train --config ... --workdir DIR) and point "
-        "teacher.checkpoint at DIR")
-  options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
-  registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-  with ocp.CheckpointManager(directory, options=options, handler_registry=registry) as manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"{directory} holds no complete checkpoint; "
-                              "train the teacher first")
+    raise FileNotFoundError(f"no checkpoint directory at {directory}; {hint}")
+  name_format = ocp.path.step.standard_name_format()  # what Checkpointer writes
+  if step is None:
+    found = ocp.path.step.latest_step_metadata(directory, name_format)
+  else:
+    try:
+      found = name_format.find_step(directory, step)
+    except ValueError:
+      found = None
+  if found is None:
+    which = "no complete checkpoint" if step is None else f"no checkpoint of step {step}"
+    raise FileNotFoundError(f"{directory} holds {which}; {hint}")
+  handler = ocp.StandardCheckpointHandler()
+  try:
+    item = found.path / "state"
     # Onto this process's first device, whatever topology wrote it (a run on
     # several processes or devices is read on one just as well).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree_util.tree_map(
         lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-        manager.item_metadata(step)["state"])
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target)))
-  state = restored["state"]
+        handler.metadata(item).tree)
+    state = handler.restore(item, args=ocp.args.StandardRestore(target))
+  finally:
+    handler.close()
   get = state.get if isinstance(state, dict) else lambda k, d=None: getattr(state, k, d)
   variables = {"params": get("params")}
   if get("batch_stats"):

@@ -35,12 +35,24 @@ def is_multi_resolution(config) -> bool:
   return bool(config.data.get("resolutions"))
 
 
+def check_workdir(workdir: str) -> None:
+  """A workdir that is a directory or can be made one (missing parents are
+  created with it, later); a file in the way or a folder this user cannot
+  write is a one-line error. Creates nothing."""
+  path = os.path.abspath(workdir)
+  while not os.path.exists(path):  # the nearest existing folder is where mkdir starts
+    path = os.path.dirname(path)
+  if not os.path.isdir(path):
+    where = "--workdir" if path == os.path.abspath(workdir) else "a parent of --workdir"
+    raise ValueError(f"{where} is a file, not a directory: {path}; choose another workdir")
+  if not os.access(path, os.W_OK | os.X_OK):
+    what = "--workdir" if path == os.path.abspath(workdir) else "the folder to create --workdir in"
+    raise ValueError(f"{what} is not writable: {path}; choose another workdir")
+
+
 def validate_config(config, workdir: str) -> None:
   """Cheap checks that run before any data is read or anything compiles."""
-  parent = os.path.dirname(os.path.abspath(workdir))
-  if not os.path.isdir(parent):
-    raise FileNotFoundError(f"the parent of --workdir does not exist: {parent}; "
-                            "create it or choose another workdir")
+  check_workdir(workdir)
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -143,7 +155,7 @@ def load_teacher(config, mesh):
   """(teacher module, variables placed on the mesh) from teacher.checkpoint."""
   tcfg = config.teacher
   teacher = models.build(tcfg.model)
-  variables = checkpointing.restore_variables(tcfg.checkpoint)
+  variables = checkpointing.restore_variables(tcfg.checkpoint, hint=checkpointing.TEACHER_HINT)
   expected = jax.eval_shape(
       lambda: teacher.init({"params": jax.random.PRNGKey(0)},
                            dummy_inputs(config), train=False))
@@ -198,7 +210,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
   primary = jax.process_index() == 0
   # Reads (or finds missing) the dataset before anything is written to workdir.
   info = data_lib.dataset_info(config.data)
-  os.makedirs(workdir, exist_ok=True)
+  try:  # with any missing parents, like runs/ in a fresh clone
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
 
   mesh = shd.make_mesh(config.get("mesh"))
   model = models.build(config.model)
