@@ -467,7 +467,8 @@ def calibrate(val_exit_logits: Any, val_labels: Any, exit_macs: Any, *,
 
 
 def oracle(exit_logits: Any, labels: Any, exit_macs: Any) -> dict[str, Any]:
-  """Each example exits at the FIRST correct exit (the last if none is).
+  """Each example exits at the FIRST correct exit; one that no exit gets right
+  exits at the first exit (it is wrong wherever it stops, so the cheapest).
 
   This is the lowest compute any policy over these exits can reach at the
   best accuracy any policy can reach (accuracy = rate of "some exit is right").
@@ -477,7 +478,7 @@ def oracle(exit_logits: Any, labels: Any, exit_macs: Any) -> dict[str, Any]:
   num_exits, n, _ = logits.shape
   correct = np.argmax(logits, axis=-1) == labels[None]           # [E, N]
   any_correct = correct.any(axis=0)
-  idx = np.where(any_correct, np.argmax(correct, axis=0), num_exits - 1)
+  idx = np.where(any_correct, np.argmax(correct, axis=0), 0)
   counts = np.bincount(idx, minlength=num_exits)
   n = max(n, 1)
   return {
