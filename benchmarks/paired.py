@@ -57,11 +57,10 @@ TORCH_VARIANT = (None, "torch SDPA", None, "the PyTorch eager peer (benchmarks/t
 class _TorchPeer:
   """The PyTorch eager peer in a child process, running train steps on request."""
 
-  def __init__(self, spec: dict):
+  def __init__(self, spec: dict, kind: str = "torch_serve"):
     import subprocess
     self.proc = subprocess.Popen(
-        [sys.executable, "-m", "benchmarks.child", json.dumps({"kind": "torch_serve",
-                                                               "spec": spec})],
+        [sys.executable, "-m", "benchmarks.child", json.dumps({"kind": kind, "spec": spec})],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=common.REPO_ROOT,
         env=common.child_env(drop=("XLA_FLAGS",)))
     self._expect("TORCH_READY")

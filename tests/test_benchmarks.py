@@ -213,3 +213,44 @@ def test_pipeline_benchmark_feeds_the_real_train_step(tmp_path):
   assert r["pipeline_alone"]["images_per_s"] > 0
   assert r["pipeline_alone"]["host_cpu_ms_per_image"] > 0
   assert r["train_step"]["overlap"] > 0 and len(r["train_step"]["paired_ratios"]) == 2
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="the PyTorch peer needs torch")
+def test_torch_resnet_peer_is_the_same_network():
+  """Teacher and student peers have the flax models' parameter counts."""
+  import jax
+  from adaptive_vision import models
+  from benchmarks import torch_resnet
+  from configs import erde_cifar10
+  for arg in ("role=teacher", "loss=erde", "loss=erde,width_multiplier=0.5"):
+    config = erde_cifar10.get_config(arg)
+    spec = torch_resnet.spec_from_config(config, batch=8)
+    for net, model_cfg in [(spec["model"], config.model)] + (
+        [(spec["teacher"], config.teacher.model)] if "teacher" in spec else []):
+      v = jax.eval_shape(lambda: models.build(model_cfg).init(
+          jax.random.PRNGKey(0), jax.numpy.zeros((1, 32, 32, 3))))
+      want = sum(int(x.size) for x in jax.tree_util.tree_leaves(v["params"]))
+      assert torch_resnet.parameter_count(net) == want, arg
+
+
+def test_cnn_benchmark_reports_paired_ratios(tmp_path):
+  out = tmp_path / "cnn.json"
+  target = tmp_path / "bench_cpu.json"
+  target.write_text(json.dumps({"existing_field": 1}))
+  args = ["--quick", "--rounds", "1", "--steps", "1", "--batch", "8", "--out", out,
+          "--update", target]
+  if not HAS_TORCH:
+    args.append("--no-torch")
+  proc = _bench("cnn", *args)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert set(result["variants"]) >= {"teacher", "student", "teacher_xla_conv"}
+  for v in result["variants"].values():
+    assert v["images_per_s"] > 0 and len(v["step_times_s"]) == 1
+  assert result["paired_speedups"]["teacher_vs_teacher_xla_conv"]["median"] > 0
+  updated = json.loads(target.read_text())
+  assert updated["existing_field"] == 1
+  assert updated["erde_student_train_images_per_s"] > 0
+  assert updated["cnn"]["machine"]["cpu_model"]
+  if HAS_TORCH:
+    assert updated["resnet_train_speedup_vs_torch_eager"] > 0

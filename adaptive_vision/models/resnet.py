@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from adaptive_vision import flops
 from adaptive_vision.models import module_kwargs
+from adaptive_vision.models.conv import Conv
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
 
 STANDARD_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
@@ -88,11 +89,12 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
+  conv: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_CONV_INIT)
+    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=_CONV_INIT, implementation=self.conv)
     # No axis_name: under jit with the batch sharded over a mesh, the batch
     # mean/variance are global reductions, so the statistics are already
     # averaged across devices.
@@ -120,6 +122,7 @@ class ResNet(nn.Module):
   exits: Sequence[int] = ()
   exit_dropout: float = 0.5
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
+  conv: str = "auto"             # models.conv: 'auto' | 'gemm' | 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -130,8 +133,9 @@ class ResNet(nn.Module):
     n = blocks_per_stage(self.depth)
     exits = check_exits(self.exits, 3 * n, f"ResNet-{self.depth}")
     widths = stage_widths(self.width, self.width_multiplier)
-    x = nn.Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                dtype=self.dtype, kernel_init=_CONV_INIT, name="stem_conv")(
+    x = Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+             dtype=self.dtype, kernel_init=_CONV_INIT, implementation=self.conv,
+             name="stem_conv")(
                     images.astype(self.dtype))
     # Cross-device statistics: see BasicBlock.
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
@@ -140,7 +144,8 @@ class ResNet(nn.Module):
 
     blocks, exit_logits = [], []
     for i, stride in enumerate(_block_strides(n)):
-      x = BasicBlock(widths[i // n], stride, dtype=self.dtype, name=f"block{i}")(x, train=train)
+      x = BasicBlock(widths[i // n], stride, dtype=self.dtype, conv=self.conv,
+                     name=f"block{i}")(x, train=train)
       blocks.append(x)
       if i in exits:
         exit_logits.append(ExitHead(self.num_classes, self.exit_dropout,

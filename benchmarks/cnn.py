@@ -1,0 +1,181 @@
+r"""Paired timing of the ERDE CNN train steps against their PyTorch eager peers.
+
+  python -m benchmarks.cnn [--rounds 10] [--steps 2] [--batch 128] \
+      [--out results/bench_cnn.json] [--update results/bench_cpu.json]
+
+Variants, each compiled (or started) once, then timed in alternating rounds
+(order reversed every other round) so that a busy minute hits all alike:
+
+  teacher            the ERDE teacher step (configs/erde_cifar10.py:role=teacher,
+                     ResNet-20 with its two exit heads), convolutions 'auto'
+  teacher_xla_conv   the same with XLA's own convolution gradients
+  teacher_torch      the same network and SGD step in eager PyTorch (child process)
+  student            the ERDE student step: ResNet-8 + the frozen teacher's
+                     forward pass, ERDE loss, as the distillation trainer runs it
+  student_torch      its PyTorch eager peer
+
+Figures of merit: the median over rounds of paired ratios (peer time / ours),
+with quartiles. `--update` writes `resnet_train_speedup_vs_torch_eager` (the
+teacher step) and `erde_student_train_images_per_s` into an existing
+results JSON, with the machine (CPU model and flags).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from benchmarks import common
+
+
+def parse_args(argv=None):
+  p = argparse.ArgumentParser(prog="python -m benchmarks.cnn", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--rounds", type=int, default=10)
+  p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--no-torch", action="store_true", help="JAX variants only")
+  p.add_argument("--quick", action="store_true", help="width 0.25 nets (smoke test)")
+  p.add_argument("--out", default=None, help="JSON with every variant's timings")
+  p.add_argument("--update", default=None,
+                 help="existing results JSON to receive the two headline fields")
+  return p.parse_args(argv)
+
+
+def _configs(batch: int, quick: bool, conv: str):
+  from configs import erde_cifar10
+  teacher = erde_cifar10.get_config("role=teacher")
+  student = erde_cifar10.get_config("loss=erde")
+  for c in (teacher, student):
+    c.batch_size = batch
+    c.data.source = "synthetic"
+    for m in [c.model] + ([c.teacher.model] if c.get("teacher") else []):
+      m.conv = conv
+      if quick:
+        m.width_multiplier = 0.25
+  return teacher, student
+
+
+def _jax_step(config):
+  """A compiled train step built as the trainer builds it (teacher included)."""
+  import jax
+  from adaptive_vision import losses, models
+  from adaptive_vision.train import loop, optim, sharding as shd, steps
+  from benchmarks import jax_bench
+  model = models.build(config.model)
+  tx, schedule = optim.make_optimizer(config.optim, 10_000)
+  mesh = shd.make_mesh(config.get("mesh"))
+  init_fn = loop.make_init_fn(model, tx, config)
+  rng = jax.random.PRNGKey(0)
+  state_sharding = shd.state_shardings(jax.eval_shape(init_fn, rng), mesh, "replicate")
+  state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+  teacher, t_vars, t_sharding = None, None, None
+  if config.get("teacher"):
+    teacher = models.build(config.teacher.model)
+    x = jax.numpy.zeros((2, 32, 32, 3))
+    t_vars = teacher.init({"params": rng, "dropout": rng}, x, train=False)
+    t_sharding = shd.replicated(mesh)
+  step = steps.jit_train_step(
+      steps.make_train_step(model, tx, losses.loss_from_config(config.loss), schedule,
+                            teacher=teacher), mesh, state_sharding, t_sharding)
+  batch = shd.global_batch(jax_bench.synthetic_batch(config, config.batch_size), mesh)
+  compiled = step.lower(state, batch, t_vars).compile()
+  params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
+  return [compiled, state, batch, t_vars, params]
+
+
+def main(argv=None) -> dict:
+  args = parse_args(argv)
+  import jax
+  common.setup_jax()
+  from benchmarks import torch_resnet
+  from benchmarks.paired import _TorchPeer
+
+  built, peers = {}, {}
+  for conv in ("auto", "xla"):
+    teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv)
+    names = [("teacher", teacher_cfg), ("student", student_cfg)] if conv == "auto" else [
+        ("teacher_xla_conv", teacher_cfg)]
+    for name, cfg in names:
+      start = time.perf_counter()
+      built[name] = _jax_step(cfg)
+      common.log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
+  if not args.no_torch:
+    teacher_cfg, student_cfg = _configs(args.batch, args.quick, "auto")
+    for name, cfg in (("teacher_torch", teacher_cfg), ("student_torch", student_cfg)):
+      spec = torch_resnet.spec_from_config(cfg, args.batch)
+      own = built[name.replace("_torch", "")][4]
+      if torch_resnet.parameter_count(spec["model"]) != own:
+        raise SystemExit(f"{name}: torch peer has {torch_resnet.parameter_count(spec['model'])} "
+                         f"parameters, the JAX model {own}: not the same network")
+      peers[name] = _TorchPeer(spec, kind="torch_resnet_serve")
+
+  def run(name: str) -> float:
+    if name in peers:
+      return peers[name](args.steps) / args.steps
+    compiled, state, batch, t_vars, _ = built[name]
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, metrics = compiled(state, batch, t_vars)
+    jax.block_until_ready((state, metrics))
+    built[name][1] = state
+    return (time.perf_counter() - start) / args.steps
+
+  order = list(built) + list(peers)
+  times = {n: [] for n in order}
+  try:
+    for r in range(args.rounds + 1):  # round 0 warms up
+      for name in (order if r % 2 == 0 else order[::-1]):
+        t = run(name)
+        if r:
+          times[name].append(t)
+      if r:
+        common.log(f"round {r}/{args.rounds}")
+  finally:
+    for peer in peers.values():
+      peer.close()
+
+  def paired(num: str, den: str) -> dict:
+    ratio = np.asarray(times[num]) / np.asarray(times[den])
+    return {"median": float(np.median(ratio)),
+            "quartiles": [float(np.percentile(ratio, 25)), float(np.percentile(ratio, 75))]}
+
+  rows = {n: {"median_step_s": float(np.median(t)),
+              "images_per_s": float(args.batch / np.median(t)), "step_times_s": t}
+          for n, t in times.items()}
+  ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher")}
+  if peers:
+    ratios["teacher_vs_torch_eager"] = paired("teacher_torch", "teacher")
+    ratios["teacher_xla_conv_vs_torch_eager"] = paired("teacher_torch", "teacher_xla_conv")
+    ratios["student_vs_torch_eager"] = paired("student_torch", "student")
+  result = {"command": " ".join(["python -m benchmarks.cnn"] + list(argv or sys.argv[1:])),
+            "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
+            "quick": args.quick, "machine": common.machine_info(),
+            "variants": rows, "paired_speedups": ratios}
+  print(f"\n{'variant':18s} {'img/s':>8s}")
+  for name, v in rows.items():
+    print(f"{name:18s} {v['images_per_s']:8.1f}")
+  for name, v in ratios.items():
+    q1, q3 = v["quartiles"]
+    print(f"{name:32s} {v['median']:.3f}x [{q1:.2f}, {q3:.2f}]")
+  common.write_json(result, args.out)
+  if args.update:
+    with open(args.update) as f:
+      target = json.load(f)
+    target["cnn"] = {"command": result["command"], "machine": result["machine"],
+                     "images_per_s": {n: v["images_per_s"] for n, v in rows.items()},
+                     "paired_speedups": ratios}
+    if peers:
+      target["resnet_train_speedup_vs_torch_eager"] = ratios["teacher_vs_torch_eager"]["median"]
+    target["erde_student_train_images_per_s"] = rows["student"]["images_per_s"]
+    common.write_json(target, args.update)
+  return result
+
+
+if __name__ == "__main__":
+  main()
