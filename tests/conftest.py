@@ -13,3 +13,9 @@ jax.config.update("jax_threefry_partitionable", True)
 # ~80 s with threefry, ~15 s with rbg on a loaded 2-core machine); the
 # launchers make the same choice (launch/common.py).
 jax.config.update("jax_default_prng_impl", "rbg")
+
+
+def pytest_configure(config):
+  config.addinivalue_line(
+      "markers", "slow: subprocess, whole-run, reliability and benchmark tests "
+      "(deselect with -m 'not slow'; CI and the README's command run them)")

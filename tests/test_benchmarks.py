@@ -14,6 +14,9 @@ import sys
 
 import pytest
 
+# Subprocesses and whole runs: `pytest -m 'not slow'` skips them (CI runs all).
+pytestmark = pytest.mark.slow
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 def _bench(module, *args, timeout=600):

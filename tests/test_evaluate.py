@@ -9,6 +9,10 @@ import numpy as np
 from adaptive_vision import reporting
 from adaptive_vision.train import loop
 from test_train import tiny_config  # tests/ is on sys.path under pytest
+import pytest
+
+# Subprocesses and whole runs: `pytest -m 'not slow'` skips them (CI runs all).
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -30,6 +30,9 @@ from launch import multihost
 
 import test_reliability as rel  # the tiny config, on the command line and in process
 
+# Subprocesses and whole runs: `pytest -m 'not slow'` skips them (CI runs all).
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 

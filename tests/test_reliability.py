@@ -46,7 +46,8 @@ from adaptive_vision.train.metrics import read_metrics
 from configs import vit_cifar10
 
 # Failed restores of damaged checkpoints leave orbax coroutines unawaited.
-pytestmark = [pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+pytestmark = [pytest.mark.slow,
+              pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
               pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning")]
 
 REPO = Path(__file__).resolve().parents[1]

@@ -65,6 +65,7 @@ def test_sharded_step_matches_single_device(strategy):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_runlocal_writes_checkpoint_metrics_and_logits(tmp_path):
   c = tiny_config()
   workdir = str(tmp_path / "run")
@@ -83,6 +84,7 @@ def test_runlocal_writes_checkpoint_metrics_and_logits(tmp_path):
     np.testing.assert_allclose(f["exit_macs"], models.exit_macs(c.model))
 
 
+@pytest.mark.slow
 def test_stopped_and_restarted_run_reproduces_losses_exactly(tmp_path):
   c = tiny_config()
   full = str(tmp_path / "full")
@@ -101,6 +103,7 @@ def test_stopped_and_restarted_run_reproduces_losses_exactly(tmp_path):
   np.testing.assert_array_equal(fa, fb)
 
 
+@pytest.mark.slow
 def test_ravit_runlocal_trains_two_exits(tmp_path):
   c = ravit_cifar10.get_config("runlocal")
   c.data.synthetic_train_size = 128
@@ -115,6 +118,7 @@ def test_ravit_runlocal_trains_two_exits(tmp_path):
   assert "accuracy/exit1" in summary["test"]
 
 
+@pytest.mark.slow
 def test_nan_stops_with_message_and_keeps_checkpoint(tmp_path):
   c = tiny_config()
   c.optim.lr = 1e30
@@ -156,6 +160,7 @@ def test_workdir_parents_are_made_and_bad_workdirs_are_one_line_errors(tmp_path,
     loop.validate_config(tiny_config(), str(tmp_path / "runs" / "w"))
 
 
+@pytest.mark.slow
 def test_workdir_of_another_model_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   c = tiny_config(total_steps=4)
@@ -168,6 +173,7 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
 
 
+@pytest.mark.slow
 def test_resume_with_another_recipe_is_refused(tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config(stop_at_step=4), workdir)
@@ -179,6 +185,7 @@ def test_resume_with_another_recipe_is_refused(tmp_path):
   assert out["step"] == 8
 
 
+@pytest.mark.slow
 def test_launcher_cpu_devices_splits_the_host(tmp_path):
   """`launch.train --cpu_devices=N` (via launch.common.setup) gives N CPU devices,
   which the trainer's default mesh then shards the batch over."""
