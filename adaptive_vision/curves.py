@@ -77,7 +77,29 @@ def compare(a: Any, b: Any, *, thresholds: Sequence[float] | None = None,
           "matched_macs": {"rows": matched, **stats(matched)}}
 
 
-def best_accuracy_within(points: Sequence[dict], max_mean_macs: float) -> dict | None:
-  """The most accurate operating point whose mean MACs stay within a budget."""
-  ok = [p for p in points if p["mean_macs"] <= max_mean_macs]
-  return max(ok, key=lambda p: p["accuracy"]) if ok else None
+def teacher_budget_point(a_val, a_test, teacher_test, budget_fraction: float) -> dict:
+  """Model A within `budget_fraction` of the teacher's final-exit MACs.
+
+  Per-exit thresholds are calibrated on A's VALIDATION logits (the most
+  accurate policy whose mean MACs fit the budget there), then applied to A's
+  test logits; nothing is selected on test. `point` is None when no policy
+  fits the budget on validation.
+  """
+  from adaptive_vision import early_exit
+  t_acc = float((np.argmax(teacher_test.exit_logits[-1], -1) == teacher_test.labels).mean())
+  t_macs = float(teacher_test.exit_macs[-1])
+  budget = budget_fraction * t_macs
+  try:
+    thresholds = early_exit.calibrate(a_val.exit_logits, a_val.labels, a_val.exit_macs,
+                                      max_mean_macs=budget)
+  except ValueError:
+    point = None
+  else:
+    p = early_exit.evaluate_policy(a_test.exit_logits, a_test.labels, thresholds,
+                                   a_test.exit_macs)
+    point = {"thresholds": [float(x) for x in thresholds],
+             "accuracy": float(p["accuracy"]), "mean_macs": float(p["mean_macs"])}
+  gap = None if point is None else 100 * (t_acc - point["accuracy"])
+  return {"teacher_final_accuracy": t_acc, "teacher_final_macs": t_macs,
+          "budget_macs": budget, "a_calibrated_on_val_within_budget": point,
+          "gap_points": gap, "met": bool(gap is not None and gap <= 1.0)}

@@ -12,8 +12,6 @@ def test_accuracy_at_macs_interpolates_and_keeps_best_duplicate():
          dict(mean_macs=1.0, accuracy=0.6)]
   np.testing.assert_allclose(curves.accuracy_at_macs(pts, np.array([1.0, 2.0, 3.0])),
                              [0.6, 0.75, 0.9])
-  assert curves.best_accuracy_within(pts, 2.0)["accuracy"] == 0.6
-  assert curves.best_accuracy_within(pts, 0.5) is None
 
 
 def _logits(correct_first, correct_last, confident_first):
@@ -41,3 +39,33 @@ def test_compare_prefers_the_model_whose_confident_exits_are_right():
   assert rows[0]["a_mean_macs"] == pytest.approx(2.0)
   assert out["same_thresholds"]["a_at_least_b"] == 2
   assert out["matched_macs"]["mean_difference"] > 0
+
+
+def test_teacher_budget_point_is_calibrated_on_validation_not_test():
+  """Validation rewards exiting at exit 0; test punishes it. The reported
+  point follows validation's thresholds, whatever they cost on test."""
+  from adaptive_vision import early_exit
+  rng = np.random.default_rng(0)
+  n, k = 200, 4
+  labels = rng.integers(0, k, n)
+
+  def logits(exit0_right: bool):
+    first = rng.normal(0, 0.1, (n, k))
+    first[np.arange(n), labels if exit0_right else (labels + 1) % k] += 6.0  # confident
+    last = rng.normal(0, 0.1, (n, k))
+    last[np.arange(n), labels] += 6.0
+    return np.stack([first, last]).astype(np.float32)
+
+  macs = np.array([1.0, 10.0])
+  val = ExitLogits(logits(True), labels, macs)
+  test = ExitLogits(logits(False), labels, macs)
+  teacher = ExitLogits(logits(True)[1:], labels, np.array([20.0]))
+  out = curves.teacher_budget_point(val, test, teacher, 0.5)   # budget 10 MACs
+  point = out["a_calibrated_on_val_within_budget"]
+  want = early_exit.calibrate(val.exit_logits, labels, macs, max_mean_macs=10.0)
+  expect = early_exit.evaluate_policy(test.exit_logits, labels, want, macs)
+  assert point["accuracy"] == pytest.approx(float(expect["accuracy"]))
+  assert point["accuracy"] < 0.2      # exit 0 is wrong on test; validation could not know
+  assert out["teacher_final_accuracy"] == 1.0 and out["met"] is False
+  assert curves.teacher_budget_point(val, test, teacher, 0.01)[
+      "a_calibrated_on_val_within_budget"] is None   # nothing fits 0.2 MACs
