@@ -13,6 +13,8 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   student            the ERDE student step: ResNet-8 + the frozen teacher's
                      forward pass, ERDE loss, as the distillation trainer runs it
   student_torch      its PyTorch eager peer
+  teacher_devicesN   (with --cpu-devices N) the teacher step with its batch
+                     sharded over N host CPU devices (launch.train --cpu_devices)
 
 Figures of merit: the median over rounds of paired ratios (peer time / ours),
 with quartiles. `--update` writes `resnet_train_speedup_vs_torch_eager` (the
@@ -40,6 +42,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--no-torch", action="store_true", help="JAX variants only")
+  p.add_argument("--cpu-devices", type=int, default=0,
+                 help="also time the teacher sharded over this many host CPU devices")
   p.add_argument("--quick", action="store_true", help="width 0.25 nets (smoke test)")
   p.add_argument("--out", default=None, help="JSON with every variant's timings")
   p.add_argument("--update", default=None,
@@ -53,6 +57,7 @@ def _configs(batch: int, quick: bool, conv: str):
   student = erde_cifar10.get_config("loss=erde")
   for c in (teacher, student):
     c.batch_size = batch
+    c.mesh.data = 1  # one device unless a variant shards it
     c.data.source = "synthetic"
     for m in [c.model] + ([c.teacher.model] if c.get("teacher") else []):
       m.conv = conv
@@ -91,6 +96,8 @@ def _jax_step(config):
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.cpu_devices > 1:
+    common.add_xla_flags(common.cpu_devices_flag(args.cpu_devices))
   import jax
   common.setup_jax()
   from benchmarks import torch_resnet
@@ -101,6 +108,10 @@ def main(argv=None) -> dict:
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv)
     names = [("teacher", teacher_cfg), ("student", student_cfg)] if conv == "auto" else [
         ("teacher_xla_conv", teacher_cfg)]
+    if conv == "auto" and args.cpu_devices > 1:
+      sharded = _configs(args.batch, args.quick, conv)[0]
+      sharded.mesh.data = args.cpu_devices
+      names.append((f"teacher_devices{args.cpu_devices}", sharded))
     for name, cfg in names:
       start = time.perf_counter()
       built[name] = _jax_step(cfg)
@@ -149,6 +160,11 @@ def main(argv=None) -> dict:
               "images_per_s": float(args.batch / np.median(t)), "step_times_s": t}
           for n, t in times.items()}
   ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher")}
+  if args.cpu_devices > 1:
+    sharded = f"teacher_devices{args.cpu_devices}"
+    ratios[f"{sharded}_vs_teacher"] = paired("teacher", sharded)
+    if peers:
+      ratios[f"{sharded}_vs_torch_eager"] = paired("teacher_torch", sharded)
   if peers:
     ratios["teacher_vs_torch_eager"] = paired("teacher_torch", "teacher")
     ratios["teacher_xla_conv_vs_torch_eager"] = paired("teacher_torch", "teacher_xla_conv")

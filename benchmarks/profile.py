@@ -169,7 +169,8 @@ def main(argv=None) -> dict:
   p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--suite", default="cifar", choices=("cifar", "imagenet"))
-  p.add_argument("--model", default="vit", choices=("vit", "ravit"))
+  p.add_argument("--model", default="vit", choices=("vit", "ravit", "resnet"),
+                 help="resnet: the ERDE teacher (configs/erde_cifar10.py:role=teacher)")
   p.add_argument("--quick", action="store_true", help="the tiny --quick models")
   p.add_argument("--batch", type=int, default=None, help="train batch (default: the suite's)")
   p.add_argument("--dtype", default=None)
@@ -183,7 +184,14 @@ def main(argv=None) -> dict:
   from benchmarks import common, jax_bench, suites
   common.setup_jax()
   suite = suites.get(args.suite, quick=args.quick, train_batch=args.batch, dtype=args.dtype)
-  config = suite.vit if args.model == "vit" else suite.ravit
+  if args.model == "resnet":
+    from configs import erde_cifar10
+    config = erde_cifar10.get_config("role=teacher")
+    config.update(batch_size=args.batch or 128)
+    config.data.source = "synthetic"
+    config.mesh.data = 1
+  else:
+    config = suite.vit if args.model == "vit" else suite.ravit
   common.log(f"profiling the {args.model} train step, batch {config.batch_size} ...")
   _, state, step, batch, _, _ = jax_bench.build_train(config)
   compiled = step.lower(state, batch, None).compile()
