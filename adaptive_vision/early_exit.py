@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from adaptive_vision.models import as_exits
+
 CRITERIA = ('entropy', 'max_prob')
 
 # Upper bound on threshold combinations evaluated by `calibrate` for E > 2 exits.
@@ -94,20 +96,16 @@ def _everyone_threshold(criterion: str, num_classes: int,
 
 
 def _stack(exit_logits: Any) -> jax.Array:
-  """[E, N, K] array from an array or a sequence of [N, K] arrays."""
-  if isinstance(exit_logits, (list, tuple)):
-    if not exit_logits:
-      raise ValueError('exit_logits is empty; need at least one exit')
-    shapes = {tuple(np.shape(x)) for x in exit_logits}
-    if len(shapes) != 1:
-      raise ValueError(f'all exits must have the same [N, K] shape, got {sorted(shapes)}')
-    logits = jnp.stack([jnp.asarray(x) for x in exit_logits])
-  else:
-    logits = jnp.asarray(exit_logits)
-  if logits.ndim != 3:
-    raise ValueError(f'exit_logits must be [E, N, K] (or a sequence of [N, K]), '
-                     f'got shape {tuple(logits.shape)}')
-  return logits
+  """[E, N, K] array from an [E, N, K] array, one [N, K] array (one exit) or a
+  sequence of [N, K] arrays (`models.as_exits` normalises)."""
+  exits = as_exits(exit_logits)
+  if not exits:
+    raise ValueError('exit_logits is empty; need at least one exit')
+  shapes = {tuple(np.shape(x)) for x in exits}
+  if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+    raise ValueError(f'exit_logits must be [E, N, K] (or a sequence of [N, K] of one '
+                     f'shape), got exits of shapes {sorted(shapes)}')
+  return jnp.stack([jnp.asarray(x) for x in exits])
 
 
 def _check_thresholds(thresholds: Any, num_exits: int) -> jax.Array:

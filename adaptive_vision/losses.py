@@ -24,6 +24,9 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from adaptive_vision.config import require
+from adaptive_vision.models import as_exits
+
 LOSS_NAMES = ('ce', 'kd', 'erde')
 ENTROPY_MODES = ('maximize', 'minimize', 'off')
 
@@ -76,17 +79,6 @@ def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 # --------------------------------------------------------------------------
 
 
-def _as_exits(logits: Any) -> tuple[jax.Array, ...]:
-  """A tuple of [B, K] arrays from one [B, K] array, an [E, B, K] array or a sequence."""
-  if isinstance(logits, (list, tuple)):
-    return tuple(logits)
-  if getattr(logits, 'ndim', None) == 2:
-    return (logits,)
-  if getattr(logits, 'ndim', None) == 3:
-    return tuple(logits[i] for i in range(logits.shape[0]))
-  raise ValueError(f'expected [B, K] logits or a sequence of them, got {type(logits)}')
-
-
 def _exit_weights(exit_weights: Sequence[float] | None, num_exits: int) -> tuple[float, ...]:
   if exit_weights is None:
     return (1.0,) * num_exits
@@ -137,7 +129,8 @@ def _check_entropy_mode(entropy_mode: str) -> None:
 def erde_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.Array],
               labels: jax.Array, *, temperature: float, kd_weight: float,
               entropy_weight: float, exit_weights: Sequence[float] | None = None,
-              entropy_mode: str = 'maximize', kl_on_wrong: bool = False) -> jax.Array:
+              entropy_mode: str = 'maximize', kl_on_wrong: bool = False,
+              return_terms: bool = False):
   """ERDE loss (module docstring), summed over exits with ``exit_weights``.
 
   Args:
@@ -146,32 +139,46 @@ def erde_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.
     entropy_mode: 'maximize' (log K - H, the ERDE term), 'minimize' (+H,
       ablation) or 'off'.
     kl_on_wrong: keep the KL term on teacher-wrong examples too (ablation).
+    return_terms: also return the weighted terms of each exit,
+      ``(loss, {'ce': [...], 'kd': [...], 'entropy': [...], 'teacher_correct': [...]})``
+      with one scalar per exit (teacher_correct: the fraction of examples the
+      teacher exit gets right).
   """
   _check_entropy_mode(entropy_mode)
-  student, teacher = _as_exits(student_logits), _as_exits(teacher_logits)
+  student, teacher = as_exits(student_logits), as_exits(teacher_logits)
   _check_pair(student, teacher)
   weights = _exit_weights(exit_weights, len(student))
   total = 0.0
+  terms = {'ce': [], 'kd': [], 'entropy': [], 'teacher_correct': []}
   for w, s, t in zip(weights, student, teacher):
-    terms = _erde_terms(s, t, labels, temperature=temperature, kd_weight=kd_weight,
-                        entropy_weight=entropy_weight, entropy_mode=entropy_mode,
-                        kl_on_wrong=kl_on_wrong)
-    total = total + w * terms['loss']
-  return total
+    exit_terms = _erde_terms(s, t, labels, temperature=temperature, kd_weight=kd_weight,
+                             entropy_weight=entropy_weight, entropy_mode=entropy_mode,
+                             kl_on_wrong=kl_on_wrong)
+    total = total + w * exit_terms['loss']
+    for key, values in terms.items():
+      values.append(exit_terms[key])
+  return (total, terms) if return_terms else total
 
 
 def kd_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.Array],
             labels: jax.Array, *, temperature: float, kd_weight: float,
-            exit_weights: Sequence[float] | None = None) -> jax.Array:
-  """Plain KD per exit: CE + kd_weight * T^2 * mean KL on every example."""
-  student, teacher = _as_exits(student_logits), _as_exits(teacher_logits)
+            exit_weights: Sequence[float] | None = None, return_terms: bool = False):
+  """Plain KD per exit: CE + kd_weight * T^2 * mean KL on every example.
+
+  ``return_terms``: also return ``{'ce': [...], 'kd': [...]}``, one scalar per exit.
+  """
+  student, teacher = as_exits(student_logits), as_exits(teacher_logits)
   _check_pair(student, teacher)
   weights = _exit_weights(exit_weights, len(student))
   total = 0.0
+  terms = {'ce': [], 'kd': []}
   for w, s, t in zip(weights, student, teacher):
+    ce = cross_entropy(s, labels)
     kd = kd_weight * temperature ** 2 * jnp.mean(kd_kl(s, t, temperature))
-    total = total + w * (cross_entropy(s, labels) + kd)
-  return total
+    total = total + w * (ce + kd)
+    terms['ce'].append(ce)
+    terms['kd'].append(kd)
+  return (total, terms) if return_terms else total
 
 
 def match_teacher_exits(num_student_exits: int, num_teacher_exits: int) -> list[int]:
@@ -195,21 +202,20 @@ def match_teacher_exits(num_student_exits: int, num_teacher_exits: int) -> list[
 
 def cascade_loss(exit_logits: Sequence[jax.Array], labels: jax.Array, *,
                  exit_weights: Sequence[float] | None = None,
-                 self_distill_weight: float = 0.0, temperature: float = 1.0) -> jax.Array:
+                 self_distill_weight: float = 0.0, temperature: float = 1.0,
+                 return_terms: bool = False):
   """RAViT loss: sum_k w_k CE(branch_k) + optional self-distillation.
 
   With ``self_distill_weight > 0`` the last branch teaches every earlier one:
   ``+ self_distill_weight * T^2 * mean KL(softmax(sg(last)/T) || softmax(branch_k/T))``
   for k < last (not scaled by exit weights). The teacher side is stop-gradient,
   so the KD terms never push the last branch toward the earlier ones.
+
+  ``return_terms``: also return ``{'ce': [...], 'self_distill': [...]}`` (one CE
+  per exit; one self-distillation term per exit but the last, none when
+  ``self_distill_weight`` is 0).
   """
-  return _cascade_terms(_as_exits(exit_logits), labels, exit_weights=exit_weights,
-                        self_distill_weight=self_distill_weight,
-                        temperature=temperature)['loss']
-
-
-def _cascade_terms(exits: tuple, labels: jax.Array, *, exit_weights, self_distill_weight,
-                   temperature) -> dict[str, Any]:
+  exits = as_exits(exit_logits)
   weights = _exit_weights(exit_weights, len(exits))
   ces = [cross_entropy(x, labels) for x in exits]
   total = sum(w * c for w, c in zip(weights, ces))
@@ -219,17 +225,12 @@ def _cascade_terms(exits: tuple, labels: jax.Array, *, exit_weights, self_distil
     sds = [self_distill_weight * temperature ** 2 * jnp.mean(kd_kl(x, teacher, temperature))
            for x in exits[:-1]]
     total = total + sum(sds)
-  return {'loss': total, 'ce': ces, 'self_distill': sds}
+  return (total, {'ce': ces, 'self_distill': sds}) if return_terms else total
 
 
 # --------------------------------------------------------------------------
 # Config entry point
 # --------------------------------------------------------------------------
-
-
-def _get(cfg: Any, key: str, default: Any) -> Any:
-  value = cfg.get(key, default) if hasattr(cfg, 'get') else getattr(cfg, key, default)
-  return default if value is None else value
 
 
 LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -238,72 +239,59 @@ LossFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
 def loss_from_config(loss_cfg: Any) -> LossFn:
   """Loss function ``(exit_logits, labels, teacher_exit_logits=None) -> (loss, metrics)``.
 
-  ``loss_cfg.name``: 'ce' (`cascade_loss`; plain models and RAViT), 'kd'
-  (`kd_loss`) or 'erde' (`erde_loss`). Optional fields (defaults):
-  exit_weights (all 1), self_distill_weight (0), temperature (1),
-  kd_weight (1), entropy_weight (1), entropy_mode ('maximize'), kl_on_wrong
-  (False). For 'kd'/'erde' the teacher exits are paired with student exits by
-  `match_teacher_exits`. ``exit_logits`` may be one [B, K] array or a sequence.
+  ``loss_cfg.name`` chooses the loss, which is then exactly that public function:
+  'ce' -> `cascade_loss` (plain models and RAViT; exit_weights,
+  self_distill_weight, temperature), 'kd' -> `kd_loss` (exit_weights,
+  temperature, kd_weight), 'erde' -> `erde_loss` (also entropy_weight,
+  entropy_mode, kl_on_wrong). Every field comes from the config (defaults in
+  configs/common.py `base_config()`); fields the chosen loss does not take are
+  not read. For 'kd'/'erde' the teacher exits are paired with student exits by
+  `match_teacher_exits`. ``exit_logits`` is a tuple of [B, K] (see
+  `models.as_exits` for the other accepted forms).
 
   Metrics: 'loss', 'ce/exit{i}', 'accuracy/exit{i}'; 'self_distill/exit{i}' for
   'ce' with self-distillation; 'kd/exit{i}' for 'kd'/'erde'; for 'erde' also
   'entropy/exit{i}', 'teacher_correct/exit{i}' (fraction of examples the
   matched teacher exit gets right) and 'teacher_correct' (its mean over exits).
   """
-  name = _get(loss_cfg, 'name', None)
+  read = lambda key: require(loss_cfg, key, 'loss')
+  name = read('name')
   if name not in LOSS_NAMES:
     raise ValueError(f'unknown loss name {name!r}; valid names: {LOSS_NAMES}')
-  exit_weights = _get(loss_cfg, 'exit_weights', None)
-  exit_weights = None if exit_weights is None else tuple(exit_weights)
-  temperature = float(_get(loss_cfg, 'temperature', 1.0))
-  self_distill_weight = float(_get(loss_cfg, 'self_distill_weight', 0.0))
-  kd_weight = float(_get(loss_cfg, 'kd_weight', 1.0))
-  entropy_weight = float(_get(loss_cfg, 'entropy_weight', 1.0))
-  entropy_mode = str(_get(loss_cfg, 'entropy_mode', 'maximize'))
-  kl_on_wrong = bool(_get(loss_cfg, 'kl_on_wrong', False))
-  _check_entropy_mode(entropy_mode)
+  exit_weights = read('exit_weights')
+  kw = dict(exit_weights=None if exit_weights is None else tuple(exit_weights),
+            temperature=float(read('temperature')))
+  if name == 'ce':
+    kw['self_distill_weight'] = float(read('self_distill_weight'))
+    loss = lambda student, teacher, labels: cascade_loss(student, labels, **kw,
+                                                         return_terms=True)
+  else:
+    kw['kd_weight'] = float(read('kd_weight'))
+    if name == 'erde':
+      kw.update(entropy_weight=float(read('entropy_weight')),
+                entropy_mode=str(read('entropy_mode')),
+                kl_on_wrong=bool(read('kl_on_wrong')))
+      _check_entropy_mode(kw['entropy_mode'])
+    composite = erde_loss if name == 'erde' else kd_loss
+    loss = lambda student, teacher, labels: composite(student, teacher, labels, **kw,
+                                                      return_terms=True)
 
   def loss_fn(exit_logits, labels, teacher_exit_logits=None):
-    student = _as_exits(exit_logits)
-    metrics = {}
-    for i, s in enumerate(student):
-      metrics[f'accuracy/exit{i}'] = accuracy(s, labels)
-    if name == 'ce':
-      terms = _cascade_terms(student, labels, exit_weights=exit_weights,
-                             self_distill_weight=self_distill_weight,
-                             temperature=temperature)
-      for i, c in enumerate(terms['ce']):
-        metrics[f'ce/exit{i}'] = c
-      for i, sd in enumerate(terms['self_distill']):
-        metrics[f'self_distill/exit{i}'] = sd
-      metrics['loss'] = terms['loss']
-      return terms['loss'], metrics
-
-    if teacher_exit_logits is None:
-      raise ValueError(f"loss {name!r} needs teacher_exit_logits (the teacher's exit "
-                       'logits for this batch)')
-    teacher_all = _as_exits(teacher_exit_logits)
-    teacher = [teacher_all[j] for j in match_teacher_exits(len(student), len(teacher_all))]
-    weights = _exit_weights(exit_weights, len(student))
-    total = 0.0
-    fractions = []
-    for i, (w, s, t) in enumerate(zip(weights, student, teacher)):
-      if name == 'erde':
-        terms = _erde_terms(s, t, labels, temperature=temperature, kd_weight=kd_weight,
-                            entropy_weight=entropy_weight, entropy_mode=entropy_mode,
-                            kl_on_wrong=kl_on_wrong)
-        metrics[f'entropy/exit{i}'] = terms['entropy']
-        metrics[f'teacher_correct/exit{i}'] = terms['teacher_correct']
-        fractions.append(terms['teacher_correct'])
-      else:  # 'kd': KL on every example, no entropy term
-        ce = cross_entropy(s, labels)
-        kd = kd_weight * temperature ** 2 * jnp.mean(kd_kl(s, t, temperature))
-        terms = {'ce': ce, 'kd': kd, 'loss': ce + kd}
-      metrics[f'ce/exit{i}'] = terms['ce']
-      metrics[f'kd/exit{i}'] = terms['kd']
-      total = total + w * terms['loss']
-    if fractions:
-      metrics['teacher_correct'] = sum(fractions) / len(fractions)
+    student = as_exits(exit_logits)
+    teacher = None
+    if name != 'ce':
+      if teacher_exit_logits is None:
+        raise ValueError(f"loss {name!r} needs teacher_exit_logits (the teacher's exit "
+                         'logits for this batch)')
+      teacher_all = as_exits(teacher_exit_logits)
+      teacher = [teacher_all[j] for j in match_teacher_exits(len(student), len(teacher_all))]
+    total, terms = loss(student, teacher, labels)
+    metrics = {f'accuracy/exit{i}': accuracy(s, labels) for i, s in enumerate(student)}
+    for key, values in terms.items():
+      for i, value in enumerate(values):
+        metrics[f'{key}/exit{i}'] = value
+    if name == 'erde':
+      metrics['teacher_correct'] = sum(terms['teacher_correct']) / len(student)
     metrics['loss'] = total
     return total, metrics
 

@@ -408,14 +408,14 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
   vit_fwd = _forward(vit)
   compiled = vit_fwd.lower(vit_variables, vit_images).compile()
   vit_flops = cost_flops(compiled)
-  base = _throughput(lambda: compiled(vit_variables, vit_images).block_until_ready(), batch,
+  base = _throughput(lambda: jax.block_until_ready(compiled(vit_variables, vit_images)), batch,
                      reps=reps, warmup=warmup)
   base["xla_flops_per_image"] = vit_flops / batch if vit_flops else None
   base["fraction_of_peak"] = (vit_flops / base["median_s"] / peak_flops
                               if vit_flops and peak_flops else None)
   vit_macs = models.exit_macs(vit_config.model)[-1]
   base["macs_per_image"] = vit_macs
-  base["latency"] = _latency(lambda x: vit_fwd(vit_variables, x).block_until_ready(),
+  base["latency"] = _latency(lambda x: jax.block_until_ready(vit_fwd(vit_variables, x)),
                              vit_singles, reps=reps)
   out["vit"] = base
   common.log(f"  inference ViT: {base['images_per_s']:.0f} img/s at batch {batch}, "
@@ -450,7 +450,7 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
     fractions_measured = np.bincount(res["exit_index"], minlength=num_exits) / batch
     mean_macs = float(fractions_measured @ np.asarray(ravit_macs))
     predicted = vit_macs / mean_macs
-    paired = _paired_speedup(lambda: compiled(vit_variables, vit_images).block_until_ready(),
+    paired = _paired_speedup(lambda: jax.block_until_ready(compiled(vit_variables, vit_images)),
                              lambda: cascade.predict(views), reps=2 * reps)
     measured = paired["median"]
     point = dict(op, exit_fractions=fractions_measured.tolist(), mean_macs=mean_macs,

@@ -37,7 +37,14 @@ def parse_arg(arg, **defaults) -> ml_collections.ConfigDict:
 
 
 def base_config() -> ml_collections.ConfigDict:
-  """Every field the trainer reads, with defaults; configs override them."""
+  """Every field the library reads, with its default: the only place defaults
+  live. Configs start from it and override; library code reads keys without
+  defaults of its own, so a config lacking one is a one-line error naming it.
+
+  loss.entropy_weight is the ERDE entropy term's weight (0.5, the ERDE
+  configs' value), so --config.loss.name=erde keeps the term; the 'ce' and
+  'kd' losses do not read it.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.batch_size = 128
@@ -60,14 +67,14 @@ def base_config() -> ml_collections.ConfigDict:
       normalize="auto", train_split="train", test_split="test", val_size=5000,
       split_seed=0, train_size=None, test_size=None, on_bad_image="error",
       cache_image_size=None, synthetic_train_size=2048, synthetic_test_size=512,
-      num_workers=0))
+      synthetic_seed=0, num_workers=0, prefetch_buffer_size=2))
   c.loss = ml_collections.ConfigDict(dict(
       name="ce", exit_weights=None, self_distill_weight=0.0, temperature=1.0,
-      kd_weight=1.0, entropy_weight=0.0, entropy_mode="maximize", kl_on_wrong=False))
+      kd_weight=1.0, entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False))
   c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, warmup_steps=0,
-      warmup_fraction=0.05, schedule="cosine", end_lr_factor=0.0, grad_clip=1.0,
-      wd_mask="kernels"))
+      name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
+      momentum=0.9, nesterov=True, warmup_steps=0, warmup_fraction=0.05,
+      schedule="cosine", end_lr_factor=0.0, grad_clip=1.0, wd_mask="kernels"))
   c.teacher = None
   return c
 
@@ -99,7 +106,7 @@ def cifar_vit_recipe(c: ml_collections.ConfigDict, *, epochs: int, batch: int, l
   return c
 
 
-def erde_config(arg, *, dataset: str, num_classes: int, source: str = "tfds",
+def erde_config(arg, *, dataset: str, num_classes: int, source: str,
                 path=None, augment: str = "cifar", epochs: int = 15):
   """Teacher or student of an ERDE experiment (configs/erde_*.py).
 

@@ -42,3 +42,30 @@ def test_ravit_and_baseline_share_the_recipe():
   assert (r.num_epochs, r.batch_size, r.data.augment) == (v.num_epochs, v.batch_size, v.data.augment)
   last = dict(r.model.branches[-1])
   assert last["variant"] == v.model.variant and last["resolution"] == v.model.image_size
+
+
+def _keys(d, prefix=""):
+  out = set()
+  for k, v in d.items():
+    out |= _keys(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+  return out
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_starts_from_the_base_config(name):
+  """base_config() is the one home of defaults: every config holds all its keys
+  (model and teacher are each config's own)."""
+  from configs import common
+  base = {k for k in _keys(common.base_config().to_dict()) if k != "teacher"}
+  c = importlib.import_module(f"configs.{name}").get_config(None)
+  assert base <= _keys(c.to_dict())
+
+
+def test_base_config_defaults_agree():
+  """One value per default: the ERDE entropy weight is on (so loss.name=erde keeps
+  the term) and the erde configs keep it; eval covers val and test."""
+  from configs import common, erde_cifar10
+  base = common.base_config()
+  assert base.loss.entropy_weight == 0.5 and base.data.source == "folder"
+  assert tuple(base.eval_splits) == ("val", "test")
+  assert erde_cifar10.get_config("loss=erde").loss.entropy_weight == 0.5

@@ -16,6 +16,7 @@ from PIL import Image
 
 from adaptive_vision import data
 from adaptive_vision.data import augment, sources
+from configs.common import base_config
 
 CLASSES = ('cat', 'ant', 'bee')  # unsorted on purpose: index = sorted order
 PER_CLASS = 4
@@ -24,8 +25,15 @@ CIFAR10 = Path(__file__).resolve().parents[1] / '..' / 'shared' / 'data' / 'cifa
 
 
 def cfg_for(tmp_path, **kw):
-  kw.setdefault('cache_dir', str(tmp_path / 'cache'))
-  return data.default_data_config(**kw)
+  """The base config's data section, on small synthetic data unless `kw` says otherwise."""
+  cfg = base_config().data
+  cfg.update(source='synthetic', name='synthetic', path=None, augment='none', val_size=0,
+             cache_dir=str(tmp_path / 'cache'))
+  unknown = set(kw) - set(cfg)
+  if unknown:
+    raise ValueError(f'unknown data config fields {sorted(unknown)}')
+  cfg.update(kw)
+  return cfg
 
 
 def image_key(x):

@@ -63,7 +63,7 @@ def test_teacher_gets_no_gradient_and_stays_frozen(teacher_dir):
   model, tx_total = models.build(c.model), 10
   tx, schedule = optim.make_optimizer(c.optim, tx_total)
   teacher, teacher_vars = loop.load_teacher(c, __import__(
-      "adaptive_vision.train.sharding", fromlist=["x"]).make_mesh(dict(data=1)))
+      "adaptive_vision.train.sharding", fromlist=["x"]).make_mesh(dict(data=1, model=1)))
   step = steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule,
                                teacher=teacher)
   state = loop.make_init_fn(model, tx, c)(jax.random.PRNGKey(0))

@@ -3,13 +3,20 @@ import math
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from adaptive_vision import losses
+from configs.common import base_config
 
 B, K = 6, 4
+
+
+def loss_config(**fields):
+  """The base config's loss section with `fields` set (every key present)."""
+  c = base_config().loss
+  c.update(fields)
+  return c
 
 
 def np_log_softmax(x):
@@ -183,7 +190,7 @@ def test_cascade_self_distillation_does_not_train_last_branch(data):
 
 def test_loss_from_config(data):
   (s0, s1), (t0, t1), y = data
-  ce = losses.loss_from_config(ml_collections.ConfigDict({'name': 'ce'}))
+  ce = losses.loss_from_config(loss_config(name='ce'))
   loss, m = ce((s0, s1), y)
   np.testing.assert_allclose(loss, np_ce(s0, y).mean() + np_ce(s1, y).mean(), rtol=1e-5)
   np.testing.assert_allclose(m['ce/exit1'], np_ce(s1, y).mean(), rtol=1e-5)
@@ -192,10 +199,9 @@ def test_loss_from_config(data):
   loss1, _ = ce(s0, y)
   np.testing.assert_allclose(loss1, np_ce(s0, y).mean(), rtol=1e-5)
 
-  cfg = ml_collections.ConfigDict({'name': 'erde', 'temperature': 3.0, 'kd_weight': 0.7,
-                                   'entropy_weight': 0.4, 'exit_weights': None,
-                                   'entropy_mode': 'maximize', 'kl_on_wrong': False,
-                                   'self_distill_weight': 0.0})
+  cfg = loss_config(name='erde', temperature=3.0, kd_weight=0.7, entropy_weight=0.4,
+                    exit_weights=None, entropy_mode='maximize', kl_on_wrong=False,
+                    self_distill_weight=0.0)
   erde = jax.jit(losses.loss_from_config(cfg))
   # 2 student exits vs 4 teacher exits -> teacher exits [1, 3].
   teacher4 = [t1, t0, t1 * 0.5, t0]
@@ -205,8 +211,7 @@ def test_loss_from_config(data):
   np.testing.assert_allclose(m['teacher_correct/exit0'], (t0.argmax(-1) == y).mean())
   assert {'loss', 'ce/exit0', 'kd/exit1', 'entropy/exit1', 'teacher_correct'} <= set(m)
 
-  kd = losses.loss_from_config(ml_collections.ConfigDict(
-      {'name': 'kd', 'temperature': 2.0, 'kd_weight': 0.5}))
+  kd = losses.loss_from_config(loss_config(name='kd', temperature=2.0, kd_weight=0.5))
   loss, _ = kd((s0, s1), y, (t0, t1))
   np.testing.assert_allclose(
       loss, losses.kd_loss([s0, s1], [t0, t1], y, temperature=2.0, kd_weight=0.5), rtol=1e-6)
@@ -214,4 +219,64 @@ def test_loss_from_config(data):
   with pytest.raises(ValueError, match='needs teacher_exit_logits'):
     kd((s0, s1), y)
   with pytest.raises(ValueError, match=r"valid names: \('ce', 'kd', 'erde'\)"):
-    losses.loss_from_config(ml_collections.ConfigDict({'name': 'focal'}))
+    losses.loss_from_config(loss_config(name='focal'))
+
+
+def test_loss_from_config_runs_the_public_losses(data):
+  """Each name runs exactly its public function; per-exit metrics are its terms."""
+  (s0, s1), (t0, t1), y = data
+  ce = losses.loss_from_config(loss_config(name='ce', exit_weights=(0.5, 2.0),
+                                           self_distill_weight=0.3, temperature=2.0))
+  loss, m = ce((s0, s1), y)
+  np.testing.assert_allclose(loss, losses.cascade_loss(
+      (s0, s1), y, exit_weights=(0.5, 2.0), self_distill_weight=0.3, temperature=2.0),
+      rtol=1e-6)
+  np.testing.assert_allclose(m['self_distill/exit0'], 0.3 * 4.0 * np_kl(s0, s1, 2.0).mean(),
+                             rtol=1e-5)
+  assert 'self_distill/exit1' not in m
+
+  kw = dict(temperature=3.0, kd_weight=0.7, entropy_weight=0.4, entropy_mode='minimize',
+            kl_on_wrong=True, exit_weights=(1.0, 0.5))
+  erde = losses.loss_from_config(loss_config(name='erde', **kw))
+  loss, m = erde((s0, s1), y, (t0, t1))
+  want, terms = losses.erde_loss((s0, s1), (t0, t1), y, return_terms=True, **kw)
+  np.testing.assert_allclose(loss, want, rtol=1e-6)
+  np.testing.assert_allclose(loss, losses.erde_loss((s0, s1), (t0, t1), y, **kw), rtol=1e-6)
+  for i in range(2):
+    for key in ('ce', 'kd', 'entropy', 'teacher_correct'):
+      np.testing.assert_allclose(m[f'{key}/exit{i}'], terms[key][i], rtol=1e-6)
+  np.testing.assert_allclose(m['ce/exit1'], np_ce(s1, y).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m['entropy/exit0'],
+                             0.4 * (np_entropy(s0) * (t0.argmax(-1) != y)).sum() / B, rtol=1e-5)
+
+
+def test_erde_by_name_from_base_config_keeps_the_entropy_term(data):
+  """--config.loss.name=erde on a config without erde_config still has the entropy term."""
+  (s0, _), (t0, _), y = data
+  correct = [1, 0, 1, 1, 0, 0]
+  t0 = with_teacher_correct(t0, y, correct)
+  cfg = loss_config(name='erde')
+  assert cfg.entropy_weight == 0.5
+  loss, m = losses.loss_from_config(cfg)((s0,), y, (t0,))
+  want = (math.log(K) - np_entropy(s0)) * (1 - np.asarray(correct))
+  np.testing.assert_allclose(m['entropy/exit0'], 0.5 * want.sum() / B, rtol=1e-5)
+  assert float(m['entropy/exit0']) > 0
+  np.testing.assert_allclose(loss, losses.erde_loss(
+      [s0], [t0], y, temperature=1.0, kd_weight=1.0, entropy_weight=0.5), rtol=1e-6)
+
+
+@pytest.mark.parametrize('name, missing', [
+    ('ce', 'exit_weights'), ('ce', 'self_distill_weight'), ('kd', 'kd_weight'),
+    ('erde', 'entropy_weight'), ('erde', 'kl_on_wrong')])
+def test_missing_loss_key_is_a_one_line_error(name, missing):
+  cfg = loss_config(name=name)
+  del cfg[missing]
+  with pytest.raises(ValueError, match=rf'^config key loss\.{missing} is missing; configs '
+                                       r'start from configs\.common\.base_config\(\)') as e:
+    losses.loss_from_config(cfg)
+  assert '\n' not in str(e.value)
+  # Keys the chosen loss does not take are not read.
+  if name == 'ce':
+    cfg = loss_config(name='ce')
+    del cfg['entropy_weight'], cfg['kd_weight']
+    losses.loss_from_config(cfg)

@@ -4,6 +4,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -63,6 +64,57 @@ def test_sharded_step_matches_single_device(strategy):
   assert l1 == pytest.approx(l8, rel=1e-5)
   for a, b in zip(jax.tree_util.tree_leaves(p1), jax.tree_util.tree_leaves(p8)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_loss_is_the_public_erde_loss():
+  """The step runs losses.erde_loss itself (chosen by config.loss.name), on the
+  model's tuple of exits and the teacher's matched exits; the entropy weight
+  comes from the base config."""
+  c = tiny_config()
+  c.model = dict(name="ee_vit", num_classes=10, image_size=16, width=32, depth=2,
+                 num_heads=2, mlp_dim=64, patch_size=4, exits=(0,), head_zero_init=False)
+  c.loss.update(name="erde", temperature=2.0, kd_weight=0.7)
+  teacher_cfg = dict(c.model, name="vit", depth=1)
+  del teacher_cfg["exits"]
+  model, teacher = models.build(c.model), models.build(ml_collections.ConfigDict(teacher_cfg))
+  tx, schedule = optim.make_optimizer(c.optim, 100)
+  state = loop.make_init_fn(model, tx, c)(jax.random.PRNGKey(0))
+  teacher_vars = teacher.init(jax.random.PRNGKey(1), loop.dummy_inputs(c))
+  rng = np.random.default_rng(0)
+  batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
+           "label": rng.integers(0, 10, 16).astype(np.int32)}
+  step = steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule,
+                               teacher=teacher)
+  _, metrics = jax.jit(step)(state, batch, teacher_vars)
+
+  exits, _ = model.apply({"params": state.params}, batch["image"], train=True,
+                         rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
+  teacher_exits, _ = teacher.apply(teacher_vars, batch["image"], train=False)
+  assert isinstance(exits, tuple) and len(exits) == 2 and len(teacher_exits) == 1
+  want = losses.erde_loss(exits, (teacher_exits[0],) * 2, batch["label"],
+                          temperature=2.0, kd_weight=0.7, entropy_weight=0.5)
+  np.testing.assert_allclose(metrics["loss"], want, rtol=1e-5)
+  assert c.loss.entropy_weight == 0.5 and float(metrics["entropy/exit0"]) > 0
+  assert {"ce/exit1", "kd/exit1", "entropy/exit1", "teacher_correct/exit1",
+          "accuracy/exit1", "teacher_correct", "grad_norm", "lr"} <= set(metrics)
+
+
+def test_missing_config_key_is_a_one_line_error(tmp_path):
+  c = tiny_config()
+  del c["mesh"]
+  with pytest.raises(ValueError, match=r"^config key mesh is missing; configs start from "
+                     r"configs\.common\.base_config\(\)"):
+    loop.validate_config(c, str(tmp_path / "w"))
+  c = tiny_config()
+  del c.optim["eps"]
+  with pytest.raises(ValueError, match=r"^config key optim\.eps is missing;"):
+    optim.make_optimizer(c.optim, 10)
+  c = tiny_config()
+  del c.data["source"]
+  with pytest.raises(ValueError, match=r"^config key data\.source is missing;") as e:
+    loop.train_and_evaluate(c, str(tmp_path / "w2"))
+  assert "\n" not in str(e.value)
+  assert not os.path.exists(tmp_path / "w2")
 
 
 @pytest.mark.slow

@@ -39,11 +39,30 @@ def test_outputs_and_pooling():
   model = models.build(_cfg(variant="Nano/4", pool="gap"))
   x = jnp.ones((3, 32, 32, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
-  logits, out = model.apply(variables, x)
+  (logits,), out = model.apply(variables, x)  # the family returns a tuple of exits
   assert logits.shape == (3, 10)
   assert len(out["blocks"]) == 4 and out["blocks"][0].shape == (3, 65, 96)
   assert out["pre_logits"].shape == (3, 96) and out["cls_token"].shape == (3, 96)
   np.testing.assert_allclose(out["pre_logits"], out["encoded"][:, 1:].mean(1), rtol=1e-5)
+
+
+def test_family_returns_one_exit_tuple_with_the_vit_parameters():
+  """models.build gives a tuple of exits like every family; vit.ViT itself keeps
+  (logits, out) and the same parameters, so checkpoints load either way."""
+  cfg = _cfg(variant="Nano/4", head_zero_init=False)
+  model, plain = models.build(cfg), vit.ViT(num_classes=10, variant="Nano/4",
+                                            head_zero_init=False)
+  assert isinstance(model, vit.ViT)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+  variables = model.init(jax.random.PRNGKey(0), x)
+  same = jax.tree.map(lambda a, b: bool(jnp.all(a == b)), variables,
+                      plain.init(jax.random.PRNGKey(0), x))
+  assert all(jax.tree.leaves(same))
+  exits, out = model.apply(variables, x)
+  logits, plain_out = plain.apply(variables, x)
+  assert isinstance(exits, tuple) and len(exits) == 1
+  np.testing.assert_array_equal(exits[0], logits)
+  np.testing.assert_array_equal(out["pre_logits"], plain_out["pre_logits"])
 
 
 def test_cls_bias_changes_output_and_dropout_needs_train():
@@ -67,7 +86,7 @@ def test_analytic_flops_match_xla():
   model = models.build(cfg)
   x = jnp.zeros((1, 224, 224, 3))
   variables = model.init(jax.random.PRNGKey(0), x)
-  xla = flops.xla_flops(lambda v, x: model.apply(v, x)[0], variables, x)
+  xla = flops.xla_flops(lambda v, x: model.apply(v, x)[0][0], variables, x)
   analytic = flops.macs_to_flops(models.exit_macs(cfg)[0])
   assert abs(xla - analytic) / analytic < 0.02
 
@@ -77,7 +96,7 @@ def test_posemb_resampling_runs_at_new_resolution():
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
   params = vit.resample_params(variables["params"], 64, 4)
   assert params["pos_embedding"].shape == (1, 256, 96)
-  logits, _ = model.apply({"params": params}, jnp.zeros((2, 64, 64, 3)))
+  (logits,), _ = model.apply({"params": params}, jnp.zeros((2, 64, 64, 3)))
   assert logits.shape == (2, 10)
 
 

@@ -6,7 +6,6 @@ data.resolutions is set), 'label' int32 [b], and for eval 'mask' float32 [b].
 """
 
 from adaptive_vision.data.pipeline import (
-    default_data_config,
     iterator_checkpoint_args,
     local_batch_size,
     make_eval_iterator,
@@ -28,7 +27,6 @@ __all__ = [
     'cache_root',
     'class_names',
     'dataset_info',
-    'default_data_config',
     'get_source',
     'iterator_checkpoint_args',
     'local_batch_size',

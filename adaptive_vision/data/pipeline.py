@@ -25,25 +25,6 @@ import numpy as np
 from adaptive_vision.data import augment as augment_lib
 from adaptive_vision.data import sources
 
-DEFAULT_PREFETCH_BATCHES = 2
-
-
-def default_data_config(**overrides):
-  """An ml_collections ConfigDict with every data field and its default."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  cfg = dict(
-      source='synthetic', name='synthetic', path=None, cache_dir=None,
-      cache_image_size=None, on_bad_image='error', num_classes=10, image_size=32,
-      resolutions=None, augment='none', normalize='auto', train_split='train',
-      test_split='test', val_size=0, split_seed=0, train_size=None, test_size=None,
-      synthetic_train_size=2048, synthetic_test_size=512, synthetic_seed=0,
-      num_workers=0, prefetch_buffer_size=DEFAULT_PREFETCH_BATCHES)
-  unknown = set(overrides) - set(cfg)
-  if unknown:
-    raise ValueError(f'unknown data config fields {sorted(unknown)}; known: {sorted(cfg)}')
-  cfg.update(overrides)
-  return ml_collections.ConfigDict(cfg)
-
 
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
@@ -59,19 +40,17 @@ def _derive_seed(*ints) -> int:
 
 
 def _preprocess(data_cfg, train: bool) -> augment_lib.Preprocess:
-  get = sources.cfg_get
-  stats = augment_lib.normalization_stats(get(data_cfg, 'name'),
-                                          get(data_cfg, 'normalize', 'auto'))
+  get = sources.data_field
+  stats = augment_lib.normalization_stats(get(data_cfg, 'name'), get(data_cfg, 'normalize'))
   return augment_lib.Preprocess(
-      augment=get(data_cfg, 'augment', 'none'), image_size=get(data_cfg, 'image_size'),
+      augment=get(data_cfg, 'augment'), image_size=get(data_cfg, 'image_size'),
       resolutions=get(data_cfg, 'resolutions'), stats=stats, train=train)
 
 
 def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
   """MapDataset of batches -> prefetching iterator (threads, or worker processes)."""
-  buffer = int(sources.cfg_get(data_cfg, 'prefetch_buffer_size',
-                               DEFAULT_PREFETCH_BATCHES))
-  workers = int(sources.cfg_get(data_cfg, 'num_workers', 0))
+  buffer = int(sources.data_field(data_cfg, 'prefetch_buffer_size'))
+  workers = int(sources.data_field(data_cfg, 'num_workers'))
   if workers <= 0:
     # In-process: background threads compute whole batches, in order.
     read = grain.ReadOptions(num_threads=max(1, min(2, buffer)),

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from adaptive_vision.config import require
 from adaptive_vision.data import augment as augment_lib
 
 log = logging.getLogger(__name__)
@@ -50,41 +51,38 @@ _FOLDER_LAYOUT = ('<split>/<class>/<image> (a directory or a .tar/.tar.gz of it)
 # ----------------------------------------------------------------------------- config
 
 
-def cfg_get(cfg, key: str, default=None):
-  """Reads a field from a ConfigDict / dict / object; None counts as unset."""
-  if hasattr(cfg, 'get'):
-    value = cfg.get(key, default)
-  else:
-    value = getattr(cfg, key, default)
-  return default if value is None else value
+def data_field(data_cfg, key: str):
+  """`data_cfg[key]` (None included); a missing key is a one-line error naming
+  data.<key> (the defaults live in configs/common.py `base_config()`)."""
+  return require(data_cfg, key, 'data')
 
 
 def cache_root(data_cfg) -> Path:
   """data.cache_dir, else $ADAPTIVE_VISION_CACHE, else ~/.cache/adaptive_vision."""
-  root = (cfg_get(data_cfg, 'cache_dir') or os.environ.get('ADAPTIVE_VISION_CACHE')
+  root = (data_field(data_cfg, 'cache_dir') or os.environ.get('ADAPTIVE_VISION_CACHE')
           or '~/.cache/adaptive_vision')
   return Path(root).expanduser()
 
 
 def validate_config(data_cfg) -> None:
   """Checks enum-like fields up front so mistakes fail in one clear line."""
-  source = cfg_get(data_cfg, 'source', 'tfds')
+  source = data_field(data_cfg, 'source')
   if source not in SOURCES:
     raise ValueError(f'data.source={source!r} is unknown; use one of {SOURCES}')
-  bad = cfg_get(data_cfg, 'on_bad_image', 'error')
+  bad = data_field(data_cfg, 'on_bad_image')
   if bad not in ('error', 'skip'):
     raise ValueError(f"data.on_bad_image={bad!r} is unknown; use 'error' or 'skip'")
-  aug = cfg_get(data_cfg, 'augment', 'none')
+  aug = data_field(data_cfg, 'augment')
   if aug not in augment_lib.AUGMENTS:
     raise ValueError(f'data.augment={aug!r} is unknown; use one of {augment_lib.AUGMENTS}')
-  image_size = cfg_get(data_cfg, 'image_size')
+  image_size = data_field(data_cfg, 'image_size')
   if image_size is None or int(image_size) <= 0:
     raise ValueError(f'data.image_size={image_size!r} must be a positive int')
-  augment_lib.validate_resolutions(cfg_get(data_cfg, 'resolutions'), image_size)
-  augment_lib.normalization_stats(cfg_get(data_cfg, 'name'),
-                                  cfg_get(data_cfg, 'normalize', 'auto'))
+  augment_lib.validate_resolutions(data_field(data_cfg, 'resolutions'), image_size)
+  augment_lib.normalization_stats(data_field(data_cfg, 'name'),
+                                  data_field(data_cfg, 'normalize'))
   for key in ('val_size', 'train_size', 'test_size', 'num_workers'):
-    value = cfg_get(data_cfg, key)
+    value = data_field(data_cfg, key)
     if value is not None and int(value) < 0:
       raise ValueError(f'data.{key}={value} must be >= 0')
 
@@ -233,7 +231,7 @@ class DatasetNotPreparedError(FileNotFoundError):
 def _tfds_source(data_cfg, split_name: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  name = cfg_get(data_cfg, 'name')
+  name = data_field(data_cfg, 'name')
   base = str(name).split('/')[0].split(':')[0]
   try:
     tfds.builder_cls(base)
@@ -241,7 +239,7 @@ def _tfds_source(data_cfg, split_name: str):
     raise ValueError(
         f"unknown tfds dataset {name!r}; check the name, or use data.source='folder'"
         ' with data.path pointing at a local image folder') from e
-  data_dir = cfg_get(data_cfg, 'path')
+  data_dir = data_field(data_cfg, 'path')
   builder = tfds.builder(name, data_dir=data_dir)
   # is_prepared() only looks at the local dataset_info.json; tfds.data_source with
   # download=False would otherwise try GCS and retry for minutes on a closed network.
@@ -257,7 +255,7 @@ def _tfds_source(data_cfg, split_name: str):
   if splits and split_base not in splits:
     raise ValueError(f'tfds dataset {name!r} has no split {split_base!r}; available:'
                      f' {sorted(splits)} (set data.train_split / data.test_split)')
-  num_classes = cfg_get(data_cfg, 'num_classes')
+  num_classes = data_field(data_cfg, 'num_classes')
   label_feature = builder.info.features['label'] if 'label' in builder.info.features else None
   ds_classes = getattr(label_feature, 'num_classes', None)
   if num_classes is not None and ds_classes and ds_classes > num_classes:
@@ -499,9 +497,9 @@ class _Converter:
 
 
 def _cache_dir_for(data_cfg, kind, location: Path, split: str) -> Path:
-  size = cfg_get(data_cfg, 'cache_image_size')
+  size = data_field(data_cfg, 'cache_image_size')
   key = hashlib.sha1(f'{kind}\0{location}\0{split}\0{size}\0{_CACHE_FORMAT}'.encode())
-  label = _safe(str(cfg_get(data_cfg, 'name', 'data')))
+  label = _safe(str(data_field(data_cfg, 'name')))
   return cache_root(data_cfg) / 'folder' / f'{label}-{_safe(split)}-{key.hexdigest()[:12]}'
 
 
@@ -513,13 +511,13 @@ def _read_meta(out_dir: Path):
 
 
 def _folder_source(data_cfg, split: str) -> ArraySource:
-  path = cfg_get(data_cfg, 'path')
+  path = data_field(data_cfg, 'path')
   kind, location = _find_split_input(path, split)
   # A single archive holding every split versus one archive per split.
   per_split_tar = kind == 'tar' and not (Path(path).expanduser().is_file())
-  size = cfg_get(data_cfg, 'cache_image_size')
+  size = data_field(data_cfg, 'cache_image_size')
   size = None if size is None else int(size)
-  on_bad = cfg_get(data_cfg, 'on_bad_image', 'error')
+  on_bad = data_field(data_cfg, 'on_bad_image')
   out_dir = _cache_dir_for(data_cfg, kind, location, split)
   display = f'{location}' if kind == 'dir' else f'{location} ({split})'
 
@@ -555,14 +553,14 @@ def _folder_source(data_cfg, split: str) -> ArraySource:
         " them or set data.on_bad_image='skip'")
   labels = np.load(out_dir / meta['labels'])
   src = ArraySource(out_dir / meta['images'], labels, meta['class_names'])
-  _check_labels(labels, cfg_get(data_cfg, 'num_classes'), display)
+  _check_labels(labels, data_field(data_cfg, 'num_classes'), display)
   return src
 
 
 def _check_class_consistency(data_cfg, split_src, split: str, train_split: str):
   """Folder splits map class names to indices independently; they must agree."""
   try:
-    kind, location = _find_split_input(cfg_get(data_cfg, 'path'), train_split)
+    kind, location = _find_split_input(data_field(data_cfg, 'path'), train_split)
   except (FileNotFoundError, ValueError):
     return
   meta = _read_meta(_cache_dir_for(data_cfg, kind, location, train_split))
@@ -578,23 +576,23 @@ def _check_class_consistency(data_cfg, split_src, split: str, train_split: str):
 
 def _raw_split(data_cfg, which: str):
   """The full underlying split: which is 'train' (train_split) or 'test'."""
-  source = cfg_get(data_cfg, 'source', 'tfds')
-  split_name = cfg_get(data_cfg, f'{which}_split', which)
+  source = data_field(data_cfg, 'source')
+  split_name = data_field(data_cfg, f'{which}_split')
   if source == 'synthetic':
-    n = cfg_get(data_cfg, 'synthetic_train_size' if which == 'train'
-                else 'synthetic_test_size', 2048 if which == 'train' else 512)
-    seed = int(cfg_get(data_cfg, 'synthetic_seed', 0))
-    num_classes = cfg_get(data_cfg, 'num_classes')
+    n = data_field(data_cfg, 'synthetic_train_size' if which == 'train'
+              else 'synthetic_test_size')
+    seed = int(data_field(data_cfg, 'synthetic_seed'))
+    num_classes = data_field(data_cfg, 'num_classes')
     if num_classes is None:
       raise ValueError("data.source='synthetic' needs data.num_classes")
     # Different seeds for the two splits: same class templates, new examples.
-    return SyntheticSource(n, cfg_get(data_cfg, 'image_size'), num_classes,
+    return SyntheticSource(n, data_field(data_cfg, 'image_size'), num_classes,
                            seed=2 * seed + (0 if which == 'train' else 1))
   if source == 'folder':
     src = _folder_source(data_cfg, split_name)
     if which == 'test':
       _check_class_consistency(data_cfg, src, split_name,
-                               cfg_get(data_cfg, 'train_split', 'train'))
+                               data_field(data_cfg, 'train_split'))
     return src
   return _tfds_source(data_cfg, split_name)
 
@@ -610,11 +608,11 @@ def _limit(n: int, limit, field: str, available_desc: str) -> int:
 
 
 def _train_val_indices(data_cfg, n: int):
-  val_size = int(cfg_get(data_cfg, 'val_size', 0))
+  val_size = int(data_field(data_cfg, 'val_size') or 0)
   if val_size >= n and val_size > 0:
     raise ValueError(f'data.val_size={val_size} must be smaller than the {n} examples'
                      ' of the train split')
-  perm = np.random.default_rng(int(cfg_get(data_cfg, 'split_seed', 0))).permutation(n)
+  perm = np.random.default_rng(int(data_field(data_cfg, 'split_seed'))).permutation(n)
   return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
@@ -629,7 +627,7 @@ def get_source(data_cfg, split: str):
   validate_config(data_cfg)
   if split == 'test':
     base = _raw_split(data_cfg, 'test')
-    n = _limit(len(base), cfg_get(data_cfg, 'test_size'), 'test_size',
+    n = _limit(len(base), data_field(data_cfg, 'test_size'), 'test_size',
                'of the test split')
     return SubsetSource(base, np.arange(n))
   base = _raw_split(data_cfg, 'train')
@@ -639,14 +637,14 @@ def get_source(data_cfg, split: str):
       raise ValueError("split 'val' is empty: set data.val_size > 0 to hold out"
                        ' validation examples from the train split')
     return SubsetSource(base, val_idx)
-  n = _limit(len(train_idx), cfg_get(data_cfg, 'train_size'), 'train_size',
+  n = _limit(len(train_idx), data_field(data_cfg, 'train_size'), 'train_size',
              'left in the train split after holding out data.val_size')
   return SubsetSource(base, train_idx[:n])
 
 
 def num_examples(data_cfg, split: str) -> int:
   """Number of examples of a split after holdout and size limits (0 for an empty val)."""
-  if split == 'val' and not cfg_get(data_cfg, 'val_size', 0):
+  if split == 'val' and not data_field(data_cfg, 'val_size'):
     return 0
   return len(get_source(data_cfg, split))
 
@@ -654,8 +652,8 @@ def num_examples(data_cfg, split: str) -> int:
 def dataset_info(data_cfg) -> dict[str, int]:
   """dict(num_classes, train_size, val_size, test_size) after holdout and limits."""
   train = get_source(data_cfg, 'train')
-  val_size = int(cfg_get(data_cfg, 'val_size', 0))
-  num_classes = cfg_get(data_cfg, 'num_classes')
+  val_size = int(data_field(data_cfg, 'val_size') or 0)
+  num_classes = data_field(data_cfg, 'num_classes')
   if num_classes is None and train.class_names is not None:
     num_classes = len(train.class_names)
   return dict(num_classes=num_classes, train_size=len(train), val_size=val_size,

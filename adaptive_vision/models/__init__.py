@@ -2,7 +2,9 @@
 
 `model_cfg.name` names a module `adaptive_vision.models.<name>` that exposes
 `build(model_cfg)` and `exit_macs(model_cfg)`; adding a family means adding a
-module, with no table to edit.
+module, with no table to edit. Every family's module returns
+`(exit_logits, out)` with `exit_logits` a tuple of [B, K] arrays, cheapest exit
+first (a single-exit model returns a tuple of one).
 """
 
 from __future__ import annotations
@@ -45,10 +47,22 @@ def exit_macs(model_cfg) -> list[float]:
 
 
 def as_exits(logits: Any) -> tuple[jax.Array, ...]:
-  """A single logits array or a sequence of exit logits -> tuple of exits."""
+  """Tuple of [B, K] exit logits from a sequence of them, one [B, K] array
+  (one exit) or a stacked [E, B, K] array.
+
+  The one place that normalises exit logits: the losses and the early-exit
+  policies accept any of these forms through it.
+  """
   if isinstance(logits, (tuple, list)):
     return tuple(logits)
-  return (logits,)
+  ndim = getattr(logits, "ndim", None)
+  if ndim == 2:
+    return (logits,)
+  if ndim == 3:
+    return tuple(logits[i] for i in range(logits.shape[0]))
+  raise ValueError(f"expected [B, K] logits, [E, B, K] stacked exit logits or a "
+                   f"sequence of [B, K], got {type(logits).__name__} "
+                   f"of shape {getattr(logits, 'shape', None)}")
 
 
 def num_exits(model_cfg) -> int:

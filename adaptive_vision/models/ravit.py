@@ -276,9 +276,9 @@ def _branch_list(branches) -> tuple:
 
 
 def build(model_cfg) -> RAViT:
-  kw = _kwargs(model_cfg)
-  _branch_specs(kw["branches"], kw.get("reuse", "token"))  # fail early, at build time
-  return RAViT(**kw)
+  model = RAViT(**_kwargs(model_cfg))
+  _branch_specs(model.branches, model.reuse)  # fail early, at build time
+  return model
 
 
 def resolutions(model_cfg) -> tuple[int, ...]:

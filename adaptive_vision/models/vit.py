@@ -4,6 +4,11 @@
 `(logits, out)`; `out` holds every block's tokens, the final normalized tokens,
 the class token and the pre-logits features, so early exits, the resolution
 cascade and distillation read what they need without model surgery.
+
+The `vit` model family (`models.build(cfg)` with `cfg.name == 'vit'`) builds a
+`SingleExitViT`: the same module and parameters, returning `((logits,), out)`
+like every family (a tuple of exits). `ViT` itself keeps `(logits, out)`,
+which RAViT's branches and `EarlyExitViT` build on.
 """
 
 from __future__ import annotations
@@ -268,6 +273,19 @@ def resample_params(params: dict, image_size: int, patch_size: int) -> dict:
   return params
 
 
+class SingleExitViT(ViT):
+  """`ViT` as a model family: the logits come as a tuple of one exit.
+
+  Same fields and parameter names as `ViT` (checkpoints load either way);
+  returns `((logits,), out)`.
+  """
+
+  @nn.compact
+  def __call__(self, images, *, train: bool = False, cls_bias=None):
+    logits, out = super().__call__(images, train=train, cls_bias=cls_bias)
+    return (logits,), out
+
+
 # ----------------------------------------------------------------------------
 # Model-family contract (see adaptive_vision/models/__init__.py)
 
@@ -275,8 +293,8 @@ def _kwargs(model_cfg) -> dict:
   return module_kwargs(model_cfg, ViT)
 
 
-def build(model_cfg) -> ViT:
-  vit = ViT(**_kwargs(model_cfg))
+def build(model_cfg) -> SingleExitViT:
+  vit = SingleExitViT(**_kwargs(model_cfg))
   if "image_size" in model_cfg:
     _check_image_size(model_cfg.image_size, vit.dims["patch_size"], "model")
   return vit

@@ -16,6 +16,7 @@ import numpy as np
 
 from adaptive_vision import data as data_lib
 from adaptive_vision import evaluation, losses, models
+from adaptive_vision.config import require
 from adaptive_vision.train import checkpointing, optim, sharding as shd, steps
 from adaptive_vision.train.metrics import MetricWriter, Progress
 from adaptive_vision.train.state import TrainState, param_count
@@ -32,7 +33,7 @@ class Preempted(SystemExit):
 
 
 def is_multi_resolution(config) -> bool:
-  return bool(config.data.get("resolutions"))
+  return bool(require(config.data, "resolutions", "data"))
 
 
 def check_workdir(workdir: str) -> None:
@@ -56,10 +57,10 @@ def validate_config(config, workdir: str) -> None:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
-  mesh_cfg = config.get("mesh") or {}
-  data_axis = int(mesh_cfg.get("data", -1))
+  mesh_cfg = require(config, "mesh")
+  data_axis = int(require(mesh_cfg, "data", "mesh"))
   if data_axis == -1:
-    data_axis = jax.device_count() // int(mesh_cfg.get("model", 1))
+    data_axis = jax.device_count() // int(require(mesh_cfg, "model", "mesh"))
   if data_axis > 0 and config.batch_size % data_axis:
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the {data_axis} "
                      "devices of the mesh's data axis; use a multiple of "
@@ -69,7 +70,7 @@ def validate_config(config, workdir: str) -> None:
   if config.model.name == "ravit":
     from adaptive_vision.models import ravit
     want = tuple(ravit.resolutions(config.model))
-    got = tuple(config.data.get("resolutions") or ())
+    got = tuple(require(config.data, "resolutions", "data") or ())
     if want != got:
       raise ValueError(f"data.resolutions={got} but the RAViT branches take {want}; "
                        "set data.resolutions to the branch resolutions")
@@ -79,7 +80,7 @@ def validate_config(config, workdir: str) -> None:
   if config.model.num_classes != config.data.num_classes:
     raise ValueError(f"model.num_classes={config.model.num_classes} but "
                      f"data.num_classes={config.data.num_classes}")
-  if config.loss.name in ("kd", "erde") and not config.get("teacher"):
+  if config.loss.name in ("kd", "erde") and not require(config, "teacher"):
     raise ValueError(f"loss.name={config.loss.name!r} needs a teacher: set "
                      "teacher.model and teacher.checkpoint")
   del macs
@@ -89,7 +90,8 @@ def validate_config(config, workdir: str) -> None:
 # computes (logging, checkpoint cadence, placement, where files live).
 _OPERATIONAL = ("log_every", "eval_every", "checkpoint_every", "stop_at_step", "max_to_keep",
                 "async_checkpoints", "eval_batch_size", "eval_splits", "mesh", "param_sharding",
-                "allow_config_change", "data.num_workers", "data.cache_dir", "data.path",
+                "allow_config_change", "data.num_workers", "data.prefetch_buffer_size",
+                "data.cache_dir", "data.path",
                 "teacher.checkpoint")
 
 
@@ -112,7 +114,7 @@ def check_same_recipe(config, workdir: str) -> None:
   """
   path = os.path.join(workdir, "config.json")
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  if config.get("allow_config_change") or not os.path.exists(path):
+  if require(config, "allow_config_change") or not os.path.exists(path):
     return
   if not os.path.isdir(ckpt_dir) or not any(d.isdigit() for d in os.listdir(ckpt_dir)):
     return  # nothing to resume: a fresh start may use any recipe
@@ -172,7 +174,7 @@ def load_teacher(config, mesh):
 def evaluate_split(eval_step, state, config, split, mesh):
   """(exit_logits [E, N, K], labels [N]) in the split's example order, for any
   number of processes (so logits files of runs on different topologies line up)."""
-  global_batch = config.get("eval_batch_size", config.batch_size)
+  global_batch = require(config, "eval_batch_size")
   # Eval batches are padded anyway, so round up to what the mesh can split.
   shards = mesh.shape[shd.DATA]
   global_batch = -(-global_batch // shards) * shards
@@ -215,18 +217,18 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except OSError as e:
     raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
 
-  mesh = shd.make_mesh(config.get("mesh"))
+  mesh = shd.make_mesh(require(config, "mesh"))
   model = models.build(config.model)
   multi_res = is_multi_resolution(config)
   steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
-  total_steps = int(config.get("total_steps") or config.num_epochs * steps_per_epoch)
+  total_steps = int(require(config, "total_steps") or config.num_epochs * steps_per_epoch)
 
   tx, schedule = optim.make_optimizer(config.optim, total_steps)
   loss_fn = losses.loss_from_config(config.loss)
   init_fn = make_init_fn(model, tx, config)
   rng = jax.random.PRNGKey(config.seed)
   abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = shd.state_shardings(abstract, mesh, config.get("param_sharding", "replicate"))
+  state_sharding = shd.state_shardings(abstract, mesh, require(config, "param_sharding"))
   checkpointing.check_signature(
       workdir, {"model": json.loads(config.model.to_json_best_effort()),
                 "params": checkpointing.shapes_of(abstract.params)}, write=True)
@@ -236,8 +238,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       process_index=jax.process_index(), process_count=jax.process_count())
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                    max_to_keep=config.get("max_to_keep", 3),
-                                    async_save=config.get("async_checkpoints", True))
+                                    max_to_keep=require(config, "max_to_keep"),
+                                    async_save=require(config, "async_checkpoints"))
   restored = ckpt.restore(_with_shardings(abstract, state_sharding), train_iter)
   if restored is None:
     state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
@@ -252,7 +254,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                       config.to_json_best_effort(indent=2, sort_keys=True))
 
   teacher, teacher_vars, teacher_multi = None, None, False
-  if config.get("teacher"):
+  if require(config, "teacher"):
     teacher, teacher_vars = load_teacher(config, mesh)
     teacher_multi = config.teacher.model.name == "ravit"
   step_fn = steps.make_train_step(model, tx, loss_fn, schedule, multi_resolution=multi_res,
@@ -272,12 +274,12 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                              "devices": jax.device_count(), "processes": jax.process_count()})
   progress = Progress(total_steps, config.batch_size, start, enabled=primary)
-  log_every = int(config.get("log_every", 50))
-  ckpt_every = int(config.get("checkpoint_every", 500))
-  eval_every = int(config.get("eval_every", 0))
+  log_every = int(require(config, "log_every"))
+  ckpt_every = int(require(config, "checkpoint_every"))
+  eval_every = int(require(config, "eval_every"))
   # End this invocation after this step (checkpoint saved); the same command
   # continues later. For time-sliced clusters and for resume tests.
-  stop_at = int(config.get("stop_at_step", 0))
+  stop_at = int(require(config, "stop_at_step"))
 
   preempted = []
   previous_handler = None
@@ -301,7 +303,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   def run_eval(step):
     out = {}
-    for split in config.get("eval_splits", ("test",)):
+    for split in require(config, "eval_splits"):
       logits, labels = evaluate_split(eval_step, state, config, split, mesh)
       accs = evaluation.exit_accuracies(logits, labels)
       rec = {f"accuracy/exit{i}": a for i, a in enumerate(accs)}

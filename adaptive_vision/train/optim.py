@@ -6,19 +6,26 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptive_vision.config import require
+
 _VALID = {"name", "lr", "weight_decay", "b1", "b2", "eps", "momentum", "nesterov",
           "warmup_steps", "warmup_fraction", "schedule", "end_lr_factor",
           "grad_clip", "wd_mask"}
 
 
+def _read(optim_cfg, key: str):
+  return require(optim_cfg, key, "optim")
+
+
 def make_schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  lr = float(optim_cfg.lr)
-  warmup = int(optim_cfg.get("warmup_steps") or 0)
-  if not warmup and optim_cfg.get("warmup_fraction"):
-    warmup = int(round(optim_cfg.warmup_fraction * total_steps))
+  lr = float(_read(optim_cfg, "lr"))
+  warmup = int(_read(optim_cfg, "warmup_steps") or 0)
+  fraction = _read(optim_cfg, "warmup_fraction")
+  if not warmup and fraction:
+    warmup = int(round(fraction * total_steps))
   warmup = min(warmup, max(total_steps - 1, 0))
-  kind = optim_cfg.get("schedule", "cosine")
-  end = lr * float(optim_cfg.get("end_lr_factor", 0.0))
+  kind = _read(optim_cfg, "schedule")
+  end = lr * float(_read(optim_cfg, "end_lr_factor"))
   if kind == "cosine":
     decay = optax.cosine_decay_schedule(lr, max(total_steps - warmup, 1), alpha=end / lr if lr else 0.0)
   elif kind == "constant":
@@ -54,21 +61,22 @@ def make_optimizer(optim_cfg, total_steps: int):
   if unknown:
     raise ValueError(f"unknown optim keys {sorted(unknown)}; valid: {sorted(_VALID)}")
   schedule = make_schedule(optim_cfg, total_steps)
-  wd = float(optim_cfg.get("weight_decay", 0.0))
-  mask = lambda p: weight_decay_mask(p, optim_cfg.get("wd_mask", "kernels"))
-  name = optim_cfg.get("name", "adamw")
+  read = lambda key: _read(optim_cfg, key)
+  wd = float(read("weight_decay"))
+  wd_mask = read("wd_mask")
+  mask = lambda p: weight_decay_mask(p, wd_mask)
+  name = read("name")
   if name == "adamw":
-    core = optax.adamw(schedule, b1=optim_cfg.get("b1", 0.9), b2=optim_cfg.get("b2", 0.999),
-                       eps=optim_cfg.get("eps", 1e-8), weight_decay=wd, mask=mask)
+    core = optax.adamw(schedule, b1=read("b1"), b2=read("b2"), eps=read("eps"),
+                       weight_decay=wd, mask=mask)
   elif name == "sgd":
     # Coupled L2 (added to the gradient before momentum), as in the ResNet papers.
     core = optax.chain(
         optax.add_decayed_weights(wd, mask) if wd else optax.identity(),
-        optax.sgd(schedule, momentum=optim_cfg.get("momentum", 0.9),
-                  nesterov=optim_cfg.get("nesterov", True)))
+        optax.sgd(schedule, momentum=read("momentum"), nesterov=read("nesterov")))
   else:
     raise ValueError(f"optim.name={name!r}; use 'adamw' or 'sgd'")
-  clip = optim_cfg.get("grad_clip")
+  clip = read("grad_clip")
   if clip:
     core = optax.chain(optax.clip_by_global_norm(float(clip)), core)
   return core, schedule

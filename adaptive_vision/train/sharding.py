@@ -12,15 +12,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adaptive_vision.config import require
+
 DATA = "data"
 MODEL = "model"
 
 
 def make_mesh(mesh_cfg=None) -> Mesh:
-  """`mesh_cfg.data`/`mesh_cfg.model` give axis sizes; -1 means "the rest"."""
+  """`mesh_cfg.data`/`mesh_cfg.model` give axis sizes; -1 means "the rest".
+
+  Without `mesh_cfg`, every device is on the data axis (data=-1, model=1).
+  """
   n = jax.device_count()
-  data = int(mesh_cfg.get("data", -1)) if mesh_cfg else -1
-  model = int(mesh_cfg.get("model", 1)) if mesh_cfg else 1
+  if mesh_cfg is None:
+    data, model = -1, 1
+  else:
+    data = int(require(mesh_cfg, "data", "mesh"))
+    model = int(require(mesh_cfg, "model", "mesh"))
   if data == -1:
     if n % model:
       raise ValueError(f"mesh.model={model} does not divide the {n} devices")

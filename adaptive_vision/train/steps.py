@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_vision.models import as_exits
 from adaptive_vision.train import sharding as shd
 from adaptive_vision.train.state import TrainState
 
@@ -22,6 +21,15 @@ def model_inputs(batch: dict, multi_resolution: bool):
                        "batches carry 'views'")
     return tuple(batch["views"])
   return batch["image"] if "image" in batch else batch["views"][-1]
+
+
+def _exits(logits, who: str) -> tuple:
+  """The model family contract: exit logits are a tuple of [B, K] arrays."""
+  if not isinstance(logits, tuple):
+    raise TypeError(f"the {who} returned {type(logits).__name__} logits; every model "
+                    "family returns (exit_logits, out) with exit_logits a tuple of "
+                    "[B, K] arrays (see adaptive_vision/models/__init__.py)")
+  return logits
 
 
 def _variables(params, batch_stats):
@@ -51,7 +59,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       t_logits, _ = teacher.apply(teacher_variables,
                                   model_inputs(batch, teacher_multi_resolution),
                                   train=False)
-      teacher_logits = jax.lax.stop_gradient(as_exits(t_logits))
+      teacher_logits = jax.lax.stop_gradient(_exits(t_logits, "teacher"))
 
     def loss_of(params):
       variables = _variables(params, state.batch_stats)
@@ -63,7 +71,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
       else:
         logits, _ = model.apply(variables, inputs, train=True, rngs={"dropout": rng})
         batch_stats = state.batch_stats
-      loss, metrics = loss_fn(as_exits(logits), batch["label"], teacher_logits)
+      loss, metrics = loss_fn(_exits(logits, "model"), batch["label"], teacher_logits)
       return loss, (metrics, batch_stats)
 
     (loss, (metrics, batch_stats)), grads = jax.value_and_grad(
@@ -89,7 +97,7 @@ def make_eval_step(model: nn.Module, *, multi_resolution: bool = False):
   def step(params, batch_stats, batch):
     logits, _ = model.apply(_variables(params, batch_stats),
                             model_inputs(batch, multi_resolution), train=False)
-    return jnp.stack([l.astype(jnp.float32) for l in as_exits(logits)])
+    return jnp.stack([l.astype(jnp.float32) for l in _exits(logits, "model")])
 
   return step
 
