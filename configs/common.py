@@ -107,21 +107,27 @@ def cifar_vit_recipe(c: ml_collections.ConfigDict, *, epochs: int, batch: int, l
 
 
 def erde_config(arg, *, dataset: str, num_classes: int, source: str,
-                path=None, augment: str = "cifar", epochs: int = 15):
+                path=None, augment: str = "cifar", teacher_epochs: int = 60,
+                student_epochs: int = 30):
   """Teacher or student of an ERDE experiment (configs/erde_*.py).
 
   role=teacher  ResNet-<teacher_depth> with exits after stages 1 and 2, cross entropy
   role=student  ResNet-<student_depth> with exits after stages 1 and 2, loss ce|kd|erde
                 distilled from the teacher checkpoint in teacher_dir
+  epochs=0 means the role's default (teacher_epochs / student_epochs); seed=N
+  sets the run's seed (initialization, data order, augmentation, dropout).
   """
   a = parse_arg(arg, role="student", loss="erde", teacher_dir="runs/erde_teacher",
                 teacher_depth=20, student_depth=8, width_multiplier=1.0,
-                epochs=epochs, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
+                epochs=0, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
                 entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0,
-                warmup=0.1, clip=2.0)
+                warmup=0.1, clip=2.0, seed=0)
   if a.role not in ("teacher", "student"):
     raise ValueError(f"role={a.role!r}; use role=teacher or role=student")
+  if not a.epochs:
+    a.epochs = teacher_epochs if a.role == "teacher" else student_epochs
   c = base_config()
+  c.seed = a.seed
   c.data.update(source=source, name=dataset, path=path, num_classes=num_classes,
                 image_size=32, augment=augment)
   c.batch_size = a.batch

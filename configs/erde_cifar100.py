@@ -13,4 +13,5 @@ from configs import common
 
 def get_config(arg=None):
   return common.erde_config(arg, dataset="cifar100", num_classes=100, source="tfds",
-                            augment="cifar", epochs=200)
+                            augment="cifar", teacher_epochs=200,
+                            student_epochs=200)

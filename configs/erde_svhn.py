@@ -12,4 +12,5 @@ from configs import common
 
 def get_config(arg=None):
   return common.erde_config(arg, dataset="svhn_cropped", num_classes=10, source="tfds",
-                            augment="none", epochs=40)
+                            augment="none", teacher_epochs=40,
+                            student_epochs=40)
