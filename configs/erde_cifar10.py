@@ -7,7 +7,8 @@ epochs, same recipe), then the report and the comparisons:
   python -m launch.train --config configs/erde_cifar10.py:loss=ce,seed=0   --workdir runs/erde_ce_s0
   python -m launch.train --config configs/erde_cifar10.py:loss=kd,seed=0   --workdir runs/erde_kd_s0
   python -m launch.train --config configs/erde_cifar10.py:loss=erde,seed=0 --workdir runs/erde_erde_s0
-  ... seeds 1 and 2 alike; launch/experiments/erde_cifar10_cpu.sh has every command.
+  ... seeds 1 and 2 alike. (launch/experiments/erde_cifar10_cpu.sh reproduces the
+  short-schedule record in results/erde_cifar10_cpu/, with explicit epochs.)
 
 Arguments (comma separated after ':'): role=teacher|student, loss=ce|kd|erde,
 seed=N, teacher_dir=DIR, teacher_depth=20, student_depth=8,
