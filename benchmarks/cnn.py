@@ -138,15 +138,8 @@ def main(argv=None) -> dict:
     return (time.perf_counter() - start) / args.steps
 
   order = list(built) + list(peers)
-  times = {n: [] for n in order}
   try:
-    for r in range(args.rounds + 1):  # round 0 warms up
-      for name in (order if r % 2 == 0 else order[::-1]):
-        t = run(name)
-        if r:
-          times[name].append(t)
-      if r:
-        common.log(f"round {r}/{args.rounds}")
+    times = common.interleaved_rounds(order, run, args.rounds)
   finally:
     for peer in peers.values():
       peer.close()

@@ -245,3 +245,37 @@ def run_child(spec: dict, *, timeout: float, env: Optional[dict] = None) -> dict
             "wall_s": time.perf_counter() - start}
   result.setdefault("wall_s", time.perf_counter() - start)
   return result
+
+
+def interleaved_rounds(order: Sequence[str], run: Callable[[str], float], rounds: int) -> dict:
+  """Times every variant in `order` once per round, the order reversed every
+  other round so that a busy minute hits all alike; round 0 only warms up.
+  Returns {name: [seconds per round]}."""
+  times = {n: [] for n in order}
+  for r in range(rounds + 1):
+    for name in (order if r % 2 == 0 else list(order)[::-1]):
+      t = run(name)
+      if r:
+        times[name].append(t)
+    if r:
+      log(f"round {r}/{rounds}")
+  return times
+
+
+def serve_steps(step: Callable[[], Any], finish: Callable[[Any], None], stdin, stdout) -> None:
+  """The torch peers' protocol (benchmarks.paired, benchmarks.cnn): two warm-up
+  steps, `TORCH_READY`, then for each stdin line `N` runs N steps, waits for
+  the last (`finish`) and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
+  for _ in range(2):
+    finish(step())
+  print("TORCH_READY", file=stdout, flush=True)
+  for line in stdin:
+    line = line.strip()
+    if line == "quit" or not line:
+      break
+    start = time.perf_counter()
+    last = None
+    for _ in range(int(line)):
+      last = step()
+    finish(last)
+    print(f"TORCH_SECONDS {time.perf_counter() - start}", file=stdout, flush=True)

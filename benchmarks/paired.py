@@ -153,15 +153,8 @@ def main(argv=None) -> dict:
     return (time.perf_counter() - start) / args.steps
 
   order = names + (["torch_eager"] if peer else [])
-  times = {n: [] for n in order}
   try:
-    for r in range(args.rounds + 1):  # round 0 warms up
-      for name in (order if r % 2 == 0 else order[::-1]):
-        t = run_variant(name)
-        if r:
-          times[name].append(t)
-      if r:
-        common.log(f"round {r}/{args.rounds}")
+    times = common.interleaved_rounds(order, run_variant, args.rounds)
   finally:
     if peer:
       peer.close()

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import math
 import os
-import time
+
+from benchmarks import common
 
 
 def spec_from_config(config, batch: int) -> dict:
@@ -174,17 +175,4 @@ def _train_step(spec: dict):
 def serve(spec: dict, stdin, stdout) -> None:
   """Steps on request (see torch_vit.serve): `TORCH_READY`, then per line `N`
   runs N steps and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
-  step = _train_step(spec)
-  for _ in range(2):
-    step()
-  print("TORCH_READY", file=stdout, flush=True)
-  for line in stdin:
-    line = line.strip()
-    if line == "quit" or not line:
-      break
-    start = time.perf_counter()
-    last = None
-    for _ in range(int(line)):
-      last = step()
-    float(last.item())
-    print(f"TORCH_SECONDS {time.perf_counter() - start}", file=stdout, flush=True)
+  common.serve_steps(_train_step(spec), lambda loss: float(loss.item()), stdin, stdout)

@@ -245,21 +245,12 @@ def serve(spec: dict, stdin, stdout) -> None:
   stdin runs N steps and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
   train_step, torch, model, device, _ = _train_step(spec)
   model.train()
-  for _ in range(2):
-    train_step()
-  _sync(torch, device)
-  print("TORCH_READY", file=stdout, flush=True)
-  for line in stdin:
-    line = line.strip()
-    if line == "quit" or not line:
-      break
-    start = time.perf_counter()
-    last = None
-    for _ in range(int(line)):
-      last = train_step()
-    float(last[0].item())
+
+  def finish(out):
+    float(out[0].item())
     _sync(torch, device)
-    print(f"TORCH_SECONDS {time.perf_counter() - start}", file=stdout, flush=True)
+
+  common.serve_steps(train_step, finish, stdin, stdout)
 
 
 def measure(spec: dict, *, compile: bool = False, train: bool = True,
