@@ -69,27 +69,19 @@ def _configs(batch: int, quick: bool, conv: str):
 def _jax_step(config):
   """A compiled train step built as the trainer builds it (teacher included)."""
   import jax
-  from adaptive_vision import losses, models
-  from adaptive_vision.train import loop, optim, sharding as shd, steps
+  from adaptive_vision import models
+  from adaptive_vision import sharding as shd
+  from adaptive_vision.train import build
   from benchmarks import jax_bench
-  model = models.build(config.model)
-  tx, schedule = optim.make_optimizer(config.optim, 10_000)
-  mesh = shd.make_mesh(config.get("mesh"))
-  init_fn = loop.make_init_fn(model, tx, config)
   rng = jax.random.PRNGKey(0)
-  state_sharding = shd.state_shardings(jax.eval_shape(init_fn, rng), mesh, "replicate")
-  state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
-  teacher, t_vars, t_sharding = None, None, None
-  if config.get("teacher"):
-    teacher = models.build(config.teacher.model)
-    x = jax.numpy.zeros((2, 32, 32, 3))
-    t_vars = teacher.init({"params": rng, "dropout": rng}, x, train=False)
-    t_sharding = shd.replicated(mesh)
-  step = steps.jit_train_step(
-      steps.make_train_step(model, tx, losses.loss_from_config(config.loss), schedule,
-                            teacher=teacher), mesh, state_sharding, t_sharding)
-  batch = shd.global_batch(jax_bench.synthetic_batch(config, config.batch_size), mesh)
-  compiled = step.lower(state, batch, t_vars).compile()
+  t_vars = None
+  if config.get("teacher"):  # a random teacher of the right shapes: its values cost nothing
+    t_vars = models.build(config.teacher.model).init(
+        {"params": rng, "dropout": rng}, models.dummy_inputs(config.teacher.model), train=False)
+  trainer = build.build(config, total_steps=10_000, teacher_variables=t_vars)
+  state, t_vars = trainer.init_state(rng), trainer.teacher_variables
+  batch = shd.global_batch(jax_bench.synthetic_batch(config, config.batch_size), trainer.mesh)
+  compiled = trainer.train_step.lower(state, batch, t_vars).compile()
   params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   return [compiled, state, batch, t_vars, params]
 

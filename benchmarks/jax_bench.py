@@ -1,9 +1,8 @@
 """JAX measurements: matmul peak, the jitted train step, inference, dynamic exits.
 
 Everything runs the library's own code paths: the train step is
-`steps.make_train_step` jitted by `steps.jit_train_step` over the trainer's
-mesh (state donated), the state comes from `loop.make_init_fn`, the
-optimizer and loss from the config; dynamic early exits run
+the trainer's own `adaptive_vision.train.build.build(config)` (jitted over
+the trainer's mesh, state donated, optimizer and loss from the config); dynamic early exits run
 `adaptive_vision.inference.DynamicCascade`. Inputs are synthetic batches
 already on device (no data pipeline), unless real test images are asked for.
 """
@@ -18,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import early_exit, losses, models
+from adaptive_vision import early_exit, models
+from adaptive_vision import sharding as shd
 from adaptive_vision.inference import DynamicCascade
-from adaptive_vision.train import loop, optim, sharding as shd, steps
+from adaptive_vision.train import build as build_lib
 from adaptive_vision.train.state import param_count
 from benchmarks import common
 
@@ -112,7 +112,7 @@ def synthetic_batch(config, batch: int, seed: int = 0) -> dict:
   """A batch of the trainer's contract (numpy): 'image' or 'views', and 'label'."""
   rng = np.random.default_rng(seed)
   out = {"label": rng.integers(0, config.model.num_classes, batch).astype(np.int32)}
-  resolutions = config.data.get("resolutions")
+  resolutions = build_lib.data_views(config)
   if resolutions:
     out["views"] = tuple(rng.normal(size=(batch, r, r, 3)).astype(np.float32)
                          for r in resolutions)
@@ -137,21 +137,10 @@ def synthetic_views(resolutions: Sequence[int], n: int, seed: int = 0) -> tuple:
 
 def build_train(config):
   """(model, state, jitted step, device batch, mesh) exactly as the trainer builds them."""
-  model = models.build(config.model)
-  multi = loop.is_multi_resolution(config)
-  tx, schedule = optim.make_optimizer(config.optim, SCHEDULE_STEPS)
-  loss_fn = losses.loss_from_config(config.loss)
-  init_fn = loop.make_init_fn(model, tx, config)
-  mesh = shd.make_mesh(config.get("mesh"))
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = shd.state_shardings(abstract, mesh, config.get("param_sharding", "replicate"))
-  state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
-  step = steps.jit_train_step(
-      steps.make_train_step(model, tx, loss_fn, schedule, multi_resolution=multi),
-      mesh, state_sharding, None)
-  batch = shd.global_batch(synthetic_batch(config, config.batch_size), mesh)
-  return model, state, step, batch, mesh, loss_fn
+  trainer = build_lib.build(config, total_steps=SCHEDULE_STEPS)
+  batch = shd.global_batch(synthetic_batch(config, config.batch_size), trainer.mesh)
+  return (trainer.model, trainer.init_state(), trainer.train_step, batch, trainer.mesh,
+          trainer.loss_fn)
 
 
 def train(config, *, steps_per_rep: int, reps: int, warmup: int,
@@ -219,7 +208,7 @@ def train(config, *, steps_per_rep: int, reps: int, warmup: int,
 
 def _train_breakdown(model, state, batch, loss_fn, config, step_s, *, reps, warmup):
   """Where a step's time goes: forward, forward+backward, the rest (optimizer, norms)."""
-  inputs = steps.model_inputs(batch, loop.is_multi_resolution(config))
+  inputs = models.inputs_from_batch(config.model, batch)
   rng = jax.random.key(0)
 
   def forward(params):
@@ -370,7 +359,8 @@ def calibrated_operating_points(report_path: str, num_exits: int, limit: int = 3
 def real_test_views(config, n: int) -> tuple[tuple, np.ndarray]:
   """The first n test images of `config.data` as views (numpy), and their labels."""
   from adaptive_vision import data as data_lib
-  it = data_lib.make_eval_iterator(config.data, "test", global_batch_size=n)
+  it = data_lib.make_eval_iterator(config.data, "test", global_batch_size=n,
+                                   views=build_lib.data_views(config))
   batch = next(iter(it))
   views = batch["views"] if "views" in batch else (batch["image"],)
   return tuple(np.asarray(v) for v in views), np.asarray(batch["label"])

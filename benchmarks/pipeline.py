@@ -48,7 +48,8 @@ def main(argv=None) -> dict:
   import jax
   from adaptive_vision.data import pipeline as data_lib
   from adaptive_vision.data import sources
-  from adaptive_vision.train import sharding as shd
+  from adaptive_vision import sharding as shd
+  from adaptive_vision.train import build
   from benchmarks import jax_bench, suites
   common.setup_jax()
   suite = suites.get("cifar")
@@ -61,7 +62,8 @@ def main(argv=None) -> dict:
   common.log(f"{args.model}: building the train iterator (decodes into the cache on first "
              f"use; cache root {sources.cache_root(config.data)}) ...")
   start = time.perf_counter()
-  it = data_lib.make_train_iterator(config.data, global_batch_size=b, seed=0)
+  it = data_lib.make_train_iterator(config.data, global_batch_size=b, seed=0,
+                                    views=build.data_views(config))
   for _ in range(3):
     next(it)
   setup_s = time.perf_counter() - start
@@ -113,7 +115,8 @@ def main(argv=None) -> dict:
   result = {"command": " ".join(["python -m benchmarks.pipeline"] + list(argv or sys.argv[1:])),
             "model": args.model, "batch": b, "devices": jax.device_count(),
             "data": {k: config.data.get(k) for k in ("source", "name", "augment",
-                                                     "resolutions", "image_size")},
+                                                     "image_size")},
+            "views": build.data_views(config),
             "setup_s": setup_s, "pipeline_alone": alone, "train_step": fed,
             "machine": common.machine_info()}
   common.write_json(result, args.out)

@@ -96,7 +96,6 @@ def cifar(quick: bool = False, train_batch: Optional[int] = None) -> Suite:
   ravit = ravit_cifar10.get_config("runlocal")
   ravit.model.branches = tuple(dict(resolution=r, **tiny) for r in (8, 16))
   ravit.data.image_size = 16
-  ravit.data.resolutions = (8, 16)
   batch = train_batch or 16
   return Suite(
       name="cifar", quick=True, vit=_with_batch(vit, batch), ravit=_with_batch(ravit, batch),

@@ -63,7 +63,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict(dict(data=-1, model=1))
   c.data = ml_collections.ConfigDict(dict(
       source="folder", name="cifar10", path=OFFLINE_CIFAR10, cache_dir=None,
-      num_classes=10, image_size=32, resolutions=None, augment="cifar",
+      num_classes=10, image_size=32, augment="cifar",
       normalize="auto", train_split="train", test_split="test", val_size=5000,
       split_seed=0, train_size=None, test_size=None, on_bad_image="error",
       cache_image_size=None, synthetic_train_size=2048, synthetic_test_size=512,
@@ -185,5 +185,5 @@ def cascade_or_baseline(c: ml_collections.ConfigDict, *, branch: dict, resolutio
     branches += [dict(dict(resolution=r, **branch), **(later or {})) for r in resolutions[1:]]
     c.model = dict(name="ravit", num_classes=num_classes, reuse=reuse, **model_extra,
                    branches=tuple(branches))
-    c.data.resolutions = tuple(resolutions)
+  # The data views follow from the model (models.data_views): nothing to set here.
   return c

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-import types
 
 from absl import flags
 from ml_collections import config_flags
@@ -33,29 +32,23 @@ FLAGS = flags.FLAGS
 
 def compute_logits(config, workdir: str, config_arg: str = "...") -> None:
   """`config_arg`: the --config argument, for the command that trains a missing run."""
-  import jax
   import numpy as np
-  from adaptive_vision import models, reporting
-  from adaptive_vision.train import checkpointing, loop, sharding as shd, steps
+  from adaptive_vision import models
+  from adaptive_vision.eval import logits as logits_lib
+  from adaptive_vision.eval import predict
+  from adaptive_vision.train import build, checkpointing, loop
 
   loop.validate_config(config, workdir)
   variables = checkpointing.restore_variables(
       workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
                     f"--workdir {workdir}`")
-  mesh = shd.make_mesh(config.get("mesh"))
-  model = models.build(config.model)
-  rep = shd.replicated(mesh)
-  eval_step = steps.jit_eval_step(
-      steps.make_eval_step(model, multi_resolution=loop.is_multi_resolution(config)),
-      mesh, rep, rep)
-  state = types.SimpleNamespace(  # what evaluate_split reads of a train state
-      params=jax.device_put(variables["params"], rep),
-      batch_stats=jax.device_put(variables.get("batch_stats", {}), rep))
+  trainer = build.build(config, eval_only=True)
+  params, batch_stats = trainer.place_variables(variables)
   macs = np.asarray(models.exit_macs(config.model))
   for split in ("val", "test"):
-    logits, labels = loop.evaluate_split(eval_step, state, config, split, mesh)
+    logits, labels = predict.evaluate_split(trainer, params, batch_stats, split)
     path = os.path.join(workdir, f"{split}_logits.npz")
-    reporting.save_logits(path, logits, labels, macs)
+    logits_lib.save_logits(path, logits, labels, macs)
     print(f"{split}: {len(labels)} examples, exit accuracies "
           + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
           + f" -> {path}", file=sys.stderr)
@@ -70,10 +63,10 @@ def main(argv):
       compute_logits(FLAGS.config, workdir, config_flags.get_config_filename(FLAGS["config"]))
     if FLAGS.out:
       name = FLAGS.name or os.path.basename(os.path.normpath(workdir))
-      from adaptive_vision import reporting
-      reporting.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
-                            budgets=[float(b) for b in FLAGS.budgets],
-                            title=f"{name} early exits")
+      from adaptive_vision.eval import files
+      files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
+                        budgets=[float(b) for b in FLAGS.budgets],
+                        title=f"{name} early exits")
       print(f"wrote the report to {FLAGS.out}", file=sys.stderr)
   except (ValueError, FileNotFoundError) as e:
     common.fail(str(e))

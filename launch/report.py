@@ -1,13 +1,40 @@
-r"""One early-exit report over several runs' logits files.
+r"""Reports from logits files and workdirs: the one report launcher.
+
+Early-exit report over runs (each workdir holds test_logits.npz, and
+val_logits.npz for the points calibrated on validation):
 
   python -m launch.report --run ravit=runs/ravit_cifar10 --baseline runs/vit_cifar10 \
-      --out results/ravit_cifar10_cpu
-  python -m launch.report --run teacher=runs/erde_teacher --run ce=runs/erde_ce \
-      --run kd=runs/erde_kd --run erde=runs/erde_erde --out results/erde_cifar10_cpu
+      --out results/ravit_cifar10_cpu [--budgets 0.55,0.7]
 
-Each run directory holds test_logits.npz (and val_logits.npz for calibrated
-operating points), as written at the end of training or by launch.evaluate.
-Writes report.json, report.md, accuracy_vs_macs.png and copies of the npz files.
+  -> report.json, report.md, accuracy_vs_macs.png and copies of the npz files.
+
+Model A against model B on test (and, with --teacher, A within --budget of the
+teacher's final-exit MACs, thresholds calibrated on A's validation logits):
+
+  python -m launch.report --a erde=runs/erde_erde --b kd=runs/erde_kd \
+      --teacher runs/erde_teacher --out results/erde_cifar10_cpu/erde_vs_kd
+
+  -> <out>.json and <out>.md.
+
+Several methods over seeds (mean ± std, paired differences, the claims; the
+budgets are fractions of the teacher's final-exit MACs, calibrated on each
+seed's validation logits):
+
+  python -m launch.report --seeds 0,1,2 --run ce=runs/erde_ce_s{seed} \
+      --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
+      --teacher runs/erde_teacher --reference erde --out results/erde_cifar10_cpu
+
+  -> seeds_report.json, seeds_report.md, seeds_accuracy_vs_macs.png and copies
+     of the npz files (<method>_s<seed>_<split>_logits.npz).
+
+A training run's summary (accuracy per exit, MACs, images/s, wall time, machine):
+
+  python -m launch.report --summarize runs/vit_cifar10 --out results/vit_cifar10_cpu \
+      --command "python -m launch.train --config configs/vit_cifar10.py --workdir runs/vit_cifar10"
+
+  -> <out>.json and <out>.md.
+
+Every file is written atomically; nothing is ever selected on the test split.
 """
 
 from __future__ import annotations
@@ -18,30 +45,65 @@ from absl import app, flags
 
 from launch import common
 
-
 flags.DEFINE_multi_string("run", [], "name=workdir of a run with *_logits.npz")
 flags.DEFINE_string("baseline", None, "workdir of a single-exit baseline")
-flags.DEFINE_string("out", None, "output folder")
 flags.DEFINE_list("budgets", ["0.55", "0.7"], "MACs budgets as fractions of the baseline")
 flags.DEFINE_string("title", "Early-exit report", "report title")
+flags.DEFINE_string("a", None, "compare: name=workdir of model A")
+flags.DEFINE_string("b", None, "compare: name=workdir of model B")
+flags.DEFINE_string("teacher", None, "compare: workdir of the teacher (MACs-budget point)")
+flags.DEFINE_float("budget", 0.25, "compare: fraction of the teacher's final-exit MACs")
+flags.DEFINE_list("seeds", [], "seed study: the seeds that fill {seed} in each --run")
+flags.DEFINE_string("reference", "erde", "seed study: the method compared with the others")
+flags.DEFINE_list("seed_budgets", ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"],
+                  "seed study: budgets as fractions of the teacher's final-exit MACs")
+flags.DEFINE_string("summarize", None, "workdir of a training run to summarize")
+flags.DEFINE_string("command", "", "summarize: the command that produced the run")
+flags.DEFINE_string("note", "", "summarize: a free-text note for the Markdown")
+flags.DEFINE_string("out", None, "output folder (--run) or path without extension")
 FLAGS = flags.FLAGS
+
+
+def _named(flag: str, value: str) -> tuple[str, str]:
+  name, eq, path = value.partition("=")
+  if not eq or not name or not path:
+    common.fail(f"--{flag} {value!r}: use --{flag} name=workdir")
+  return name, path
 
 
 def main(argv):
   del argv
-  runs = {}
-  for item in FLAGS.run:
-    name, eq, path = item.partition("=")
-    if not eq:
-      common.fail(f"--run {item!r}: use --run name=workdir")
-    runs[name] = path
-  if not runs or not FLAGS.out:
-    common.fail("give at least one --run name=workdir and --out DIR")
+  modes = [m for m, on in (("--run", FLAGS.run), ("--a/--b", FLAGS.a or FLAGS.b),
+                           ("--summarize", FLAGS.summarize)) if on]
+  if len(modes) != 1 or not FLAGS.out:
+    common.fail("give --out and exactly one of: --run name=workdir (a report), "
+                "--a/--b name=workdir (a comparison), --summarize workdir"
+                + (f"; got {' and '.join(modes)}" if len(modes) > 1 else ""))
+  if FLAGS.seeds and not (FLAGS.run and FLAGS.teacher):
+    common.fail("a seed study needs --run name=folder_with_{seed} and --teacher workdir")
+  from adaptive_vision.eval import files
   try:
-    from adaptive_vision import reporting
-    reporting.report_runs(FLAGS.out, runs, baseline=FLAGS.baseline,
-                          budgets=[float(b) for b in FLAGS.budgets], title=FLAGS.title)
-    print(f"wrote {FLAGS.out}/report.md, report.json, accuracy_vs_macs.png", file=sys.stderr)
+    if FLAGS.seeds:
+      runs = dict(_named("run", item) for item in FLAGS.run)
+      files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
+                        reference=FLAGS.reference,
+                        budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
+      written = f"{FLAGS.out}/seeds_report.md, seeds_report.json, seeds_accuracy_vs_macs.png"
+    elif FLAGS.run:
+      runs = dict(_named("run", item) for item in FLAGS.run)
+      files.report_runs(FLAGS.out, runs, baseline=FLAGS.baseline,
+                        budgets=[float(b) for b in FLAGS.budgets], title=FLAGS.title)
+      written = f"{FLAGS.out}/report.md, report.json, accuracy_vs_macs.png"
+    elif FLAGS.summarize:
+      files.summarize_run(FLAGS.summarize, FLAGS.out, command=FLAGS.command, note=FLAGS.note)
+      written = f"{FLAGS.out}.md and .json"
+    else:
+      if not (FLAGS.a and FLAGS.b):
+        common.fail("a comparison needs both --a name=workdir and --b name=workdir")
+      files.compare_runs(FLAGS.out, _named("a", FLAGS.a), _named("b", FLAGS.b),
+                         teacher=FLAGS.teacher, budget=FLAGS.budget)
+      written = f"{FLAGS.out}.md and .json"
+    print(f"wrote {written}", file=sys.stderr)
   except (ValueError, FileNotFoundError) as e:
     common.fail(str(e))
 

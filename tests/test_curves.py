@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from adaptive_vision import curves
-from adaptive_vision.reporting import ExitLogits
+from adaptive_vision.eval import compare as curves
+from adaptive_vision.eval.logits import ExitLogits
 
 
 def test_accuracy_at_macs_interpolates_and_keeps_best_duplicate():

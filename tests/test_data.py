@@ -172,8 +172,8 @@ def test_worker_processes_give_identical_batches(tmp_path):
 
 
 def test_multiresolution_views_are_area_downsamples(tmp_path):
-  cfg = cfg_for(tmp_path, augment='cifar', resolutions=(8, 16, 32), name='cifar10')
-  batch = next(data.make_train_iterator(cfg, global_batch_size=4, seed=0))
+  cfg = cfg_for(tmp_path, augment='cifar', name='cifar10')
+  batch = next(data.make_train_iterator(cfg, global_batch_size=4, seed=0, views=(8, 16, 32)))
   assert 'image' not in batch
   views = batch['views']
   assert [v.shape for v in views] == [(4, r, r, 3) for r in (8, 16, 32)]
@@ -183,8 +183,7 @@ def test_multiresolution_views_are_area_downsamples(tmp_path):
     area = hi.reshape(4, hi.shape[1] // f, f, hi.shape[2] // f, f, 3).mean(axis=(2, 4))
     np.testing.assert_allclose(v, area, atol=1e-4)
   # non-integer factor (Pillow BOX filter) and eval batches carry views too
-  cfg.resolutions = (24, 32)
-  ev = next(data.make_eval_iterator(cfg, 'test', global_batch_size=4))
+  ev = next(data.make_eval_iterator(cfg, 'test', global_batch_size=4, views=(24, 32)))
   assert [v.shape for v in ev['views']] == [(4, 24, 24, 3), (4, 32, 32, 3)]
   np.testing.assert_allclose(ev['views'][0].mean(), ev['views'][1].mean(), atol=0.05)
 
@@ -193,9 +192,9 @@ def test_multiresolution_views_are_area_downsamples(tmp_path):
                                       ((8, 16), 'must end with data.image_size=32'),
                                       ((16, 16, 32), 'strictly increasing')])
 def test_bad_resolutions_rejected(tmp_path, res, msg):
-  cfg = cfg_for(tmp_path, resolutions=res)
+  cfg = cfg_for(tmp_path)
   with pytest.raises(ValueError, match=msg):
-    data.make_train_iterator(cfg, global_batch_size=4, seed=0)
+    data.make_train_iterator(cfg, global_batch_size=4, seed=0, views=res)
 
 
 def test_eval_iterator_covers_each_example_once(tmp_path):

@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from adaptive_vision import losses, models
-from adaptive_vision.train import checkpointing, loop, optim, steps
+from adaptive_vision import models
+from adaptive_vision import sharding as shd
+from adaptive_vision.train import build, checkpointing, loop
 from configs import erde_cifar10
 
 
@@ -53,20 +54,16 @@ def test_erde_student_trains_from_teacher_checkpoint(teacher_dir, tmp_path):
   saved = checkpointing.restore_variables(workdir)
   assert checkpointing.shapes_of(saved["params"]) == checkpointing.shapes_of(
       jax.eval_shape(lambda: models.build(c.model).init(
-          jax.random.PRNGKey(0), loop.dummy_inputs(c)))["params"])
+          jax.random.PRNGKey(0), models.dummy_inputs(c.model)))["params"])
   teacher = checkpointing.restore_variables(teacher_dir)
   assert checkpointing.shapes_of(saved["params"]) != checkpointing.shapes_of(teacher["params"])
 
 
 def test_teacher_gets_no_gradient_and_stays_frozen(teacher_dir):
   c = _student("kd", teacher_dir)
-  model, tx_total = models.build(c.model), 10
-  tx, schedule = optim.make_optimizer(c.optim, tx_total)
-  teacher, teacher_vars = loop.load_teacher(c, __import__(
-      "adaptive_vision.train.sharding", fromlist=["x"]).make_mesh(dict(data=1, model=1)))
-  step = steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule,
-                               teacher=teacher)
-  state = loop.make_init_fn(model, tx, c)(jax.random.PRNGKey(0))
+  trainer = build.build(c, shd.make_mesh(dict(data=1, model=1)), total_steps=10)
+  step, teacher_vars = trainer.train_step_fn, trainer.teacher_variables
+  state = trainer.init_fn(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(8, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 10, 8).astype(np.int32)}

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from adaptive_vision import reporting
+from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.train import loop
 from test_train import tiny_config  # tests/ is on sys.path under pytest
 import pytest
@@ -20,12 +20,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_evaluate_recomputes_logits_and_report_writes_files(tmp_path):
   workdir = str(tmp_path / "run")
   loop.train_and_evaluate(tiny_config(total_steps=4), workdir)
-  saved = reporting.load_logits(os.path.join(workdir, "test_logits.npz"))
+  saved = logits_lib.load_logits(os.path.join(workdir, "test_logits.npz"))
   os.remove(os.path.join(workdir, "test_logits.npz"))
 
   from launch import evaluate
   evaluate.compute_logits(tiny_config(total_steps=4), workdir)
-  again = reporting.load_logits(os.path.join(workdir, "test_logits.npz"))
+  again = logits_lib.load_logits(os.path.join(workdir, "test_logits.npz"))
   np.testing.assert_allclose(again.exit_logits, saved.exit_logits, rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(again.labels, saved.labels)
 
@@ -72,4 +72,4 @@ def test_readme_commands_on_a_fresh_clone(tmp_path):
     assert "Unable to initialize backend" not in output, f"launch.{name}: {output[-2000:]}"
     assert "could not be restored" not in output, f"launch.{name}: {output[-2000:]}"
   for split in ("val", "test"):
-    assert reporting.load_logits(os.path.join(workdir, f"{split}_logits.npz")).labels.shape == (64,)
+    assert logits_lib.load_logits(os.path.join(workdir, f"{split}_logits.npz")).labels.shape == (64,)

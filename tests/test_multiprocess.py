@@ -23,8 +23,10 @@ import jax
 import numpy as np
 import pytest
 
-from adaptive_vision import data as data_lib, evaluation, losses, models
-from adaptive_vision.train import checkpointing, loop, optim, sharding as shd, steps
+from adaptive_vision import data as data_lib
+from adaptive_vision.eval import predict
+from adaptive_vision import sharding as shd
+from adaptive_vision.train import build, checkpointing, loop
 from adaptive_vision.train.metrics import read_metrics
 from launch import multihost
 
@@ -59,14 +61,8 @@ def train_args(workdir, *extra):
 def single_process_reference(c):
   """Losses, params and test logits of one process fed the two slices' batches."""
   mesh = shd.make_mesh(dict(data=4, model=1))
-  model = models.build(c.model)
-  tx, schedule = optim.make_optimizer(c.optim, STEPS)
-  init = loop.make_init_fn(model, tx, c)
-  sharding = shd.state_shardings(jax.eval_shape(init, jax.random.PRNGKey(c.seed)), mesh)
-  state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(c.seed))
-  train_step = steps.jit_train_step(
-      steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule),
-      mesh, sharding, None)
+  trainer = build.build(c, mesh, total_steps=STEPS)
+  state, train_step = trainer.init_state(), trainer.train_step
   slices = [data_lib.make_train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed,
                                          process_index=i, process_count=2) for i in range(2)]
   step_losses = []
@@ -75,10 +71,8 @@ def single_process_reference(c):
     batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     state, metrics = train_step(state, shd.global_batch(batch, mesh), None)
     step_losses.append(float(metrics["loss"]))
-  eval_step = steps.jit_eval_step(steps.make_eval_step(model), mesh, sharding.params,
-                                  sharding.batch_stats)
-  logits, labels = evaluation.predict_exits(
-      eval_step, state.params, state.batch_stats,
+  logits, labels = predict.predict_exits(
+      trainer.eval_step, state.params, state.batch_stats,
       data_lib.make_eval_iterator(c.data, "test", global_batch_size=c.eval_batch_size), mesh)
   return step_losses, jax.device_get(state.params), logits, labels
 

@@ -182,7 +182,7 @@ def test_exit_macs_match_xla(reuse):
               dict(resolution=16, width=384, depth=1, num_heads=2, mlp_dim=384, patch_size=4)]
   cfg = _cfg(branches, reuse)
   model = models.build(cfg)
-  views = tuple(jnp.zeros((1, r, r, 3), jnp.float32) for r in ravit.resolutions(cfg))
+  views = tuple(jnp.zeros((1, r, r, 3), jnp.float32) for r in ravit.input_sizes(cfg))
   variables = jax.eval_shape(lambda: model.init(jax.random.key(0), views))
   variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
   macs = models.exit_macs(cfg)
@@ -215,7 +215,7 @@ def test_build_and_resolutions_from_config():
              stop_gradient_reuse=True, dtype="bfloat16")
   model = models.build(cfg)
   assert isinstance(model, RAViT)
-  assert ravit.resolutions(cfg) == (112, 160, 224)
+  assert ravit.input_sizes(cfg) == (112, 160, 224)
   assert model.dtype == jnp.bfloat16 and model.stop_gradient_reuse
   assert hash(model) == hash(models.build(cfg))  # hashable: usable as a jit static arg
   macs = models.exit_macs(cfg)
@@ -225,7 +225,7 @@ def test_build_and_resolutions_from_config():
   cfg2 = ml_collections.ConfigDict(dict(name="ravit", num_classes=200, branches=[
       ml_collections.ConfigDict(dict(resolution=32, variant="Nano/4")),
       ml_collections.ConfigDict(dict(resolution=64, variant="Nano/8"))]))
-  assert ravit.resolutions(cfg2) == (32, 64)
+  assert ravit.input_sizes(cfg2) == (32, 64)
 
 
 def test_train_mode_with_dropout_and_stochastic_depth():

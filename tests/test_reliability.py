@@ -40,8 +40,8 @@ import jax
 import numpy as np
 import pytest
 
-from adaptive_vision import data as data_lib, models
-from adaptive_vision.train import checkpointing, loop, optim, sharding as shd
+from adaptive_vision import sharding as shd
+from adaptive_vision.train import build, checkpointing, loop
 from adaptive_vision.train.metrics import read_metrics
 from configs import vit_cifar10
 
@@ -319,13 +319,8 @@ DAMAGE = {
 
 
 def _abstract_and_iterator(c):
-  mesh = shd.make_mesh(c.mesh)
-  tx, _ = optim.make_optimizer(c.optim, c.total_steps)
-  abstract = jax.eval_shape(loop.make_init_fn(models.build(c.model), tx, c),
-                            jax.random.PRNGKey(c.seed))
-  abstract = loop._with_shardings(abstract, shd.state_shardings(abstract, mesh))
-  it = data_lib.make_train_iterator(c.data, global_batch_size=c.batch_size, seed=c.seed)
-  return abstract, it
+  trainer = build.build(c)
+  return trainer.restore_target(), trainer.train_iterator()
 
 
 @pytest.fixture(scope="module")
@@ -441,9 +436,10 @@ BAD_INPUT = {
                             r"unknown config argument 'epochz'"),
     "patch does not divide image": (["--config.data.image_size=18", "--config.model.image_size=18"],
                                     r"image size 18 is not divisible by patch size 4"),
-    "cascade resolutions": (["--config", "configs/ravit_cifar10.py:runlocal",
-                             "--config.data.resolutions=(32,16)"],
-                            r"data.resolutions=\(32, 16\) but the RAViT branches take \(16, 32\)"),
+    "cascade larger than the data": (["--config", "configs/ravit_cifar10.py:runlocal",
+                                      "--config.data.image_size=24"],
+                                     r"the largest input the model\(s\) read is 32x32 but "
+                                     r"data.image_size=24; make them equal"),
     "dataset missing offline": (["--config", "configs/vit_cifar10.py",
                                  "--config.data.path={tmp}/no_cifar"],
                                 r"data.path {tmp}/no_cifar does not exist"),

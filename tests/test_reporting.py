@@ -1,4 +1,4 @@
-"""Tests of adaptive_vision.reporting: npz files, reports, Markdown and plot."""
+"""Tests of adaptive_vision.eval: logits files, reports, Markdown, plot and the launcher."""
 import json
 import math
 import os
@@ -7,7 +7,8 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from adaptive_vision import early_exit, reporting
+from adaptive_vision import early_exit
+from adaptive_vision.eval import files, logits as logits_lib, report as report_lib
 
 LN3 = math.log(3.0)
 LABELS = np.array([0, 0, 1, 1])
@@ -17,22 +18,22 @@ MACS = [1e6, 3e6]
 
 
 def two_exit(exit0=EXIT0):
-  return reporting.ExitLogits(np.stack([exit0, EXIT1]), LABELS, MACS)
+  return logits_lib.ExitLogits(np.stack([exit0, EXIT1]), LABELS, MACS)
 
 
 def baseline():
   # Single exit, 75 % accurate, 3 MMACs.
-  return reporting.ExitLogits(EXIT1[None], LABELS, [3e6])
+  return logits_lib.ExitLogits(EXIT1[None], LABELS, [3e6])
 
 
 def test_roundtrip(tmp_path):
-  path = reporting.save_logits(tmp_path / 'sub' / 'test_logits.npz', [EXIT0, EXIT1],
+  path = logits_lib.save_logits(tmp_path / 'sub' / 'test_logits.npz', [EXIT0, EXIT1],
                                LABELS.astype(np.int32), MACS)
   assert os.path.basename(path) == 'test_logits.npz'
   with np.load(path) as z:
     assert z['exit_logits'].dtype == np.float32 and z['exit_logits'].shape == (2, 4, 2)
     assert np.issubdtype(z['labels'].dtype, np.integer)
-  got = reporting.load_logits(path)
+  got = logits_lib.load_logits(path)
   np.testing.assert_array_equal(got.exit_logits, np.stack([EXIT0, EXIT1]))
   np.testing.assert_array_equal(got.labels, LABELS)
   np.testing.assert_array_equal(got.exit_macs, MACS)
@@ -44,19 +45,19 @@ def test_load_validation(tmp_path):
   np.savez(bad, exit_logits=np.zeros((2, 4, 3), np.float32), labels=np.zeros(5, int),
            exit_macs=np.ones(2))
   with pytest.raises(ValueError, match=r'bad\.npz.*labels has shape \(5,\)'):
-    reporting.load_logits(bad)
+    logits_lib.load_logits(bad)
   missing = tmp_path / 'missing.npz'
   np.savez(missing, exit_logits=np.zeros((2, 4, 3), np.float32), labels=np.zeros(4, int))
   with pytest.raises(ValueError, match="lacks \\['exit_macs'\\]"):
-    reporting.load_logits(missing)
+    logits_lib.load_logits(missing)
   with pytest.raises(ValueError, match='exit_macs has 3 entries for 2 exits'):
-    reporting.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [1, 2, 3])
+    logits_lib.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [1, 2, 3])
   with pytest.raises(ValueError, match='non-decreasing'):
-    reporting.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [2, 1])
+    logits_lib.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [2, 1])
 
 
 def test_report_by_hand():
-  r = reporting.early_exit_report(two_exit(), baseline=baseline(), name='ee')
+  r = report_lib.early_exit_report(two_exit(), baseline=baseline(), name='ee')
   json.dumps(r, allow_nan=False)  # strict JSON
   assert [p['accuracy'] for p in r['per_exit']] == [0.5, 0.75]
   assert [p['macs'] for p in r['per_exit']] == MACS
@@ -77,8 +78,8 @@ def test_report_by_hand():
 
 def test_report_never_reaching_baseline():
   perfect = np.array([[20.0, 0.0], [20.0, 0.0], [0.0, 20.0], [0.0, 20.0]], np.float32)
-  strong = reporting.ExitLogits(perfect[None], LABELS, [5e6])  # 100 %: curve tops at 75 %
-  r = reporting.early_exit_report(two_exit(), baseline=strong)
+  strong = logits_lib.ExitLogits(perfect[None], LABELS, [5e6])  # 100 %: curve tops at 75 %
+  r = report_lib.early_exit_report(two_exit(), baseline=strong)
   assert r['baseline']['accuracy'] == 1.0
   assert r['baseline']['macs_at_target'] is None
 
@@ -96,7 +97,7 @@ def test_calibrated_points_use_val_only(monkeypatch):
     return real(logits, labels, macs, **kw)
 
   monkeypatch.setattr(early_exit, 'calibrate', spy)
-  r = reporting.early_exit_report(test, val=val, baseline=baseline(), baseline_val=baseline(),
+  r = report_lib.early_exit_report(test, val=val, baseline=baseline(), baseline_val=baseline(),
                                   budgets=[0.8, 0.1])
   assert seen and all(np.array_equal(x, val.exit_logits) for x in seen)
   cal = {c['target']: c for c in r['calibrated']}
@@ -122,11 +123,11 @@ def test_write_report(tmp_path):
     logits = rng.normal(size=(3, n, k)).astype(np.float32)
     for e in range(3):
       logits[e, np.arange(n), labels] += boost * (e + 1) * rng.random(n)
-    data = reporting.ExitLogits(logits, labels, [2e6, 5e6, 9e6])
-    base = reporting.ExitLogits(logits[-1:], labels, [9e6])
-    reports[name] = reporting.early_exit_report(data, val=data, baseline=base,
+    data = logits_lib.ExitLogits(logits, labels, [2e6, 5e6, 9e6])
+    base = logits_lib.ExitLogits(logits[-1:], labels, [9e6])
+    reports[name] = report_lib.early_exit_report(data, val=data, baseline=base,
                                                 budgets=[0.5], num_points=12, name=name)
-  paths = reporting.write_report(tmp_path / 'out', reports, title='students')
+  paths = files.write_report(tmp_path / 'out', reports, title='students')
   assert sorted(os.listdir(tmp_path / 'out')) == ['accuracy_vs_macs.png', 'report.json',
                                                   'report.md']
   with open(paths['json']) as f:
@@ -139,3 +140,120 @@ def test_write_report(tmp_path):
   assert os.path.getsize(paths['plot']) > 1000
   img = matplotlib.image.imread(paths['plot'])
   assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
+
+
+def _run_dir(path, logits, labels, macs):
+  for split in ('val', 'test'):
+    logits_lib.save_logits(path / f'{split}_logits.npz', logits, labels, macs)
+  return str(path)
+
+
+def test_compare_runs_writes_both_comparisons_and_the_teacher_point(tmp_path):
+  rng = np.random.default_rng(1)
+  n, k = 200, 4
+  labels = rng.integers(0, k, n)
+  dirs = {}
+  for name, boost in (('a', 2.0), ('b', 1.0), ('teacher', 4.0)):
+    logits = rng.normal(size=(2, n, k)).astype(np.float32)
+    logits[:, np.arange(n), labels] += boost
+    dirs[name] = _run_dir(tmp_path / name, logits, labels,
+                          [1e6, 2e6] if name != 'teacher' else [4e6, 8e6])
+  out = str(tmp_path / 'cmp' / 'a_vs_b')
+  result = files.compare_runs(out, ('a', dirs['a']), ('b', dirs['b']), teacher=dirs['teacher'],
+                              budget=0.25)
+  saved = json.load(open(out + '.json'))
+  assert saved['a'] == 'a' and saved['same_thresholds']['points'] == 20
+  assert saved['matched_macs']['mean_difference'] > 0  # A is the more accurate model
+  tt = result['teacher_target']
+  assert tt['budget_macs'] == 0.25 * 8e6 and tt['target_points'] == 1.0
+  md = open(out + '.md').read()
+  assert '# a vs b (test split)' in md and '## Against the teacher' in md
+  assert ('met' if tt['met'] else 'missed') + ').' in md
+
+
+def test_summarize_run_reads_config_and_metrics(tmp_path):
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  (workdir / 'config.json').write_text(json.dumps(
+      {'model': {'name': 'vit'}, 'num_epochs': 2, 'batch_size': 8}))
+  records = [{'step': 0, 'kind': 'info', 'params': 10, 'exit_macs': [5e6], 'total_steps': 4},
+             {'step': 2, 'kind': 'train', 'loss': 2.0, 'images_per_sec': 100.0},
+             {'step': 4, 'kind': 'train', 'loss': 1.5, 'images_per_sec': 120.0},
+             {'step': 4, 'kind': 'eval', 'split': 'test', 'accuracy': 0.5,
+              'accuracy/exit0': 0.5},
+             {'step': 4, 'kind': 'final', 'train_seconds': 60.0}]
+  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
+  s = files.summarize_run(str(workdir), str(tmp_path / 'out' / 'run'), command='cmd')
+  assert s['median_train_images_per_sec'] == 110.0 and s['test'] == {
+      'accuracy': 0.5, 'accuracy/exit0': 0.5}
+  md = open(tmp_path / 'out' / 'run.md').read()
+  assert 'Command: `cmd`' in md and '| test accuracy | 50.00% |' in md
+  assert '| training wall time | 1.0 min |' in md
+
+
+@pytest.mark.slow
+def test_report_launcher_wants_exactly_one_mode(tmp_path):
+  import subprocess
+  import sys
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, '-m', 'launch.report', '--run', 'x=y',
+                         '--summarize', 'z', '--out', str(tmp_path / 'o')],
+                        cwd=root, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2
+  assert proc.stderr.strip().splitlines()[-1] == (
+      'error: give --out and exactly one of: --run name=workdir (a report), --a/--b '
+      'name=workdir (a comparison), --summarize workdir; got --run and --summarize')
+  assert not os.path.exists(tmp_path / 'o')
+
+
+def _student(rng, labels, k, strength, macs=(1e6, 2e6, 3e6)):
+  logits = rng.normal(size=(3, len(labels), k)).astype(np.float32)
+  for e in range(3):
+    logits[e, np.arange(len(labels)), labels] += strength * (e + 1)
+  return logits
+
+
+def test_seed_study_means_paired_differences_and_claims(tmp_path):
+  from adaptive_vision.eval import seeds
+  rng = np.random.default_rng(2)
+  n, k = 300, 5
+  labels = rng.integers(0, k, n)
+  teacher = tmp_path / 'teacher'
+  _run_dir(teacher, _student(rng, labels, k, 3.0), labels, [4e6, 8e6, 12e6])
+  for method, strength in (('kd', 0.6), ('erde', 0.9)):
+    for s in (0, 1, 2):
+      _run_dir(tmp_path / f'{method}_s{s}', _student(rng, labels, k, strength + 0.05 * s),
+               labels, [1e6, 2e6, 3e6])
+  out = tmp_path / 'study'
+  study = files.seed_report(str(out), {m: str(tmp_path / f'{m}_s{{seed}}') for m in ('kd', 'erde')},
+                            [0, 1, 2], str(teacher), reference='erde',
+                            budgets=[0.1, 0.2, 0.3], title='toy')
+  # Hand check of one cell: the mean and sample std over seeds of the final exit.
+  finals = []
+  for s in (0, 1, 2):
+    test = logits_lib.load_logits(tmp_path / f'erde_s{s}' / 'test_logits.npz')
+    finals.append(np.mean(test.exit_logits[-1].argmax(-1) == labels))
+  cell = study['per_exit']['erde'][-1]['accuracy']
+  assert cell['mean'] == pytest.approx(np.mean(finals))
+  assert cell['std'] == pytest.approx(np.std(finals, ddof=1))
+  # Paired differences are seed by seed, at every shared threshold and budget.
+  d = study['paired']['erde-kd']['shared_thresholds'][5]['difference']['values']
+  a = study['shared_thresholds']['erde'][5]['accuracy']['values']
+  b = study['shared_thresholds']['kd'][5]['accuracy']['values']
+  np.testing.assert_allclose(d, np.subtract(a, b))
+  assert len(study['paired']['erde-kd']['budgets']) == 3
+  # ERDE is the stronger student here at every point: the claims say so.
+  assert study['claims']['erde >= kd everywhere']['met']
+  assert study['claims']['erde better than kd on average']['met']
+  assert study['final_beats_middle']['erde'] == [True, True, True]
+  tc = study['claims']['teacher']
+  assert tc['budget_fraction'] == 0.25 and tc['seed'] in (0, 1, 2)
+  assert tc['met'] == (tc['gap_points'] <= 1.0)
+  assert sorted(os.listdir(out)) == sorted(
+      ['seeds_report.json', 'seeds_report.md', 'seeds_accuracy_vs_macs.png']
+      + [f'{m}_s{s}_{split}_logits.npz' for m in ('kd', 'erde') for s in (0, 1, 2)
+         for split in ('val', 'test')] + ['teacher_val_logits.npz', 'teacher_test_logits.npz'])
+  md = open(out / 'seeds_report.md').read()
+  assert '**erde >= kd everywhere**' in md and ' ± ' in md
+  with pytest.raises(ValueError, match='same number'):
+    seeds.seed_study({'a': [], 'b': []}, logits_lib.load_logits(teacher / 'test_logits.npz'))

@@ -3,13 +3,15 @@
 import os
 import re
 
+import flax
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
 from adaptive_vision import losses, models
-from adaptive_vision.train import loop, optim, sharding as shd, steps
+from adaptive_vision import sharding as shd
+from adaptive_vision.train import build, loop, optim
 from adaptive_vision.train.metrics import read_metrics
 from configs import ravit_cifar10, vit_cifar10
 
@@ -34,16 +36,8 @@ def tiny_config(**overrides):
 
 
 def _setup_state(c, mesh):
-  model = models.build(c.model)
-  tx, schedule = optim.make_optimizer(c.optim, 100)
-  init = loop.make_init_fn(model, tx, c)
-  abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-  sharding = shd.state_shardings(abstract, mesh, c.param_sharding)
-  state = jax.jit(init, out_shardings=sharding)(jax.random.PRNGKey(0))
-  step = steps.jit_train_step(
-      steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule),
-      mesh, sharding, None)
-  return state, step
+  trainer = build.build(c, mesh, total_steps=100)
+  return trainer.init_state(jax.random.PRNGKey(0)), trainer.train_step
 
 
 @pytest.mark.parametrize("strategy", ["replicate", "fsdp"])
@@ -76,16 +70,19 @@ def test_train_step_loss_is_the_public_erde_loss():
   c.loss.update(name="erde", temperature=2.0, kd_weight=0.7)
   teacher_cfg = dict(c.model, name="vit", depth=1)
   del teacher_cfg["exits"]
-  model, teacher = models.build(c.model), models.build(ml_collections.ConfigDict(teacher_cfg))
-  tx, schedule = optim.make_optimizer(c.optim, 100)
-  state = loop.make_init_fn(model, tx, c)(jax.random.PRNGKey(0))
-  teacher_vars = teacher.init(jax.random.PRNGKey(1), loop.dummy_inputs(c))
+  c.teacher = ml_collections.ConfigDict(dict(model=teacher_cfg, checkpoint=None))
+  teacher = models.build(c.teacher.model)
+  teacher_vars = teacher.init(jax.random.PRNGKey(1), models.dummy_inputs(c.teacher.model))
+  # The trainer's own assembly, with the teacher's variables given directly.
+  trainer = build.build(c, total_steps=100, teacher_variables=teacher_vars)
+  model, state = trainer.model, trainer.init_state(jax.random.PRNGKey(0))
   rng = np.random.default_rng(0)
   batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
            "label": rng.integers(0, 10, 16).astype(np.int32)}
-  step = steps.make_train_step(model, tx, losses.loss_from_config(c.loss), schedule,
-                               teacher=teacher)
-  _, metrics = jax.jit(step)(state, batch, teacher_vars)
+  before = jax.device_get(state)  # the step donates its state
+  _, metrics = trainer.train_step(state, shd.global_batch(batch, trainer.mesh),
+                                  trainer.teacher_variables)
+  state = before
 
   exits, _ = model.apply({"params": state.params}, batch["image"], train=True,
                          rngs={"dropout": jax.random.fold_in(state.rng, state.step)})
@@ -246,7 +243,7 @@ def test_launcher_cpu_devices_splits_the_host(tmp_path):
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   code = ("from launch import common; common.setup(cpu_devices=3); import jax; "
-          "from adaptive_vision.train import sharding; "
+          "from adaptive_vision import sharding; "
           "print(jax.device_count(), sharding.make_mesh().shape['data'])")
   proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env,
                         capture_output=True, text=True, timeout=120)
@@ -256,3 +253,54 @@ def test_launcher_cpu_devices_splits_the_host(tmp_path):
                         "common.setup(cpu_devices=-1)"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=120)
   assert bad.returncode != 0 and "cpu_devices=-1" in bad.stderr
+
+
+class _TwoViewNet(flax.linen.Module):
+  """A model family the trainer has never heard of: reads a 8x8 and a 16x16 view."""
+  num_classes: int
+
+  @flax.linen.compact
+  def __call__(self, views, *, train: bool = False):
+    small, big = views
+    feats = jax.numpy.concatenate([small.mean((1, 2)), big.mean((1, 2))], -1)
+    first = flax.linen.Dense(self.num_classes, name="exit0")(small.reshape(len(small), -1))
+    return (first, flax.linen.Dense(self.num_classes, name="exit1")(feats)), {}
+
+
+def test_a_new_multi_input_family_trains_without_touching_train(tmp_path, monkeypatch):
+  """Adding a family = adding a module with build/exit_macs/input_sizes (+ TAKES_VIEWS):
+  the trainer derives the data views from it and feeds it, knowing no family by name."""
+  import sys
+  import types
+  family = types.ModuleType("adaptive_vision.models.twoview")
+  family.TAKES_VIEWS = True
+  family.build = lambda cfg: _TwoViewNet(num_classes=cfg.num_classes)
+  family.exit_macs = lambda cfg: [8 * 8 * 3 * cfg.num_classes, 9 * 8 * 8 * 3 * cfg.num_classes]
+  family.input_sizes = lambda cfg: (8, 16)
+  monkeypatch.setitem(sys.modules, "adaptive_vision.models.twoview", family)
+  c = tiny_config(total_steps=4, checkpoint_every=2)
+  c.model = ml_collections.ConfigDict(dict(name="twoview", num_classes=10))
+  assert build.data_views(c) == (8, 16)
+  summary = loop.train_and_evaluate(c, str(tmp_path / "w"))
+  assert summary["step"] == 4
+  with np.load(str(tmp_path / "w" / "test_logits.npz")) as f:
+    assert f["exit_logits"].shape == (2, 64, 10)
+  # A batch without the view a model reads is a one-line error naming both.
+  with pytest.raises(ValueError, match=r"reads \(8, 16\) images but the batch carries \[16\]"):
+    models.inputs_from_batch(c.model, {"image": np.zeros((1, 16, 16, 3))})
+
+
+def test_student_and_teacher_of_different_resolutions_share_one_batch():
+  """A plain ViT student (32x32) with a RAViT teacher (16, 32): the batch carries
+  both views and each model takes its own."""
+  c = ravit_cifar10.get_config("runlocal")
+  teacher_model = c.model
+  c.model = ml_collections.ConfigDict(dict(name="vit", num_classes=10, image_size=32,
+                                           width=32, depth=1, num_heads=2, mlp_dim=64,
+                                           patch_size=4))
+  c.teacher = ml_collections.ConfigDict(dict(model=teacher_model, checkpoint=None))
+  assert build.data_views(c) == (16, 32)
+  batch = {"views": (np.zeros((2, 16, 16, 3)), np.ones((2, 32, 32, 3)))}
+  assert models.inputs_from_batch(c.model, batch).shape == (2, 32, 32, 3)
+  t = models.inputs_from_batch(c.teacher.model, batch)
+  assert isinstance(t, tuple) and [v.shape[1] for v in t] == [16, 32]

@@ -2,7 +2,7 @@
 
 Batches follow the "Batch contract" in docs/design.md: dicts of numpy arrays with
 'image' float32 [b, H, W, 3] (or 'views', a tuple lowest resolution first when
-data.resolutions is set), 'label' int32 [b], and for eval 'mask' float32 [b].
+views are asked for), 'label' int32 [b], and for eval 'mask' float32 [b].
 """
 
 from adaptive_vision.data.pipeline import (
@@ -12,6 +12,7 @@ from adaptive_vision.data.pipeline import (
     make_train_dataset,
     make_train_iterator,
     num_eval_batches,
+    preprocess,
 )
 from adaptive_vision.data.sources import (
     DatasetNotPreparedError,
@@ -35,4 +36,5 @@ __all__ = [
     'make_train_iterator',
     'num_eval_batches',
     'num_examples',
+    'preprocess',
 ]

@@ -73,17 +73,17 @@ def validate_resolutions(resolutions, image_size: int):
   res = tuple(int(r) for r in resolutions)
   if not res or any(r <= 0 for r in res):
     raise ValueError(
-        f'data.resolutions={resolutions!r} must be a non-empty tuple of positive'
+        f'views={resolutions!r} must be a non-empty tuple of positive'
         ' ints, or None for single-resolution batches')
   if any(b <= a for a, b in zip(res, res[1:])):
     raise ValueError(
-        f'data.resolutions={res} must be strictly increasing (lowest first), e.g.'
+        f'views={res} must be strictly increasing (lowest first), e.g.'
         f' {tuple(sorted(set(res)))}')
   if res[-1] != int(image_size):
     raise ValueError(
-        f'data.resolutions={res} must end with data.image_size={image_size}:'
-        f' set the last resolution to {image_size} or change data.image_size to'
-        f' {res[-1]}')
+        f'views={res} must end with data.image_size={image_size}, the size'
+        f' the augmented image is cropped at: make the largest model input'
+        f' {image_size} or set data.image_size to {res[-1]}')
   return res
 
 

@@ -39,12 +39,15 @@ def _derive_seed(*ints) -> int:
   return int(np.random.SeedSequence([int(i) for i in ints]).generate_state(1)[0])
 
 
-def _preprocess(data_cfg, train: bool) -> augment_lib.Preprocess:
+def preprocess(data_cfg, *, train: bool, views=None) -> augment_lib.Preprocess:
+  """The per-example transform of the train (augmenting) or eval pipeline;
+  `views`: None for one 'image', or the sizes of the 'views' to emit (what
+  `adaptive_vision.models.data_views` derives from the models)."""
   get = sources.data_field
   stats = augment_lib.normalization_stats(get(data_cfg, 'name'), get(data_cfg, 'normalize'))
   return augment_lib.Preprocess(
       augment=get(data_cfg, 'augment'), image_size=get(data_cfg, 'image_size'),
-      resolutions=get(data_cfg, 'resolutions'), stats=stats, train=train)
+      resolutions=views, stats=stats, train=train)
 
 
 def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
@@ -68,7 +71,7 @@ def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
   return iter(ds.to_iter_dataset(read).mp_prefetch(mp))
 
 
-def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
+def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, views=None,
                        process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
   """The infinite MapDataset of local training batches (see make_train_iterator)."""
   batch = local_batch_size(global_batch_size, process_count)
@@ -80,22 +83,23 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int,
   # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch).
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
   # Per-example rng from (seed, process, position): reproducible with any worker count.
-  ds = ds.random_map(_preprocess(data_cfg, train=True),
+  ds = ds.random_map(preprocess(data_cfg, train=True, views=views),
                      seed=_derive_seed(seed, 1, process_index))
   return ds.batch(batch, drop_remainder=True)
 
 
-def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int,
+def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, views=None,
                         process_index: int = 0,
                         process_count: int = 1) -> grain.DatasetIterator:
   """Infinite iterator of local batches (global_batch_size // process_count).
 
   Shuffled per epoch and augmented deterministically from `seed`; this process
-  reads the disjoint slice `train[process_index::process_count]`. The returned
+  reads the disjoint slice `train[process_index::process_count]`. Batches carry
+  'views' of the sizes in `views` (lowest first), or one 'image'. The returned
   grain DatasetIterator has get_state() / set_state(); see iterator_checkpoint_args.
   """
   ds = make_train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed,
-                          process_index=process_index, process_count=process_count)
+                          views=views, process_index=process_index, process_count=process_count)
   return _to_iter(ds, data_cfg)
 
 
@@ -118,7 +122,7 @@ class _Padded:
     return ex
 
 
-def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int,
+def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int, views=None,
                        process_index: int = 0,
                        process_count: int = 1) -> grain.DatasetIterator:
   """One deterministic pass over `split` with no augmentation.
@@ -135,7 +139,7 @@ def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int,
     raise ValueError(f'split {split!r} has no examples')
   padded = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.source(_Padded(src, padded))[process_index::process_count]
-  ds = ds.map(_preprocess(data_cfg, train=False)).batch(batch, drop_remainder=False)
+  ds = ds.map(preprocess(data_cfg, train=False, views=views)).batch(batch, drop_remainder=False)
   return _to_iter(ds, data_cfg)
 
 

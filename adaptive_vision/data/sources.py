@@ -78,7 +78,6 @@ def validate_config(data_cfg) -> None:
   image_size = data_field(data_cfg, 'image_size')
   if image_size is None or int(image_size) <= 0:
     raise ValueError(f'data.image_size={image_size!r} must be a positive int')
-  augment_lib.validate_resolutions(data_field(data_cfg, 'resolutions'), image_size)
   augment_lib.normalization_stats(data_field(data_cfg, 'name'),
                                   data_field(data_cfg, 'normalize'))
   for key in ('val_size', 'train_size', 'test_size', 'num_workers'):

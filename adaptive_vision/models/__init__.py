@@ -1,10 +1,16 @@
 """Model families, looked up by name.
 
 `model_cfg.name` names a module `adaptive_vision.models.<name>` that exposes
-`build(model_cfg)` and `exit_macs(model_cfg)`; adding a family means adding a
-module, with no table to edit. Every family's module returns
-`(exit_logits, out)` with `exit_logits` a tuple of [B, K] arrays, cheapest exit
-first (a single-exit model returns a tuple of one).
+`build(model_cfg)`, `exit_macs(model_cfg)` and `input_sizes(model_cfg)`;
+adding a family means adding a module, with no table to edit. Every family's
+module returns `(exit_logits, out)` with `exit_logits` a tuple of [B, K]
+arrays, cheapest exit first (a single-exit model returns a tuple of one).
+
+Inputs: `input_sizes` lists the square image sizes the model reads, and a
+family that reads a tuple of views (one per size, lowest first) says so with
+`TAKES_VIEWS = True`; otherwise the model reads one image batch. The trainer
+derives the data views from these (`data_views`) and hands each model its
+inputs with `inputs_from_batch`, so it never needs to know a family by name.
 """
 
 from __future__ import annotations
@@ -24,9 +30,9 @@ def _family(name: str):
     raise ValueError(
         f"unknown model.name={name!r}; use one of {available()} "
         "(each is a module in adaptive_vision/models/)") from None
-  if not (hasattr(module, "build") and hasattr(module, "exit_macs")):
+  if not all(hasattr(module, f) for f in ("build", "exit_macs", "input_sizes")):
     raise ValueError(f"adaptive_vision.models.{name} is not a model family "
-                     "(it needs build() and exit_macs())")
+                     "(it needs build(), exit_macs() and input_sizes())")
   return module
 
 
@@ -44,6 +50,57 @@ def build(model_cfg):
 def exit_macs(model_cfg) -> list[float]:
   """Cumulative MACs per image to reach and evaluate each exit."""
   return [float(m) for m in _family(model_cfg.name).exit_macs(model_cfg)]
+
+
+def input_sizes(model_cfg) -> tuple[int, ...]:
+  """Square image sizes the model reads, lowest first (one for most models)."""
+  sizes = tuple(int(s) for s in _family(model_cfg.name).input_sizes(model_cfg))
+  if not sizes or any(s <= 0 for s in sizes) or list(sizes) != sorted(set(sizes)):
+    raise ValueError(f"model {model_cfg.name!r} reads inputs of sizes {sizes}; they must "
+                     "be positive and strictly increasing (lowest first)")
+  return sizes
+
+
+def takes_views(model_cfg) -> bool:
+  """True when the model reads a tuple of views, False for one image batch."""
+  return bool(getattr(_family(model_cfg.name), "TAKES_VIEWS", False))
+
+
+def data_views(image_size: int, *model_cfgs) -> tuple[int, ...] | None:
+  """The views every batch must carry so that each model finds its inputs.
+
+  None (batches carry one 'image' of `image_size`) when all models read that
+  one size; otherwise the sorted union of their sizes ('views'), which ends at
+  `image_size`, the size the augmented image is cropped at.
+  """
+  sizes = sorted({s for cfg in model_cfgs if cfg is not None for s in input_sizes(cfg)})
+  if sizes[-1] != int(image_size):
+    raise ValueError(f"the largest input the model(s) read is {sizes[-1]}x{sizes[-1]} "
+                     f"but data.image_size={image_size}; make them equal")
+  return None if sizes == [int(image_size)] else tuple(sizes)
+
+
+def inputs_from_batch(model_cfg, batch: dict):
+  """The model's inputs from a batch of the data contract ('image' or 'views'),
+  chosen by size, so one batch can feed a student and a teacher that read
+  different resolutions."""
+  images = tuple(batch["views"]) if "views" in batch else (batch["image"],)
+  available = {x.shape[1]: x for x in images}
+  sizes = input_sizes(model_cfg)
+  missing = [s for s in sizes if s not in available]
+  if missing:
+    raise ValueError(f"model {model_cfg.name!r} reads {sizes} images but the batch "
+                     f"carries {sorted(available)}; build the data views with "
+                     "models.data_views")
+  chosen = tuple(available[s] for s in sizes)
+  return chosen if takes_views(model_cfg) else chosen[0]
+
+
+def dummy_inputs(model_cfg, batch: int = 2):
+  """Zero inputs of the model's shapes (for init and eval_shape)."""
+  import jax.numpy as jnp
+  chosen = tuple(jnp.zeros((batch, s, s, 3), jnp.float32) for s in input_sizes(model_cfg))
+  return chosen if takes_views(model_cfg) else chosen[0]
 
 
 def as_exits(logits: Any) -> tuple[jax.Array, ...]:
@@ -98,4 +155,6 @@ def _check_image_size(image_size: int, patch_size: int, where: str = "model") ->
         "or another patch size")
 
 
-__all__: Sequence[str] = ("build", "exit_macs", "as_exits", "available", "num_exits")
+__all__: Sequence[str] = ("build", "exit_macs", "input_sizes", "takes_views", "data_views",
+                          "inputs_from_batch", "dummy_inputs", "as_exits", "available",
+                          "num_exits")

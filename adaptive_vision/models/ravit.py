@@ -227,12 +227,12 @@ class RAViT(nn.Module):
     if not isinstance(views, (tuple, list)):
       raise ValueError(f"RAViT takes a tuple of views, one per resolution "
                        f"{self.resolutions} (lowest first), got a single "
-                       f"{type(views).__name__}; set data.resolutions to "
+                       f"{type(views).__name__}; pass one view per resolution "
                        f"{list(self.resolutions)}")
     if len(views) != self.num_exits:
       raise ValueError(f"RAViT has {self.num_exits} branches at resolutions "
                        f"{self.resolutions} but got {len(views)} views; give one "
-                       "view per branch (data.resolutions must match)")
+                       "view per branch")
     batch = {getattr(v, "shape", (None,))[0] for v in views}
     if len(batch) != 1:
       raise ValueError(f"RAViT views have different batch sizes {sorted(batch, key=str)}")
@@ -281,9 +281,14 @@ def build(model_cfg) -> RAViT:
   return model
 
 
-def resolutions(model_cfg) -> tuple[int, ...]:
-  """Input resolutions of the branches, lowest first (= data.resolutions)."""
+# A cascade reads one view of the image per branch, lowest resolution first.
+TAKES_VIEWS = True
+
+
+def input_sizes(model_cfg) -> tuple[int, ...]:
+  """Input resolutions of the branches, lowest first."""
   return build(model_cfg).resolutions
+
 
 
 def exit_macs(model_cfg) -> list[float]:

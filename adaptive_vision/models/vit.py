@@ -300,6 +300,14 @@ def build(model_cfg) -> SingleExitViT:
   return vit
 
 
+def input_sizes(model_cfg) -> tuple[int]:
+  """One image batch of model.image_size."""
+  if "image_size" not in model_cfg:
+    raise ValueError(f"model.image_size is missing: the {model_cfg.name} family needs "
+                     "its input resolution")
+  return (int(model_cfg.image_size),)
+
+
 def exit_macs(model_cfg) -> list[float]:
   vit = build(model_cfg)
   d = vit.dims

@@ -15,11 +15,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import data as data_lib
-from adaptive_vision import evaluation, losses, models
+from adaptive_vision import models
+from adaptive_vision.eval import logits as logits_lib
+from adaptive_vision.eval import predict
+from adaptive_vision import sharding as shd
 from adaptive_vision.config import require
-from adaptive_vision.train import checkpointing, optim, sharding as shd, steps
+from adaptive_vision.train import build as build_lib
+from adaptive_vision.train import checkpointing
 from adaptive_vision.train.metrics import MetricWriter, Progress
-from adaptive_vision.train.state import TrainState, param_count
+from adaptive_vision.train.state import param_count
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +34,6 @@ class NonFiniteError(RuntimeError):
 
 class Preempted(SystemExit):
   """SIGTERM arrived; a checkpoint of the current step was written."""
-
-
-def is_multi_resolution(config) -> bool:
-  return bool(require(config.data, "resolutions", "data"))
 
 
 def check_workdir(workdir: str) -> None:
@@ -66,24 +66,14 @@ def validate_config(config, workdir: str) -> None:
                      "devices of the mesh's data axis; use a multiple of "
                      f"{data_axis} (or set mesh.data)")
   models.build(config.model)  # unknown keys, bad variants, image/patch mismatch
-  macs = models.exit_macs(config.model)
-  if config.model.name == "ravit":
-    from adaptive_vision.models import ravit
-    want = tuple(ravit.resolutions(config.model))
-    got = tuple(require(config.data, "resolutions", "data") or ())
-    if want != got:
-      raise ValueError(f"data.resolutions={got} but the RAViT branches take {want}; "
-                       "set data.resolutions to the branch resolutions")
-  elif config.model.get("image_size") and config.model.image_size != config.data.image_size:
-    raise ValueError(f"model.image_size={config.model.image_size} but "
-                     f"data.image_size={config.data.image_size}; make them equal")
+  models.exit_macs(config.model)
+  build_lib.data_views(config)  # the inputs the model(s) read fit the data
   if config.model.num_classes != config.data.num_classes:
     raise ValueError(f"model.num_classes={config.model.num_classes} but "
                      f"data.num_classes={config.data.num_classes}")
   if config.loss.name in ("kd", "erde") and not require(config, "teacher"):
     raise ValueError(f"loss.name={config.loss.name!r} needs a teacher: set "
                      "teacher.model and teacher.checkpoint")
-  del macs
 
 
 # Keys that may change between invocations of one run without changing what it
@@ -130,78 +120,6 @@ def check_same_recipe(config, workdir: str) -> None:
                      "use a new --workdir, or set --config.allow_config_change=True to resume anyway")
 
 
-def dummy_inputs(config, batch: int = 2):
-  if is_multi_resolution(config):
-    return tuple(jnp.zeros((batch, r, r, 3)) for r in config.data.resolutions)
-  s = config.data.image_size
-  return jnp.zeros((batch, s, s, 3))
-
-
-def make_init_fn(model, tx, config):
-  def init(rng):
-    p_rng, d_rng, s_rng = jax.random.split(rng, 3)
-    variables = model.init({"params": p_rng, "dropout": d_rng}, dummy_inputs(config), train=False)
-    params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      batch_stats=variables.get("batch_stats", {}), rng=s_rng)
-  return init
-
-
-def _with_shardings(abstract, shardings):
-  return jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-
-
-def load_teacher(config, mesh):
-  """(teacher module, variables placed on the mesh) from teacher.checkpoint."""
-  tcfg = config.teacher
-  teacher = models.build(tcfg.model)
-  variables = checkpointing.restore_variables(tcfg.checkpoint, hint=checkpointing.TEACHER_HINT)
-  expected = jax.eval_shape(
-      lambda: teacher.init({"params": jax.random.PRNGKey(0)},
-                           dummy_inputs(config), train=False))
-  want = checkpointing.shapes_of({k: expected[k] for k in variables if k in expected})
-  got = checkpointing.shapes_of(variables)
-  if want != got or set(expected) - set(variables):
-    bad = sorted(k for k in set(want) | set(got) if want.get(k) != got.get(k))
-    raise ValueError(f"teacher checkpoint {tcfg.checkpoint} does not match "
-                     f"teacher.model (first differences: {bad[:3]}); point "
-                     "teacher.checkpoint at a run of the same model config")
-  return teacher, jax.device_put(variables, shd.replicated(mesh))
-
-
-def evaluate_split(eval_step, state, config, split, mesh):
-  """(exit_logits [E, N, K], labels [N]) in the split's example order, for any
-  number of processes (so logits files of runs on different topologies line up)."""
-  global_batch = require(config, "eval_batch_size")
-  # Eval batches are padded anyway, so round up to what the mesh can split.
-  shards = mesh.shape[shd.DATA]
-  global_batch = -(-global_batch // shards) * shards
-  it = data_lib.make_eval_iterator(
-      config.data, split, global_batch_size=global_batch,
-      process_index=jax.process_index(), process_count=jax.process_count())
-  logits, labels = evaluation.predict_exits(eval_step, state.params, state.batch_stats, it, mesh)
-  if jax.process_count() > 1:
-    order = np.argsort(_gathered_example_index(len(labels), global_batch, jax.process_count()))
-    logits, labels = logits[:, order], labels[order]
-  return logits, labels
-
-
-def _gathered_example_index(n: int, global_batch: int, process_count: int) -> np.ndarray:
-  """Example index of each row predict_exits returns in a multi-process run.
-
-  Process p reads examples p, p + P, p + 2P, ... (make_eval_iterator), so row
-  p * L + j of global batch b (L = local batch) is example b * G + j * P + p;
-  padding (index >= n) was dropped.
-  """
-  local = global_batch // process_count
-  b, p, j = np.meshgrid(np.arange(-(-n // global_batch)), np.arange(process_count),
-                        np.arange(local), indexing="ij")
-  index = (b * global_batch + j * process_count + p).reshape(-1)
-  return index[index < n]
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
@@ -217,32 +135,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except OSError as e:
     raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
 
-  mesh = shd.make_mesh(require(config, "mesh"))
-  model = models.build(config.model)
-  multi_res = is_multi_resolution(config)
   steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
-  total_steps = int(require(config, "total_steps") or config.num_epochs * steps_per_epoch)
-
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
-  loss_fn = losses.loss_from_config(config.loss)
-  init_fn = make_init_fn(model, tx, config)
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(init_fn, rng)
-  state_sharding = shd.state_shardings(abstract, mesh, require(config, "param_sharding"))
-  checkpointing.check_signature(
-      workdir, {"model": json.loads(config.model.to_json_best_effort()),
-                "params": checkpointing.shapes_of(abstract.params)}, write=True)
+  trainer = build_lib.build(config, train_size=info["train_size"])
+  total_steps, mesh = trainer.total_steps, trainer.mesh
+  checkpointing.check_signature(workdir, trainer.signature(), write=True)
 
   check_same_recipe(config, workdir)
-  train_iter = data_lib.make_train_iterator(
-      config.data, global_batch_size=config.batch_size, seed=config.seed,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = trainer.train_iterator()
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=require(config, "max_to_keep"),
                                     async_save=require(config, "async_checkpoints"))
-  restored = ckpt.restore(_with_shardings(abstract, state_sharding), train_iter)
+  restored = ckpt.restore(trainer.restore_target(), train_iter)
   if restored is None:
-    state = jax.jit(init_fn, out_shardings=state_sharding)(rng)
+    state = trainer.init_state()
     start = 0
   else:
     start, state = restored
@@ -252,24 +157,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
   if primary:  # only now: a refused workdir keeps the config.json of its run
     _write_atomically(os.path.join(workdir, "config.json"),
                       config.to_json_best_effort(indent=2, sort_keys=True))
-
-  teacher, teacher_vars, teacher_multi = None, None, False
-  if require(config, "teacher"):
-    teacher, teacher_vars = load_teacher(config, mesh)
-    teacher_multi = config.teacher.model.name == "ravit"
-  step_fn = steps.make_train_step(model, tx, loss_fn, schedule, multi_resolution=multi_res,
-                                  teacher=teacher, teacher_multi_resolution=teacher_multi)
-  train_step = steps.jit_train_step(
-      step_fn, mesh, state_sharding,
-      jax.tree_util.tree_map(lambda _: shd.replicated(mesh), teacher_vars))
-  eval_step = steps.jit_eval_step(steps.make_eval_step(model, multi_resolution=multi_res),
-                                  mesh, state_sharding.params, state_sharding.batch_stats)
+  train_step, teacher_vars = trainer.train_step, trainer.teacher_variables
 
   if primary:
     _drop_metrics_after(workdir, start, redo_final=start >= total_steps)
   writer = MetricWriter(workdir, is_primary=primary)
   if primary and start == 0:
-    writer.write(0, "info", {"params": param_count(abstract.params),
+    writer.write(0, "info", {"params": param_count(trainer.abstract_state.params),
                              "exit_macs": models.exit_macs(config.model),
                              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                              "devices": jax.device_count(), "processes": jax.process_count()})
@@ -304,8 +198,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def run_eval(step):
     out = {}
     for split in require(config, "eval_splits"):
-      logits, labels = evaluate_split(eval_step, state, config, split, mesh)
-      accs = evaluation.exit_accuracies(logits, labels)
+      logits, labels = predict.evaluate_split(trainer, state.params, state.batch_stats, split)
+      accs = predict.exit_accuracies(logits, labels)
       rec = {f"accuracy/exit{i}": a for i, a in enumerate(accs)}
       rec.update(split=split, accuracy=accs[-1], num_examples=len(labels))
       writer.write(step, "eval", rec)
@@ -370,8 +264,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     for split, (logits, labels, rec) in results.items():
       summary[split] = rec
       if primary:
-        from adaptive_vision import reporting
-        reporting.save_logits(os.path.join(workdir, f"{split}_logits.npz"), logits, labels,
+        logits_lib.save_logits(os.path.join(workdir, f"{split}_logits.npz"), logits, labels,
                               np.asarray(summary["exit_macs"]))
     writer.write(step, "final", {"train_seconds": summary["train_seconds"]})
     return summary

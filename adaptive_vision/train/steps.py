@@ -2,25 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_vision.train import sharding as shd
+from adaptive_vision import sharding as shd
 from adaptive_vision.train.state import TrainState
-
-
-def model_inputs(batch: dict, multi_resolution: bool):
-  """What the model consumes: the tuple of views (cascades) or one image batch."""
-  if multi_resolution:
-    if "views" not in batch:
-      raise ValueError("a multi-resolution model needs data.resolutions set so "
-                       "batches carry 'views'")
-    return tuple(batch["views"])
-  return batch["image"] if "image" in batch else batch["views"][-1]
 
 
 def _exits(logits, who: str) -> tuple:
@@ -41,10 +31,13 @@ def _variables(params, batch_stats):
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: Callable, schedule: Callable, *,
-                    multi_resolution: bool = False,
+                    inputs: Callable[[dict], Any],
                     teacher: Optional[nn.Module] = None,
-                    teacher_multi_resolution: bool = False):
+                    teacher_inputs: Optional[Callable[[dict], Any]] = None):
   """Returns `step(state, batch, teacher_variables) -> (state, metrics)`.
+
+  `inputs(batch)` (and `teacher_inputs`) pick what each model reads from the
+  batch (`models.inputs_from_batch`), so the step knows no model family.
 
   The teacher (frozen, eval mode) runs inside the same step on the same
   augmented batch; its outputs pass through stop_gradient so no gradient can
@@ -53,23 +46,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
 
   def step(state: TrainState, batch: dict, teacher_variables):
     rng = jax.random.fold_in(state.rng, state.step)
-    inputs = model_inputs(batch, multi_resolution)
+    x = inputs(batch)
     teacher_logits = None
     if teacher is not None:
-      t_logits, _ = teacher.apply(teacher_variables,
-                                  model_inputs(batch, teacher_multi_resolution),
-                                  train=False)
+      t_logits, _ = teacher.apply(teacher_variables, teacher_inputs(batch), train=False)
       teacher_logits = jax.lax.stop_gradient(_exits(t_logits, "teacher"))
 
     def loss_of(params):
       variables = _variables(params, state.batch_stats)
       if state.batch_stats:
-        (logits, _), new_vars = model.apply(variables, inputs, train=True,
+        (logits, _), new_vars = model.apply(variables, x, train=True,
                                             rngs={"dropout": rng},
                                             mutable=["batch_stats"])
         batch_stats = new_vars["batch_stats"]
       else:
-        logits, _ = model.apply(variables, inputs, train=True, rngs={"dropout": rng})
+        logits, _ = model.apply(variables, x, train=True, rngs={"dropout": rng})
         batch_stats = state.batch_stats
       loss, metrics = loss_fn(_exits(logits, "model"), batch["label"], teacher_logits)
       return loss, (metrics, batch_stats)
@@ -91,12 +82,11 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(model: nn.Module, *, multi_resolution: bool = False):
+def make_eval_step(model: nn.Module, *, inputs: Callable[[dict], Any]):
   """Returns `step(params, batch_stats, batch) -> exit logits [E, B, K]`."""
 
   def step(params, batch_stats, batch):
-    logits, _ = model.apply(_variables(params, batch_stats),
-                            model_inputs(batch, multi_resolution), train=False)
+    logits, _ = model.apply(_variables(params, batch_stats), inputs(batch), train=False)
     return jnp.stack([l.astype(jnp.float32) for l in _exits(logits, "model")])
 
   return step

@@ -18,5 +18,5 @@ python -m launch.report --run teacher=runs/erde_teacher --run ce=runs/erde_ce --
 python -m launch.report --run erde_maximize=runs/erde_erde --run erde_minimize=runs/erde_entropy_minimize \
     --run kd=runs/erde_kd --out results/erde_cifar10_cpu/ablation \
     --title "ERDE entropy-term ablation, CIFAR-10, 2-core CPU"
-python -m launch.compare --a erde=runs/erde_erde --b kd=runs/erde_kd --teacher runs/erde_teacher \
+python -m launch.report --a erde=runs/erde_erde --b kd=runs/erde_kd --teacher runs/erde_teacher \
     --out results/erde_cifar10_cpu/erde_vs_kd

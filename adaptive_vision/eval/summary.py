@@ -1,0 +1,58 @@
+"""A training run's summary from its workdir (config.json, metrics.jsonl):
+accuracy per exit, MACs, parameters, median images/s, wall time, machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+
+
+def machine() -> str:
+  """CPU model, core count and OS of this machine (for every recorded figure)."""
+  cpu = platform.processor() or "cpu"
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          cpu = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+
+
+def _records(workdir: str) -> dict[str, list[dict]]:
+  """metrics.jsonl (one JSON record per line, each with a 'kind') by kind."""
+  path, out = os.path.join(workdir, "metrics.jsonl"), {}
+  if os.path.exists(path):
+    with open(path) as f:
+      for line in f:
+        if line.strip():
+          record = json.loads(line)
+          out.setdefault(record.get("kind"), []).append(record)
+  return out
+
+
+def summarize(workdir: str) -> dict:
+  with open(os.path.join(workdir, "config.json")) as f:
+    config = json.load(f)
+  records = _records(workdir)
+  info = (records.get("info") or [{}])[0]
+  train, evals, final = (records.get(k, []) for k in ("train", "eval", "final"))
+  last_step = max((r["step"] for r in evals), default=0)
+  out = {
+      "workdir": workdir, "model": config["model"], "params": info.get("params"),
+      "exit_macs": info.get("exit_macs"), "total_steps": info.get("total_steps"),
+      "epochs": config.get("num_epochs"), "batch_size": config.get("batch_size"),
+      "median_train_images_per_sec": statistics.median(
+          [r["images_per_sec"] for r in train if r.get("images_per_sec")] or [0.0]),
+      "train_seconds": final[-1]["train_seconds"] if final else None,
+      "final_train_loss": train[-1]["loss"] if train else None,
+      "machine": machine(),
+  }
+  for r in evals:
+    if r["step"] == last_step:
+      out[r["split"]] = {k: v for k, v in r.items() if k.startswith("accuracy")}
+  return out
