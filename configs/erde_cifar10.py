@@ -7,8 +7,12 @@ epochs, same recipe), then the report and the comparisons:
   python -m launch.train --config configs/erde_cifar10.py:loss=ce,seed=0   --workdir runs/erde_ce_s0
   python -m launch.train --config configs/erde_cifar10.py:loss=kd,seed=0   --workdir runs/erde_kd_s0
   python -m launch.train --config configs/erde_cifar10.py:loss=erde,seed=0 --workdir runs/erde_erde_s0
-  ... seeds 1 and 2 alike. (launch/experiments/erde_cifar10_cpu.sh reproduces the
-  short-schedule record in results/erde_cifar10_cpu/, with explicit epochs.)
+  ... seeds 1 and 2 alike, then
+  python -m launch.report --seeds 0,1,2 --run ce=runs/erde_ce_s{seed} \
+      --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
+      --teacher runs/erde_teacher --reference erde --out results/erde_cifar10
+  (launch/experiments/erde_cifar10_cpu.sh runs the 2-core CPU study of
+  results/erde_cifar10_cpu/ with explicit, shorter epochs: teacher 30, students 15.)
 
 Arguments (comma separated after ':'): role=teacher|student, loss=ce|kd|erde,
 seed=N, teacher_dir=DIR, teacher_depth=20, student_depth=8,
