@@ -9,9 +9,9 @@ prints one line `BENCH_RESULT {json}` (see common.run_child). Kinds:
 * ``torch``: {spec, compile: bool} the PyTorch peer's train / inference timings;
 * ``torch_memory``: {spec, steps} peak resident memory of eager PyTorch training;
 * ``torch_serve``: {spec} eager PyTorch train steps on request over stdin/stdout
-  (torch_vit.serve), for benchmarks.paired;
+  (torch_vit.serve), for `benchmarks.run paired`;
 * ``torch_resnet_serve``: {spec} the same for the ERDE CNNs (torch_resnet.serve),
-  for benchmarks.cnn.
+  for `benchmarks.run cnn`.
 
 A process per measurement keeps peaks (ru_maxrss only grows) and thread pools
 (XLA's and PyTorch's OpenMP) from mixing.

@@ -1,6 +1,6 @@
 r"""Paired timing of the ERDE CNN train steps against their PyTorch eager peers.
 
-  python -m benchmarks.cnn [--rounds 10] [--steps 2] [--batch 128] \
+  python -m benchmarks.run cnn [--rounds 10] [--steps 2] [--batch 128] \
       [--out results/bench_cnn.json] [--update results/bench_cpu.json]
 
 Variants, each compiled (or started) once, then timed in alternating rounds
@@ -36,7 +36,7 @@ from benchmarks import common
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.cnn", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run cnn", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--rounds", type=int, default=10)
   p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
@@ -154,7 +154,7 @@ def main(argv=None) -> dict:
     ratios["teacher_vs_torch_eager"] = paired("teacher_torch", "teacher")
     ratios["teacher_xla_conv_vs_torch_eager"] = paired("teacher_torch", "teacher_xla_conv")
     ratios["student_vs_torch_eager"] = paired("student_torch", "student")
-  result = {"command": " ".join(["python -m benchmarks.cnn"] + list(argv or sys.argv[1:])),
+  result = {"command": " ".join(["python -m benchmarks.run cnn"] + list(argv or sys.argv[1:])),
             "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
             "quick": args.quick, "machine": common.machine_info(),
             "variants": rows, "paired_speedups": ratios}
@@ -177,6 +177,3 @@ def main(argv=None) -> dict:
     common.write_json(target, args.update)
   return result
 
-
-if __name__ == "__main__":
-  main()

@@ -263,7 +263,7 @@ def interleaved_rounds(order: Sequence[str], run: Callable[[str], float], rounds
 
 
 def serve_steps(step: Callable[[], Any], finish: Callable[[Any], None], stdin, stdout) -> None:
-  """The torch peers' protocol (benchmarks.paired, benchmarks.cnn): two warm-up
+  """The torch peers' protocol (`benchmarks.run paired`, `benchmarks.run cnn`): two warm-up
   steps, `TORCH_READY`, then for each stdin line `N` runs N steps, waits for
   the last (`finish`) and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
   for _ in range(2):

@@ -1,10 +1,10 @@
 r"""Paired, interleaved timing of train-step variants in one process.
 
-  python -m benchmarks.paired [--only default,no_ynn,...] [--model vit|ravit]
+  python -m benchmarks.run paired [--only default,no_ynn,...] [--model vit|ravit]
       [--rounds 12] [--steps 3] [--quick] [--out results/bench_paired.json]
 
 On a shared machine the speed drifts by +-25% between minutes, so comparing
-separate runs (benchmarks.sweep) cannot resolve 10% effects. Here every
+separate runs (one process per variant) cannot resolve 10% effects. Here every
 variant is compiled in the same process, then the variants take turns, a few
 steps each, for `--rounds` rounds (the order reversed every other round);
 the figure of merit is the median over rounds of the paired ratio
@@ -92,7 +92,7 @@ def _start_torch_peer(suite):
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.paired", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run paired", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--only", default=None, help=f"comma-separated subset of {','.join(VARIANTS)}")
   p.add_argument("--model", default="vit", choices=("vit", "ravit"))
@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
   from benchmarks import jax_bench, suites
   common.setup_jax()
   if jax.default_backend() != "cpu":
-    raise SystemExit("benchmarks.paired compares CPU variants; run benchmarks.run elsewhere")
+    raise SystemExit("benchmarks.run paired compares CPU variants; run the suite elsewhere")
   if args.torch_eager and args.model != "vit":
     raise SystemExit("--torch-eager: the PyTorch peer is the ViT; use --model vit")
 
@@ -176,7 +176,7 @@ def main(argv=None) -> dict:
     }
     if "torch_eager" in times:  # paired: this variant's images/s over the peer's
       rows[name]["speedup_vs_torch_eager"] = float(np.median(np.asarray(times["torch_eager"]) / t))
-  result = {"command": " ".join(["python -m benchmarks.paired"] + list(argv or sys.argv[1:])),
+  result = {"command": " ".join(["python -m benchmarks.run paired"] + list(argv or sys.argv[1:])),
             "model": args.model, "batch": int(batch_size), "rounds": args.rounds,
             "steps_per_round": args.steps, "machine": common.machine_info(),
             "variants": rows}
@@ -191,6 +191,3 @@ def main(argv=None) -> dict:
   common.write_json(result, args.out)
   return result
 
-
-if __name__ == "__main__":
-  main()

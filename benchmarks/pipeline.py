@@ -1,6 +1,6 @@
 r"""Does the input pipeline keep up with the train step, and what does it cost?
 
-  python -m benchmarks.pipeline [--model vit|ravit] [--batches 40] [--rounds 6]
+  python -m benchmarks.run pipeline [--model vit|ravit] [--batches 40] [--rounds 6]
       [--cpu-devices N] [--out results/bench_pipeline.json]
 
 Uses the real CIFAR-10 configs (the offline copy in ../shared/data/cifar10,
@@ -28,7 +28,7 @@ from benchmarks import common  # no jax import: XLA_FLAGS can still be set
 
 
 def parse_args(argv=None):
-  p = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.run pipeline", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="vit", choices=("vit", "ravit"))
   p.add_argument("--batches", type=int, default=40, help="batches timed for the pipeline alone")
@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
   common.log(f"train step: {fed['real_images_per_s']:.0f} img/s fed by the pipeline, "
              f"{fed['synthetic_images_per_s']:.0f} img/s on a device batch; "
              f"overlap {fed['overlap']:.3f} (median of {args.rounds} paired rounds)")
-  result = {"command": " ".join(["python -m benchmarks.pipeline"] + list(argv or sys.argv[1:])),
+  result = {"command": " ".join(["python -m benchmarks.run pipeline"] + list(argv or sys.argv[1:])),
             "model": args.model, "batch": b, "devices": jax.device_count(),
             "data": {k: config.data.get(k) for k in ("source", "name", "augment",
                                                      "image_size")},
@@ -122,6 +122,3 @@ def main(argv=None) -> dict:
   common.write_json(result, args.out)
   return result
 
-
-if __name__ == "__main__":
-  main()

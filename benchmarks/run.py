@@ -15,6 +15,14 @@ Writes the JSON (--out) and a Markdown table beside it (same name, .md), and
 prints a progress line per stage. Every figure is a median of several
 repetitions after warm-up, except the peak, the machine's ceiling, which is
 the fastest repetition. `--quick` shrinks everything to seconds (smoke test).
+
+Paired comparisons (variants compiled in one process, timed in alternating
+rounds; each prints its own options with --help):
+
+  python -m benchmarks.run paired [--model vit|ravit] [--only default,devices4,...]
+  python -m benchmarks.run cnn [--update results/bench_cpu.json]
+  python -m benchmarks.run pipeline [--model vit|ravit]
+
 See docs/benchmarks.md.
 """
 
@@ -157,7 +165,19 @@ def _inference_inputs(args, suite, notes: list) -> dict:
   return out
 
 
+# Sub-commands: `python -m benchmarks.run <name> [args]` runs benchmarks.<name>.main(args).
+COMMANDS = ("paired", "cnn", "pipeline")
+
+
 def main(argv=None) -> dict:
+  argv = sys.argv[1:] if argv is None else list(argv)
+  if argv and argv[0] in COMMANDS:
+    import importlib
+    return importlib.import_module(f"benchmarks.{argv[0]}").main(argv[1:])
+  return suite_main(argv)
+
+
+def suite_main(argv) -> dict:
   args = parse_args(argv)
   stages = [s.strip() for s in args.stages.split(",") if s.strip()]
   unknown = set(stages) - set(STAGES)

@@ -14,8 +14,8 @@ Two steps, as the JAX trainer runs them:
   teacher's exit is right + entropy term where it is wrong) with the frozen
   teacher's forward pass in eval mode under no_grad, on the same batch.
 
-`serve(spec)` runs steps on request for paired rounds (benchmarks.cnn).
-`parameter_count` must equal the flax model's (benchmarks.cnn asserts it).
+`serve(spec)` runs steps on request for paired rounds (`benchmarks.run cnn`).
+`parameter_count` must equal the flax model's (`benchmarks.run cnn` asserts it).
 """
 
 from __future__ import annotations

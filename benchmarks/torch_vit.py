@@ -240,7 +240,7 @@ def _train_step(spec: dict, *, compile: bool = False):
 
 
 def serve(spec: dict, stdin, stdout) -> None:
-  """Train steps on request, for paired timing against JAX (benchmarks.paired):
+  """Train steps on request, for paired timing against JAX (`benchmarks.run paired`):
   prints `TORCH_READY` after two warm-up steps, then for each line `N` on
   stdin runs N steps and prints `TORCH_SECONDS <wall seconds>`; `quit` ends."""
   train_step, torch, model, device, _ = _train_step(spec)

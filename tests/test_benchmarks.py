@@ -20,11 +20,14 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
-def _bench(module, *args, timeout=600):
-  """`python -m benchmarks.<module> args` from the repository root, without the
-  test session's XLA_FLAGS (conftest's 8 fake devices)."""
+def _bench(command, *args, timeout=600):
+  """`python -m benchmarks.run [command] args` from the repository root, without
+  the test session's XLA_FLAGS (conftest's 8 fake devices). `micro` is an
+  investigation, run as its own module."""
   from benchmarks import common
-  return subprocess.run([sys.executable, "-m", f"benchmarks.{module}", *map(str, args)],
+  cmd = (["-m", "benchmarks.investigations.micro"] if command == "micro" else
+         ["-m", "benchmarks.run"] + ([] if command == "run" else [command]))
+  return subprocess.run([sys.executable, *cmd, *map(str, args)],
                         cwd=ROOT, env=common.child_env(drop=("XLA_FLAGS",)),
                         capture_output=True, text=True, timeout=timeout)
 
@@ -170,7 +173,7 @@ def test_cpu_devices_train_stage_counts_the_whole_step(tmp_path):
 
 
 def test_paired_comparison_runs_and_reports_ratios(tmp_path):
-  """benchmarks.paired compiles the variants in one process and times them in
+  """benchmarks.run paired compiles the variants in one process and times them in
   turns; the default is its own reference (ratio exactly 1 in every round)."""
   out = tmp_path / "paired.json"
   proc = _bench("paired", "--quick", "--rounds", "2", "--steps", "1", "--only",
@@ -198,7 +201,7 @@ def test_micro_benchmark_times_every_shape(tmp_path):
   proc = _bench("micro", "--threads", "1", "--out", out)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = json.loads(out.read_text())["rows"]
-  from benchmarks import micro
+  from benchmarks.investigations import micro
   assert len(rows) == len(micro.MATMULS) + 3
   for r in rows[:len(micro.MATMULS)]:
     assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
@@ -239,7 +242,7 @@ def test_torch_resnet_peer_is_the_same_network():
 
 
 def test_cnn_benchmark_reports_paired_ratios(tmp_path):
-  """The JAX side of benchmarks.cnn. Its PyTorch peers are checked for the
+  """The JAX side of benchmarks.run cnn. Its PyTorch peers are checked for the
   same parameter counts above; their steps are not run here: started from a
   process that has JAX loaded, the quick (width 0.25) peer's first backward
   pass stalled for minutes (seen three times), and torch's backward beside JAX

@@ -1,6 +1,6 @@
 r"""The CIFAR ViT's building blocks alone, JAX against PyTorch, same process.
 
-  python -m benchmarks.micro [--threads 2] [--out results/bench_micro.json]
+  python -m benchmarks.investigations.micro [--threads 2] [--out results/bench_micro.json]
 
 Times, for the shapes of the Nano/4 ViT at batch 128 (8320 tokens of width
 96, MLP 384, 3 heads of 32 over 65 tokens): every dense matmul of the forward
@@ -41,7 +41,7 @@ def _median_ms(fn, reps: int = 20) -> float:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.micro", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.investigations.micro", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--threads", type=int, default=os.cpu_count(), help="PyTorch threads")
   p.add_argument("--out", default=None)
@@ -93,7 +93,7 @@ def main(argv=None) -> dict:
   rows.append({"op": "attention fwd+bwd, torch SDPA", "jax_ms": None,
                "torch_ms": _median_ms(torch_attention)})
 
-  result = {"command": " ".join(["python -m benchmarks.micro"] + list(argv or sys.argv[1:])),
+  result = {"command": " ".join(["python -m benchmarks.investigations.micro"] + list(argv or sys.argv[1:])),
             "machine": common.machine_info(), "torch_threads": args.threads, "rows": rows}
   print(f"{'op':40s} {'jax ms':>8s} {'torch ms':>9s} {'jax GFLOP/s':>12s} {'torch GFLOP/s':>14s}")
   for r in rows:

@@ -1,6 +1,6 @@
 r"""Where the train step's time goes: per-op times from a jax.profiler trace.
 
-  python -m benchmarks.profile [--model vit|ravit] [--batch 128] [--steps 5]
+  python -m benchmarks.investigations.profile [--model vit|ravit] [--batch 128] [--steps 5]
       [--quick] [--top 20] [--out results/profile_vit.json] [--dump-hlo DIR]
 
 Runs the suite's jitted train step (as benchmarks.run does) under
@@ -166,7 +166,7 @@ def _print(result: dict) -> None:
 
 
 def main(argv=None) -> dict:
-  p = argparse.ArgumentParser(prog="python -m benchmarks.profile", description=__doc__,
+  p = argparse.ArgumentParser(prog="python -m benchmarks.investigations.profile", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--suite", default="cifar", choices=("cifar", "imagenet"))
   p.add_argument("--model", default="vit", choices=("vit", "ravit", "resnet"),
