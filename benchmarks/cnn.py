@@ -54,7 +54,9 @@ def parse_args(argv=None):
 def _configs(batch: int, quick: bool, conv: str):
   from configs import erde_cifar10
   teacher = erde_cifar10.get_config("role=teacher")
-  student = erde_cifar10.get_config("loss=erde")
+  # The student step with the teacher's forward inside it: the first student of
+  # a seed runs this; the others read the teacher's logits from the cache.
+  student = erde_cifar10.get_config("loss=erde,teacher_cache=")
   for c in (teacher, student):
     c.batch_size = batch
     c.mesh.data = 1  # one device unless a variant shards it

@@ -76,6 +76,10 @@ def base_config() -> ml_collections.ConfigDict:
       momentum=0.9, nesterov=True, warmup_steps=0, warmup_fraction=0.05,
       schedule="cosine", end_lr_factor=0.0, grad_clip=1.0, wd_mask="kernels"))
   c.teacher = None
+  # Distillation: '' computes the teacher's logits inside every step; 'auto'
+  # (<teacher.checkpoint>/logits_cache) or a folder stores them per step, so
+  # students of one seed share them (adaptive_vision/train/teacher_cache.py).
+  c.teacher_cache = ""
   return c
 
 
@@ -115,13 +119,15 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
   role=student  ResNet-<student_depth> with exits after stages 1 and 2, loss ce|kd|erde
                 distilled from the teacher checkpoint in teacher_dir
   epochs=0 means the role's default (teacher_epochs / student_epochs); seed=N
-  sets the run's seed (initialization, data order, augmentation, dropout).
+  sets the run's seed (initialization, data order, augmentation, dropout);
+  teacher_cache=auto stores the teacher's logits per step in the teacher's
+  workdir, shared by every student of the same seed (teacher_cache= turns it off).
   """
   a = parse_arg(arg, role="student", loss="erde", teacher_dir="runs/erde_teacher",
                 teacher_depth=20, student_depth=8, width_multiplier=1.0,
                 epochs=0, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
                 entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0,
-                warmup=0.1, clip=2.0, seed=0)
+                warmup=0.1, clip=2.0, seed=0, teacher_cache="auto")
   if a.role not in ("teacher", "student"):
     raise ValueError(f"role={a.role!r}; use role=teacher or role=student")
   if not a.epochs:
@@ -157,6 +163,9 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
                   entropy_mode=a.entropy_mode, kl_on_wrong=a.kl_on_wrong)
     if a.loss != "ce":
       c.teacher = ml_collections.ConfigDict(dict(model=teacher, checkpoint=a.teacher_dir))
+      # The kd / erde students of one seed (and the ablations) share the
+      # teacher's logits: about half of a student step on a CPU.
+      c.teacher_cache = a.teacher_cache
   if a.size:
     c.data.train_size = a.size
   if a.runlocal:

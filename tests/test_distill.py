@@ -61,6 +61,7 @@ def test_erde_student_trains_from_teacher_checkpoint(teacher_dir, tmp_path):
 
 def test_teacher_gets_no_gradient_and_stays_frozen(teacher_dir):
   c = _student("kd", teacher_dir)
+  c.teacher_cache = ""  # the teacher inside the step, as this test inspects it
   trainer = build.build(c, shd.make_mesh(dict(data=1, model=1)), total_steps=10)
   step, teacher_vars = trainer.train_step_fn, trainer.teacher_variables
   state = trainer.init_fn(jax.random.PRNGKey(0))
@@ -85,3 +86,37 @@ def test_missing_or_mismatched_teacher_is_a_clear_error(teacher_dir, tmp_path):
   with pytest.raises(ValueError, match="does not match teacher.model"):
     loop.train_and_evaluate(c, str(tmp_path / "s2"))
   assert not os.path.exists(str(tmp_path / "s2" / "checkpoints" / "4"))
+
+
+def _losses(workdir):
+  from adaptive_vision.train.metrics import read_metrics
+  return [r["loss"] for r in read_metrics(workdir, "train")]
+
+
+def test_teacher_logits_cache_is_shared_by_students_of_one_seed(teacher_dir, tmp_path):
+  """A kd student with the cache trains like one without (float32 noise of a
+  separately compiled teacher forward); an erde student of the same seed reads
+  the stored logits instead of running the teacher (no file rewritten); another
+  seed gets its own folder."""
+  plain = _student("kd", teacher_dir)
+  plain.teacher_cache = ""
+  loop.train_and_evaluate(plain, str(tmp_path / "plain"))
+  cached = _student("kd", teacher_dir)
+  cached.teacher_cache = str(tmp_path / "cache")
+  loop.train_and_evaluate(cached, str(tmp_path / "cached"))
+  np.testing.assert_allclose(_losses(str(tmp_path / "cached")), _losses(str(tmp_path / "plain")),
+                             rtol=2e-5)
+  (folder,) = [p for p in (tmp_path / "cache").iterdir()]
+  files = sorted(p.name for p in folder.iterdir())
+  assert files == sorted(["key.json"] + [f"{s:08d}.npy" for s in range(4)])
+  stored = np.load(folder / "00000000.npy")
+  assert stored.shape == (16, 3, 10) and stored.dtype == np.float32  # batch, exits, classes
+  mtimes = {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+  other = _student("erde", teacher_dir)
+  other.teacher_cache = str(tmp_path / "cache")
+  loop.train_and_evaluate(other, str(tmp_path / "erde"))
+  assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == mtimes
+  seed1 = _student("kd", teacher_dir)
+  seed1.teacher_cache, seed1.seed = str(tmp_path / "cache"), 1
+  loop.train_and_evaluate(seed1, str(tmp_path / "seed1"))
+  assert len(list((tmp_path / "cache").iterdir())) == 2

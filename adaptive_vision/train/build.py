@@ -17,12 +17,14 @@ from typing import Any, Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from adaptive_vision import data as data_lib
 from adaptive_vision import losses, models
 from adaptive_vision import sharding as shd
 from adaptive_vision.config import require
 from adaptive_vision.train import checkpointing, optim, steps
+from adaptive_vision.train import teacher_cache as teacher_cache_lib
 from adaptive_vision.train.state import TrainState
 
 
@@ -53,6 +55,21 @@ class Trainer:
   eval_step: Callable
   teacher: Optional[nn.Module]
   teacher_variables: Any
+  teacher_forward: Optional[Callable] = None
+  teacher_cache: Optional[teacher_cache_lib.TeacherLogitsCache] = None
+
+  def prepare_batch(self, local: dict, step: int) -> dict:
+    """The global batch of training step `step` from this process's local
+    batch; with a teacher cache, with the teacher's logits of that step
+    (read from the cache, or computed and stored)."""
+    if self.teacher_cache is None:
+      return shd.global_batch(local, self.mesh)
+    logits = self.teacher_cache.get(step)
+    if logits is None:
+      logits = np.asarray(self.teacher_forward(self.teacher_variables,
+                                               shd.global_batch(local, self.mesh)))
+      self.teacher_cache.put(step, logits)
+    return shd.global_batch(dict(local, teacher_logits=logits), self.mesh)
 
   def init_state(self, rng=None) -> TrainState:
     """A fresh train state, initialized directly in its shardings."""
@@ -157,15 +174,29 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
   state_sharding = shd.state_shardings(abstract, mesh, require(config, "param_sharding"))
 
   teacher, teacher_inputs, t_vars = None, None, None
+  forward, cache = None, None
   if require(config, "teacher") and not eval_only:
     teacher, t_vars = load_teacher(config.teacher, teacher_variables)
-    t_vars = jax.device_put(t_vars, shd.replicated(mesh))
     teacher_inputs = functools.partial(models.inputs_from_batch, config.teacher.model)
+    root = teacher_cache_lib.cache_root(config)
+    if root:
+      if jax.process_count() > 1:
+        raise ValueError("teacher_cache works in one process; set --config.teacher_cache= "
+                         "(empty) to run the teacher inside the step")
+      cache = teacher_cache_lib.TeacherLogitsCache(root, teacher_cache_lib.cache_key(
+          config, t_vars, views, jax.process_index(), jax.process_count()))
+      forward = jax.jit(
+          lambda tv, b: jnp.stack(teacher.apply(tv, teacher_inputs(b), train=False)[0], 1),
+          in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
+          out_shardings=shd.batch_sharding(mesh))
+    t_vars = jax.device_put(t_vars, shd.replicated(mesh))
   inputs = functools.partial(models.inputs_from_batch, config.model)
   step_fn, train_step = None, None
   if not eval_only:
     step_fn = steps.make_train_step(model, tx, loss_fn, schedule, inputs=inputs,
-                                    teacher=teacher, teacher_inputs=teacher_inputs)
+                                    teacher=None if cache else teacher,
+                                    teacher_inputs=teacher_inputs,
+                                    teacher_from_batch=cache is not None)
     train_step = steps.jit_train_step(
         step_fn, mesh, state_sharding,
         jax.tree_util.tree_map(lambda _: shd.replicated(mesh), t_vars))
@@ -175,5 +206,5 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
                  tx=tx, schedule=schedule, loss_fn=loss_fn, init_fn=init_fn,
                  abstract_state=abstract, state_sharding=state_sharding,
                  train_step=train_step, train_step_fn=step_fn, eval_step=eval_step, teacher=teacher,
-                 teacher_variables=t_vars)
+                 teacher_variables=t_vars, teacher_forward=forward, teacher_cache=cache)
 

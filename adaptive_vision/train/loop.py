@@ -18,7 +18,6 @@ from adaptive_vision import data as data_lib
 from adaptive_vision import models
 from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.eval import predict
-from adaptive_vision import sharding as shd
 from adaptive_vision.config import require
 from adaptive_vision.train import build as build_lib
 from adaptive_vision.train import checkpointing
@@ -137,7 +136,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
   trainer = build_lib.build(config, train_size=info["train_size"])
-  total_steps, mesh = trainer.total_steps, trainer.mesh
+  total_steps = trainer.total_steps
   checkpointing.check_signature(workdir, trainer.signature(), write=True)
 
   check_same_recipe(config, workdir)
@@ -214,7 +213,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   step = start
   try:
     while step < total_steps:
-      batch = shd.global_batch(next(train_iter), mesh)
+      batch = trainer.prepare_batch(next(train_iter), step)
       state, metrics = train_step(state, batch, teacher_vars)
       if pending is not None:
         check(pending, step)

@@ -33,11 +33,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
                     loss_fn: Callable, schedule: Callable, *,
                     inputs: Callable[[dict], Any],
                     teacher: Optional[nn.Module] = None,
-                    teacher_inputs: Optional[Callable[[dict], Any]] = None):
+                    teacher_inputs: Optional[Callable[[dict], Any]] = None,
+                    teacher_from_batch: bool = False):
   """Returns `step(state, batch, teacher_variables) -> (state, metrics)`.
 
   `inputs(batch)` (and `teacher_inputs`) pick what each model reads from the
   batch (`models.inputs_from_batch`), so the step knows no model family.
+  With `teacher_from_batch` the teacher's exit logits come precomputed in
+  `batch['teacher_logits']` [B, E_teacher, K] (train/teacher_cache.py).
 
   The teacher (frozen, eval mode) runs inside the same step on the same
   augmented batch; its outputs pass through stop_gradient so no gradient can
@@ -48,7 +51,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
     rng = jax.random.fold_in(state.rng, state.step)
     x = inputs(batch)
     teacher_logits = None
-    if teacher is not None:
+    if teacher_from_batch:
+      cached = jax.lax.stop_gradient(batch["teacher_logits"])
+      teacher_logits = tuple(cached[:, e] for e in range(cached.shape[1]))
+    elif teacher is not None:
       t_logits, _ = teacher.apply(teacher_variables, teacher_inputs(batch), train=False)
       teacher_logits = jax.lax.stop_gradient(_exits(t_logits, "teacher"))
 
