@@ -7,6 +7,7 @@ data.resolutions is set), 'label' int32 [b], and for eval 'mask' float32 [b].
 
 from adaptive_vision.data.pipeline import (
     iterator_checkpoint_args,
+    load_image,
     local_batch_size,
     make_eval_iterator,
     make_train_dataset,
@@ -19,6 +20,7 @@ from adaptive_vision.data.sources import (
     class_names,
     dataset_info,
     get_source,
+    image_files,
     num_examples,
 )
 
@@ -28,7 +30,9 @@ __all__ = [
     'class_names',
     'dataset_info',
     'get_source',
+    'image_files',
     'iterator_checkpoint_args',
+    'load_image',
     'local_batch_size',
     'make_eval_iterator',
     'make_train_dataset',

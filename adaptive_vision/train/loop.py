@@ -188,6 +188,21 @@ def evaluate_split(eval_step, state, config, split, mesh):
   return logits, labels
 
 
+def exit_logits(config, variables: dict, splits=("val", "test")) -> dict:
+  """{split: (exit_logits [E, N, K], labels [N])} of trained `variables`
+  (params, and batch_stats if any), computed as the trainer's evaluation does."""
+  import types
+  mesh = shd.make_mesh(require(config, "mesh"))
+  model = models.build(config.model)
+  rep = shd.replicated(mesh)
+  eval_step = steps.jit_eval_step(
+      steps.make_eval_step(model, multi_resolution=is_multi_resolution(config)), mesh, rep, rep)
+  state = types.SimpleNamespace(  # what evaluate_split reads of a train state
+      params=jax.device_put(variables["params"], rep),
+      batch_stats=jax.device_put(variables.get("batch_stats", {}), rep))
+  return {split: evaluate_split(eval_step, state, config, split, mesh) for split in splits}
+
+
 def _gathered_example_index(n: int, global_batch: int, process_count: int) -> np.ndarray:
   """Example index of each row predict_exits returns in a multi-process run.
 
