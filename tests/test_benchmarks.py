@@ -276,8 +276,10 @@ def test_latency_benchmark_updates_the_results(tmp_path):
                 "--update", target)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
+  alone = {"ravit_exit0_alone", "ravit_exit1_alone", "erde_student_exit0_alone",
+           "erde_student_exit1_alone", "erde_student_exit2_alone"}
   assert set(result["variants"]) == {"vit", "ravit", "ravit_bucketed", "erde_teacher",
-                                     "erde_student_final", "erde_student"}
+                                     "erde_student_final", "erde_student"} | alone
   for v in result["variants"].values():
     assert v["median_s"] > 0 and len(v["times_s"]) == 2 and v["mean_macs"] > 0
   ravit = result["variants"]["ravit"]
@@ -286,6 +288,8 @@ def test_latency_benchmark_updates_the_results(tmp_path):
   assert ravit["mean_macs"] <= 0.55 * result["variants"]["vit"]["mean_macs"] * 1.0001
   pairs = result["pairs"]
   assert pairs["ravit_vs_vit"]["predicted_speedup"] >= 1 / 0.55 * 0.9999
+  assert pairs["erde_student_vs_erde_student_final"]["time_predicted_speedup"] > 0
+  assert pairs["ravit_vs_vit"]["cpu_time_realized_over_predicted"] > 0
   updated = json.loads(target.read_text())
   assert updated["existing_field"] == 1
   headline = updated["early_exit_batch1_realized_over_predicted"]
