@@ -78,6 +78,8 @@ def parse_args(argv=None):
   p.add_argument("--erde-student-workdir", default=None,
                  help="trained student (its val_logits.npz calibrates the thresholds)")
   p.add_argument("--erde-teacher-workdir", default=None)
+  p.add_argument("--note", action="append", default=None,
+                 help="a note to keep with the figures, e.g. the machine's load (repeatable)")
   p.add_argument("--out", default=None, help="JSON with every variant's timings")
   p.add_argument("--update", default=None,
                  help="existing results JSON (results/bench_cpu.json) to receive the "
@@ -216,11 +218,14 @@ def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
               teacher_macs=models.exit_macs(teacher_cfg.model), student_macs=student_macs)
 
 
-def measure(args, notes: Optional[list] = None) -> dict:
-  """The batch-1 section of the results (see the module docstring)."""
+def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None) -> dict:
+  """The batch-1 section of the results (see the module docstring).
+
+  `configs`: (vit, ravit, erde teacher, erde student) configs instead of the
+  cifar suite's (tests)."""
   from adaptive_vision.inference import DynamicCascade, SingleDispatchCascade
-  notes = [] if notes is None else notes
-  vit_cfg, ravit_cfg, teacher_cfg, student_cfg = _configs(args.quick)
+  notes = list(args.note or []) if notes is None else notes
+  vit_cfg, ravit_cfg, teacher_cfg, student_cfg = configs or _configs(args.quick)
   r = _ravit_setup(args, vit_cfg, ravit_cfg, notes)
   e = _erde_setup(args, teacher_cfg, student_cfg, notes)
 
