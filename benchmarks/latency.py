@@ -49,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -324,7 +325,7 @@ def update(path: str, section: dict, command: str) -> None:
 def main(argv=None) -> dict:
   args = parse_args(argv)
   common.setup_jax()
-  command = " ".join(["python -m benchmarks.latency"] + list(argv or sys.argv[1:]))
+  command = "python -m benchmarks.latency " + shlex.join(list(argv or sys.argv[1:]))
   section = measure(args)
   print(f"\n{'variant':20s} {'ms/image':>9s} {'CPU ms':>7s} {'MMACs':>7s}")
   for name, v in section["variants"].items():

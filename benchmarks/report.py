@@ -169,7 +169,10 @@ def markdown(r: dict) -> str:
               f"Command: `{lat.get('command', r.get('command'))}`. {lat['images']} images per "
               f"round, {lat['rounds']} rounds, operating point: mean MACs <= "
               f"{100 * lat['budget']:g}% of the baseline's; the speed-up is the median over "
-              "rounds of baseline time / variant time.", "",
+              "rounds of baseline time / variant time."
+              + (f" Machine: {lat['machine'].get('cpu_model')}, {lat['machine'].get('cpu_count')} "
+                 f"cores, load average at start {lat['machine'].get('load_average_at_start')}."
+                 if lat.get("machine") else ""), "",
               "| variant | ms per image (median) | mean MMACs | exits taken |", "|---|---|---|---|"]
     for name, v in lat["variants"].items():
       fr = "/".join(f"{100 * x:.0f}" for x in v["exit_fractions"]) + "%" if v.get(
