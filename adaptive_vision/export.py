@@ -40,8 +40,8 @@ _NOT_THE_FUNCTION = ("dtype", "attention", "conv", "dropout", "stochastic_depth"
 # Pure pieces
 
 
-def flatten(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """{'params/a/b/kernel': array, ...} of the collections that are present."""
+def _leaves(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """{'params/a/b/kernel': leaf, ...} of the collections that are present."""
   out = {}
 
   def walk(prefix, node):
@@ -49,11 +49,15 @@ def flatten(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
       for k in sorted(node):
         walk(f"{prefix}/{k}", node[k])
     else:
-      out[prefix] = np.asarray(node)
+      out[prefix] = node
   for c in COLLECTIONS:
-    if variables.get(c):
-      walk(c, variables[c])
+    if tree.get(c):
+      walk(c, tree[c])
   return out
+
+
+def flatten(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  return {k: np.asarray(v) for k, v in _leaves(variables).items()}
 
 
 def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
@@ -68,7 +72,7 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
 
 
 def signature(variables: Mapping[str, Any]) -> dict[str, list[int]]:
-  return {k: list(v.shape) for k, v in flatten(variables).items()}
+  return {k: list(np.shape(v)) for k, v in _leaves(variables).items()}
 
 
 def expected_signature(config) -> dict[str, list[int]]:
@@ -79,22 +83,7 @@ def expected_signature(config) -> dict[str, list[int]]:
   model = models.build(config.model)
   shapes = jax.eval_shape(lambda: model.init({"params": jax.random.PRNGKey(0)},
                                              loop.dummy_inputs(config), train=False))
-  return {k: list(v.shape) for k, v in _flat_shapes(shapes).items()}
-
-
-def _flat_shapes(tree) -> dict:
-  out = {}
-
-  def walk(prefix, node):
-    if isinstance(node, Mapping):
-      for k in sorted(node):
-        walk(f"{prefix}/{k}", node[k])
-    else:
-      out[prefix] = node
-  for c in COLLECTIONS:
-    if tree.get(c):
-      walk(c, tree[c])
-  return out
+  return {k: list(v.shape) for k, v in _leaves(shapes).items()}
 
 
 def model_fields(model_cfg) -> dict:
