@@ -4,6 +4,7 @@
     python -m benchmarks.run paired [--model vit|ravit] ...   train-step variants, paired
     python -m benchmarks.run cnn ...        the ERDE CNN steps against PyTorch, paired
     python -m benchmarks.run pipeline ...   the real input pipeline against the step
+    python -m benchmarks.run latency ...    batch-1 latency of the early-exit executors
 
 The suite measures, in one run: the machine's matmul peak through JAX, the
 jitted train step of the CIFAR ViT and RAViT configs (images/s, XLA-counted
@@ -20,6 +21,7 @@ Modules:
   paired.py     train-step variants of the ViT / RAViT, paired, with the PyTorch peer
   cnn.py        the ERDE teacher / student steps, paired, with their PyTorch peers
   pipeline.py   the input pipeline alone and feeding the train step
+  latency.py    batch 1: single-dispatch early exits against the plain models, paired
   common.py     machine description, timing, paired rounds, child processes
   suites.py     the model / batch / repetition settings of each suite
   jax_bench.py  peak matmul, train step, inference and early-exit measurements

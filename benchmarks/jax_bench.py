@@ -3,7 +3,8 @@
 Everything runs the library's own code paths: the train step is
 the trainer's own `adaptive_vision.train.build.build(config)` (jitted over
 the trainer's mesh, state donated, optimizer and loss from the config); dynamic early exits run
-`adaptive_vision.inference.DynamicCascade`. Inputs are synthetic batches
+`adaptive_vision.inference.DynamicCascade` (batches) and
+`SingleDispatchCascade` (batch 1). Inputs are synthetic batches
 already on device (no data pipeline), unless real test images are asked for.
 """
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from adaptive_vision import early_exit, models
 from adaptive_vision import sharding as shd
-from adaptive_vision.inference import DynamicCascade
+from adaptive_vision.inference import DynamicCascade, SingleDispatchCascade
 from adaptive_vision.train import build as build_lib
 from adaptive_vision.train.state import param_count
 from benchmarks import common
@@ -290,19 +291,27 @@ def _latency(fn, singles: Sequence[Any], *, reps: int) -> dict:
   return t
 
 
-def synthetic_ravit_variables(model, views, seed: int = 0):
-  """Random RAViT params whose heads are not zero (zero heads give every image
-  the same entropy, so no threshold could split them)."""
-  variables = jax.jit(model.init)(jax.random.key(seed), tuple(v[:2] for v in views))
+def synthetic_variables(model, inputs, seed: int = 0):
+  """Random variables (params, and batch_stats if the model has them) whose
+  classifier kernels are not small: zero or tiny heads give every image about
+  the same entropy, so no threshold could split them. `inputs`: a batch of the
+  model's input (a tuple of views for RAViT)."""
+  first2 = (tuple(v[:2] for v in inputs) if isinstance(inputs, (tuple, list))
+            else inputs[:2])
+  variables = jax.jit(model.init)(jax.random.key(seed), first2)
   key = jax.random.key(seed + 1)
 
   def fix(path, x):
     name = jax.tree_util.keystr(path)
-    if "head" in name and "kernel" in name:
+    if ("head" in name or "dense" in name) and "kernel" in name:
       return 2.0 * jax.random.normal(jax.random.fold_in(key, x.shape[0]), x.shape,
                                      x.dtype) / np.sqrt(x.shape[0])
     return x
-  return {"params": jax.tree_util.tree_map_with_path(fix, variables["params"])}
+  return dict(variables, params=jax.tree_util.tree_map_with_path(fix, variables["params"]))
+
+
+def synthetic_ravit_variables(model, views, seed: int = 0):
+  return synthetic_variables(model, views, seed)
 
 
 def _threshold_for_fraction(scores: np.ndarray, q: float) -> float:
@@ -332,6 +341,32 @@ def synthetic_operating_points(exit_logits: np.ndarray, fractions: Sequence[floa
     points.append({"label": f"synthetic: {round(100 * q)}% at the first exit",
                    "target_first_exit_fraction": q, "thresholds": thresholds})
   return points
+
+
+def budget_operating_point(exit_logits: np.ndarray, exit_macs: Sequence[float],
+                           target_macs: float) -> dict:
+  """Entropy thresholds whose mean MACs on these logits come closest to
+  `target_macs` from below: every early exit takes the same fraction q of the
+  examples still there (`synthetic_operating_points`), q found by bisection."""
+  macs = np.asarray(exit_macs, np.float64)
+  ent = np.asarray(early_exit.softmax_entropy(jnp.asarray(exit_logits)))
+
+  def mean_macs(q):
+    t = synthetic_operating_points(exit_logits, [q])[0]["thresholds"]
+    idx = np.asarray(early_exit.exit_policy(exit_logits, t)) if len(t) else np.zeros(
+        ent.shape[1], np.int32)
+    return float(macs[idx].mean()), t
+
+  lo, hi = 0.0, 1.0  # mean MACs fall as q rises
+  for _ in range(30):
+    mid = 0.5 * (lo + hi)
+    if mean_macs(mid)[0] <= target_macs:
+      hi = mid
+    else:
+      lo = mid
+  m, t = mean_macs(hi)
+  return {"label": f"synthetic: mean MACs <= {target_macs / 1e6:.2f} M", "thresholds": t,
+          "mean_macs_on_calibration_images": m}
 
 
 def calibrated_operating_points(report_path: str, num_exits: int, limit: int = 3) -> list:
@@ -405,8 +440,10 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
                               if vit_flops and peak_flops else None)
   vit_macs = models.exit_macs(vit_config.model)[-1]
   base["macs_per_image"] = vit_macs
-  base["latency"] = _latency(lambda x: jax.block_until_ready(vit_fwd(vit_variables, x)),
-                             vit_singles, reps=reps)
+  # Batch 1 as `SingleDispatchCascade` runs it: weights compiled in, answer fetched.
+  host_vit = jax.device_get(vit_variables)
+  vit_single = jax.jit(lambda x: vit.apply(host_vit, x, train=False)[0])
+  base["latency"] = _latency(lambda x: jax.device_get(vit_single(x)), vit_singles, reps=reps)
   out["vit"] = base
   common.log(f"  inference ViT: {base['images_per_s']:.0f} img/s at batch {batch}, "
              f"latency {1e3 * base['latency']['median_s']:.2f} ms at batch 1")
@@ -431,6 +468,7 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
     operating_points = synthetic_operating_points(exit_logits, fractions)
   cascade = DynamicCascade(ravit, ravit_variables, operating_points[0]["thresholds"],
                            buckets=buckets)
+  single = SingleDispatchCascade(ravit, ravit_variables, operating_points[0]["thresholds"])
   points = []
   for op in operating_points:
     cascade.thresholds = op["thresholds"]
@@ -451,9 +489,10 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
                  realized_over_predicted=measured / predicted)
     if labels is not None:
       point["accuracy"] = float(np.mean(res["predictions"] == labels))
-    # batch 1: each image alone; exits differ per image
-    lat = _latency(lambda x: cascade.predict(x), ravit_singles, reps=reps)
-    single_exits = np.array([int(cascade.predict(x)["exit_index"][0]) for x in ravit_singles])
+    # batch 1: each image alone, one program per call; exits differ per image
+    single.thresholds = op["thresholds"]
+    lat = _latency(single.predict, ravit_singles, reps=reps)
+    single_exits = np.array([int(single.predict(x)["exit_index"][0]) for x in ravit_singles])
     single_macs = float(np.mean(np.asarray(ravit_macs)[single_exits]))
     lat["exit_fractions"] = (np.bincount(single_exits, minlength=num_exits)
                              / len(single_exits)).tolist()

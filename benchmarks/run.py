@@ -22,6 +22,7 @@ rounds; each prints its own options with --help):
   python -m benchmarks.run paired [--model vit|ravit] [--only default,devices4,...]
   python -m benchmarks.run cnn [--update results/bench_cpu.json]
   python -m benchmarks.run pipeline [--model vit|ravit]
+  python -m benchmarks.run latency [--update results/bench_cpu.json]   batch 1
 
 See docs/benchmarks.md.
 """
@@ -39,7 +40,7 @@ from typing import Any
 
 from benchmarks import common
 
-STAGES = ("peak", "train", "torch", "inference", "memory")
+STAGES = ("peak", "train", "torch", "inference", "latency", "memory")
 DEFAULT_REPORT = "results/ravit_cifar10_cpu/report.json"
 
 
@@ -61,6 +62,10 @@ def parse_args(argv=None):
                       "its calibrated thresholds and real test images")
   p.add_argument("--ravit-report", default=DEFAULT_REPORT,
                  help="report.json of launch.evaluate with calibrated thresholds")
+  p.add_argument("--erde-student-workdir", default=None,
+                 help="trained ERDE student for the latency stage (with its val_logits.npz)")
+  p.add_argument("--erde-teacher-workdir", default=None,
+                 help="trained ERDE teacher for the latency stage")
   p.add_argument("--train-batch", type=int, default=None, help="override the train batch")
   p.add_argument("--train-models", default="vit,ravit",
                  help="which train steps the train stage times (vit, ravit or both)")
@@ -166,7 +171,7 @@ def _inference_inputs(args, suite, notes: list) -> dict:
 
 
 # Sub-commands: `python -m benchmarks.run <name> [args]` runs benchmarks.<name>.main(args).
-COMMANDS = ("paired", "cnn", "pipeline")
+COMMANDS = ("paired", "cnn", "pipeline", "latency")
 
 
 def main(argv=None) -> dict:
@@ -336,7 +341,28 @@ def suite_main(argv) -> dict:
         result["errors"]["inference"] = f"{type(e).__name__}: {e}"
         common.log(f"  inference failed: {type(e).__name__}: {e}")
 
-  # 5. memory ------------------------------------------------------------------------
+  # 5. batch-1 latency ----------------------------------------------------------------
+  if "latency" in stages:
+    with Stage("latency", seconds):
+      if args.suite != "cifar":
+        notes.append("latency stage: the cifar suite's models only (benchmarks/latency.py)")
+      else:
+        from benchmarks import latency
+        lat_args = latency.parse_args(
+            ["--rounds", str(4 * suite.reps), "--images", str(suite.latency_images)]
+            + (["--quick"] if suite.quick else [])
+            + sum(([f"--{k.replace('_', '-')}", v] for k, v in (
+                ("ravit_workdir", args.ravit_workdir), ("vit_workdir", args.vit_workdir),
+                ("ravit_report", args.ravit_report),
+                ("erde_student_workdir", args.erde_student_workdir),
+                ("erde_teacher_workdir", args.erde_teacher_workdir)) if v), []))
+        try:
+          result["latency"] = latency.measure(lat_args)
+        except Exception as e:
+          result["errors"]["latency"] = f"{type(e).__name__}: {e}"
+          common.log(f"  latency failed: {type(e).__name__}: {e}")
+
+  # 6. memory ------------------------------------------------------------------------
   if "memory" in stages:
     with Stage("memory", seconds):
       mem: dict[str, Any] = {}
@@ -380,6 +406,8 @@ def suite_main(argv) -> dict:
   result["early_exit_realized_over_predicted"] = (
       min(p["realized_over_predicted"] for p in points) if points else None)
   result["early_exit_batch"] = inf.get("batch")
+  result["early_exit_batch1_realized_over_predicted"] = common.get_path(
+      result, "latency", "early_exit_batch1_realized_over_predicted")
   result["targets"] = report.targets(result)
   seconds["total"] = time.perf_counter() - t_start
   result = _finite(result)

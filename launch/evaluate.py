@@ -3,11 +3,16 @@ r"""Per-exit logits of a trained run, and its early-exit report.
   python -m launch.evaluate --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
       [--baseline runs/vit_cifar10] [--out results/ravit_cifar10_cpu] [--name ravit]
 
+  python -m launch.evaluate --config configs/ravit_cifar10.py --params ravit_cifar10.npz \
+      --out results/ravit_from_params [--baseline runs/vit_cifar10]
+
 Restores the newest checkpoint in --workdir, writes `val_logits.npz` and
 `test_logits.npz` there (exit_logits [E, N, K], labels [N], cumulative
 exit_macs [E]), and, with --out, the report (report.json, report.md,
-accuracy_vs_macs.png) beside copies of the npz files. Thresholds are
-calibrated on the validation split held out of training, never on test.
+accuracy_vs_macs.png) beside copies of the npz files. With --params (a file
+of launch.export) instead of --workdir, the variables come from that file,
+checked against --config's model, and the npz files go to --out. Thresholds
+are calibrated on the validation split held out of training, never on test.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from launch import common
 
 config_flags.DEFINE_config_file("config", None, "config file [:args]", lock_config=True)
 flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+flags.DEFINE_string("params", None, "instead of --workdir: a parameters file of launch.export "
+                    "(logits and report go to --out)")
 flags.DEFINE_string("baseline", None, "workdir of a single-exit baseline with *_logits.npz")
 flags.DEFINE_string("out", None, "where to write the report and copies of the npz files")
 flags.DEFINE_string("name", None, "the model's name in tables and plots")
@@ -30,23 +37,23 @@ flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of r
 FLAGS = flags.FLAGS
 
 
-def compute_logits(config, workdir: str, config_arg: str = "...") -> None:
-  """`config_arg`: the --config argument, for the command that trains a missing run."""
+def compute_logits(config, workdir: str, config_arg: str = "...", variables=None) -> None:
+  """Writes {val,test}_logits.npz into `workdir`, of the run's newest
+  checkpoint there or of `variables` (e.g. `export.load_params`).
+  `config_arg`: the --config argument, for the command that trains a missing run."""
   import numpy as np
   from adaptive_vision import models
   from adaptive_vision.eval import logits as logits_lib
-  from adaptive_vision.eval import predict
-  from adaptive_vision.train import build, checkpointing, loop
+  from adaptive_vision.train import checkpointing, loop
 
   loop.validate_config(config, workdir)
-  variables = checkpointing.restore_variables(
-      workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
-                    f"--workdir {workdir}`")
-  trainer = build.build(config, eval_only=True)
-  params, batch_stats = trainer.place_variables(variables)
+  if variables is None:
+    variables = checkpointing.restore_variables(
+        workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
+                      f"--workdir {workdir}`")
   macs = np.asarray(models.exit_macs(config.model))
-  for split in ("val", "test"):
-    logits, labels = predict.evaluate_split(trainer, params, batch_stats, split)
+  os.makedirs(workdir, exist_ok=True)
+  for split, (logits, labels) in loop.exit_logits(config, variables).items():
     path = os.path.join(workdir, f"{split}_logits.npz")
     logits_lib.save_logits(path, logits, labels, macs)
     print(f"{split}: {len(labels)} examples, exit accuracies "
@@ -56,13 +63,23 @@ def compute_logits(config, workdir: str, config_arg: str = "...") -> None:
 
 def main(argv):
   del argv
+  if (FLAGS.workdir is None) == (FLAGS.params is None):
+    common.fail("give --workdir (a run) or --params (a file of launch.export), one of them")
+  if FLAGS.params and not FLAGS.out:
+    common.fail("--params needs --out: where the logits and the report go")
   common.setup()
-  workdir = FLAGS.workdir
+  workdir = FLAGS.workdir or FLAGS.out
   try:
+    variables = None
+    if FLAGS.params:
+      from adaptive_vision import export
+      variables = export.load_params(FLAGS.params, FLAGS.config)
     if not FLAGS.reuse_logits or not os.path.exists(os.path.join(workdir, "test_logits.npz")):
-      compute_logits(FLAGS.config, workdir, config_flags.get_config_filename(FLAGS["config"]))
+      compute_logits(FLAGS.config, workdir, config_flags.get_config_filename(FLAGS["config"]),
+                     variables)
     if FLAGS.out:
-      name = FLAGS.name or os.path.basename(os.path.normpath(workdir))
+      name = FLAGS.name or (os.path.basename(os.path.normpath(FLAGS.workdir)) if FLAGS.workdir
+                            else os.path.splitext(os.path.basename(FLAGS.params))[0])
       from adaptive_vision.eval import files
       files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
                         budgets=[float(b) for b in FLAGS.budgets],
@@ -73,5 +90,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  flags.mark_flags_as_required(["config"])
   common.run(main)

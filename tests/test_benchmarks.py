@@ -33,7 +33,8 @@ def _bench(command, *args, timeout=600):
 
 
 REQUIRED = ("train_fraction_of_peak", "train_speedup_vs_torch_eager",
-            "train_speedup_vs_torch_compile", "early_exit_realized_over_predicted")
+            "train_speedup_vs_torch_compile", "early_exit_realized_over_predicted",
+            "early_exit_batch1_realized_over_predicted")
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +91,9 @@ def test_jax_figures_are_sane(quick_run):
       p["realized_over_predicted"] for p in points)
   mem = result["memory"]["jax_vit"]
   assert mem["peak_rss_bytes"] >= mem["rss_after_import_bytes"] > 0
+  lat = result["latency"]
+  assert result["early_exit_batch1_realized_over_predicted"] == min(
+      p["realized_over_predicted"] for p in lat["pairs"].values() if p["in_headline"])
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="torch not installed (CI installs .[test] only; "
@@ -263,3 +267,36 @@ def test_cnn_benchmark_reports_paired_ratios(tmp_path):
   assert updated["existing_field"] == 1
   assert updated["erde_student_train_images_per_s"] > 0
   assert updated["cnn"]["machine"]["cpu_model"]
+
+
+def test_latency_benchmark_updates_the_results(tmp_path):
+  """benchmarks.latency: every variant timed, the pairs' ratios, and --update
+  writing the section and the headline into an existing results JSON and its .md."""
+  out = tmp_path / "latency.json"
+  target = tmp_path / "bench_cpu.json"
+  target.write_text(json.dumps({"existing_field": 1, "suite": {"name": "cifar"}}))
+  proc = _bench("latency", "--quick", "--rounds", "2", "--images", "4", "--out", out,
+                "--update", target)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  alone = {"ravit_exit0_alone", "ravit_exit1_alone", "erde_student_exit0_alone",
+           "erde_student_exit1_alone", "erde_student_exit2_alone"}
+  assert set(result["variants"]) == {"vit", "ravit", "ravit_bucketed", "erde_teacher",
+                                     "erde_student_final", "erde_student"} | alone
+  for v in result["variants"].values():
+    assert v["median_s"] > 0 and len(v["times_s"]) == 2 and v["mean_macs"] > 0
+  ravit = result["variants"]["ravit"]
+  assert len(ravit["exit_index"]) == 4 and abs(sum(ravit["exit_fractions"]) - 1) < 1e-6
+  # The operating point keeps the mean MACs within the budget of the baseline's.
+  assert ravit["mean_macs"] <= 0.55 * result["variants"]["vit"]["mean_macs"] * 1.0001
+  pairs = result["pairs"]
+  assert pairs["ravit_vs_vit"]["predicted_speedup"] >= 1 / 0.55 * 0.9999
+  assert pairs["erde_student_vs_erde_student_final"]["time_predicted_speedup"] > 0
+  assert pairs["ravit_vs_vit"]["cpu_time_realized_over_predicted"] > 0
+  updated = json.loads(target.read_text())
+  assert updated["existing_field"] == 1
+  headline = updated["early_exit_batch1_realized_over_predicted"]
+  assert headline == min(p["realized_over_predicted"] for p in pairs.values() if p["in_headline"])
+  assert [t for t in updated["targets"]
+          if t["name"] == "early_exit_batch1_realized_over_predicted"][0]["met"] is None  # quick
+  assert "## Batch-1 latency" in target.with_suffix(".md").read_text()

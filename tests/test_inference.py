@@ -1,4 +1,8 @@
-"""Dynamic RAViT executor: same answers as the policy on all exits, bounded compiles."""
+"""Dynamic early-exit executors: same answers as the policy on all exits, bounded compiles.
+
+`DynamicCascade` (batches, RAViT) and `SingleDispatchCascade` (one program per
+call: RAViT, the ViT, the ERDE ResNets) are both checked against the static
+policy over every exit (`full_cascade_predict`)."""
 
 import functools
 
@@ -8,8 +12,8 @@ import numpy as np
 import pytest
 
 from adaptive_vision import early_exit
-from adaptive_vision.inference import (DynamicCascade, default_buckets, full_cascade_predict,
-                                       resolve_buckets)
+from adaptive_vision.inference import (DynamicCascade, SingleDispatchCascade, cascade_program,
+                                       default_buckets, full_cascade_predict, resolve_buckets)
 from adaptive_vision.models.ravit import RAViT
 
 NUM_CLASSES = 5
@@ -209,3 +213,112 @@ def test_rejects_bad_arguments():
     cascade.predict((views[0], views[1][:3]))
   empty = cascade.predict(tuple(v[:0] for v in views))
   assert empty["predictions"].shape == (0,) and empty["logits"].shape == (0, NUM_CLASSES)
+
+
+# ----------------------------------------------------------------------------
+# SingleDispatchCascade: the whole decision in one program (batch 1, small batches)
+
+
+@functools.lru_cache(maxsize=None)
+def _resnet_setup():
+  import ml_collections
+  from adaptive_vision import models
+  from test_resnet import _abstract_variables, materialize
+  model = models.build(ml_collections.ConfigDict(dict(
+      name="resnet", depth=8, width=16, width_multiplier=0.25, num_classes=NUM_CLASSES,
+      exits=(0, 1), exit_dropout=0.5, image_size=16, dtype="float32")))
+  variables = materialize(_abstract_variables(model, image_size=16), seed=3)
+  images = np.random.default_rng(5).normal(size=(N, 16, 16, 3)).astype(np.float32)
+  apply = jax.jit(lambda v, x: model.apply(v, x)[0])
+  exit_logits = np.stack([np.asarray(x) for x in apply(variables, images)])
+  return model, variables, images, exit_logits, apply
+
+
+def _single(inputs, i):
+  if isinstance(inputs, tuple):
+    return tuple(v[i:i + 1] for v in inputs)
+  return inputs[i:i + 1]
+
+
+def _check_single_dispatch(model, variables, inputs, exit_logits, criterion, embed):
+  e = exit_logits.shape[0]
+  cascade = SingleDispatchCascade(model, variables, [0.0] * (e - 1), criterion,
+                                  embed_params=embed)
+  seen = set()
+  for thresholds in _threshold_sets(exit_logits, criterion):
+    cascade.thresholds = thresholds
+    ref = full_cascade_predict(model, variables, inputs, thresholds, criterion)
+    whole = cascade.predict(inputs)  # a small batch: the same decisions
+    for key in ("exit_index", "predictions"):
+      np.testing.assert_array_equal(whole[key], ref[key])
+    np.testing.assert_allclose(whole["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    for i in range(0, N, 3):  # batch 1
+      one = cascade.predict(_single(inputs, i))
+      assert one["exit_index"][0] == ref["exit_index"][i]
+      assert one["predictions"][0] == ref["predictions"][i]
+      np.testing.assert_allclose(one["logits"][0], ref["logits"][i], rtol=1e-5, atol=1e-5)
+    _check_against_policy(dict(whole, counts=[(ref["exit_index"] >= k).sum() for k in range(e)],
+                               padded_counts=np.full(e, N)), exit_logits, thresholds, criterion)
+    seen.update(ref["exit_index"].tolist())
+  assert seen == set(range(e))  # every exit was taken at some point
+  assert cascade.num_compiled == 2  # one program per input shape (N and 1)
+
+
+@pytest.mark.parametrize("num_branches,criterion", [(2, "entropy"), (3, "entropy"),
+                                                    (2, "max_prob")])
+def test_single_dispatch_ravit_matches_policy(num_branches, criterion):
+  model, variables, views, exit_logits, _ = _setup(num_branches)
+  _check_single_dispatch(model, variables, views, exit_logits, criterion,
+                         embed=num_branches == 2)
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+def test_single_dispatch_resnet_matches_policy(criterion):
+  model, variables, images, exit_logits, _ = _resnet_setup()
+  _check_single_dispatch(model, variables, images, exit_logits, criterion,
+                         embed=criterion == "entropy")
+
+
+def test_single_dispatch_random_inputs_and_thresholds():
+  """Many random images and thresholds, one image per call, against the policy."""
+  rng = np.random.default_rng(7)
+  for model, variables, inputs, _, apply in (_setup(3), _resnet_setup()):
+    cascade = SingleDispatchCascade(model, variables, [0.0] * (model.num_exits - 1))
+    for trial in range(4):
+      perm = rng.permutation(N)
+      scale = rng.uniform(0.5, 1.5)
+      batch = (tuple(v[perm] * scale for v in inputs) if isinstance(inputs, tuple)
+               else inputs[perm] * scale)
+      logits = np.stack([np.asarray(x) for x in apply(variables, batch)])
+      ent = _scores(logits[:-1], "entropy")
+      # Thresholds between two neighbouring scores, so float rounding cannot flip one.
+      thresholds = [_mid_thresholds(ent[k], [rng.uniform(0.1, 0.9)])[0]
+                    for k in range(model.num_exits - 1)]
+      cascade.thresholds = thresholds
+      ref = np.asarray(early_exit.exit_policy(logits, thresholds))
+      got = [cascade.predict(_single(batch, i)) for i in range(N)]
+      np.testing.assert_array_equal([g["exit_index"][0] for g in got], ref)
+      np.testing.assert_array_equal([g["predictions"][0] for g in got],
+                                    logits[ref, np.arange(N)].argmax(-1))
+
+
+def test_single_dispatch_skips_the_segments_nobody_needs():
+  """XLA keeps the later segments inside conditionals (not flattened into selects)."""
+  model, variables, views, _, _ = _setup(3)
+  hlo = jax.jit(cascade_program(model)).lower(
+      variables, _single(views, 0), jnp.zeros((2,))).compile().as_text()
+  assert hlo.count(" conditional(") == 2
+
+
+def test_single_dispatch_one_exit_vit():
+  from adaptive_vision.models import vit as vit_lib
+  model = vit_lib.SingleExitViT(num_classes=NUM_CLASSES, width=16, depth=1, num_heads=2,
+                                mlp_dim=32, patch_size=4, head_zero_init=False)
+  images = np.random.default_rng(1).normal(size=(4, 8, 8, 3)).astype(np.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), images)
+  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x)[0][0])(variables, images))
+  out = SingleDispatchCascade(model, variables, []).predict(images)
+  np.testing.assert_array_equal(out["exit_index"], np.zeros(4))
+  np.testing.assert_allclose(out["logits"], logits, rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="thresholds for 1 exits"):
+    SingleDispatchCascade(model, variables, [0.5])

@@ -80,6 +80,32 @@ def test_exit_and_block_shapes(depth):
   assert "proj_conv" in params[f"block{n}"] and "proj_conv" not in params["block0"]
 
 
+@pytest.mark.parametrize("exits", [(0, 1), (1,), ()])
+def test_segments_chain_to_the_whole_network_with_the_same_parameters(exits):
+  """segment(k) runs exit k's share only; chained they give __call__'s logits,
+  and the parameter tree is the one checkpoints hold (names and shapes)."""
+  model = models.build(_cfg(depth=8, width_multiplier=0.25, exits=exits))
+  variables = materialize(_abstract_variables(model))
+  want = {"stem_conv", "stem_norm", "block0", "block1", "block2", "head"} | {
+      f"exit_block{e}" for e in exits}
+  assert set(variables["params"]) == want
+  assert set(variables["batch_stats"]) == want - {"stem_conv", "head"}
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+  logits, _ = model.apply(variables, images)
+  assert model.num_exits == len(exits) + 1
+  carry = None
+  for k in range(model.num_exits):
+    logits_k, carry = model.apply(variables, k, images, carry, method=resnet.ResNet.segment)
+    np.testing.assert_allclose(logits_k, logits[k], rtol=1e-5, atol=1e-5)
+  # Segment 0 holds only the stem and its blocks: fewer convolutions than the whole.
+  count = lambda f: jax.jit(f).lower(variables, images).as_text().count("stablehlo.convolution")
+  first = count(lambda v, x: model.apply(v, 0, x, method=resnet.ResNet.segment))
+  whole = count(lambda v, x: model.apply(v, x))
+  assert (first < whole) == bool(exits)
+  with pytest.raises(ValueError, match="segment index"):
+    model.apply(variables, model.num_exits, images, method=resnet.ResNet.segment)
+
+
 def test_stage_exits_and_default_width():
   assert resnet.stage_exits(20) == (2, 5)
   assert resnet.stage_exits(8) == (0, 1)

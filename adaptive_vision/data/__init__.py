@@ -7,6 +7,7 @@ views are asked for), 'label' int32 [b], and for eval 'mask' float32 [b].
 
 from adaptive_vision.data.pipeline import (
     iterator_checkpoint_args,
+    load_image,
     local_batch_size,
     make_eval_iterator,
     make_train_dataset,
@@ -20,6 +21,7 @@ from adaptive_vision.data.sources import (
     class_names,
     dataset_info,
     get_source,
+    image_files,
     num_examples,
 )
 
@@ -29,7 +31,9 @@ __all__ = [
     'class_names',
     'dataset_info',
     'get_source',
+    'image_files',
     'iterator_checkpoint_args',
+    'load_image',
     'local_batch_size',
     'make_eval_iterator',
     'make_train_dataset',

@@ -143,6 +143,25 @@ def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int, views=No
   return _to_iter(ds, data_cfg)
 
 
+def load_image(data_cfg, path, views=None) -> dict:
+  """One image file as the eval pipeline feeds it to the model.
+
+  Decoded as the folder source decodes its files (`data.cache_image_size`
+  included), then the eval preprocessing of `make_eval_iterator` (resize or
+  center crop, `views` as `models.data_views` derives them, normalization). Returns {'image': float32 [S, S, 3]}
+  or {'views': tuple of float32 [r, r, 3]}. A file that is not an image
+  raises ValueError naming it.
+  """
+  size = sources.data_field(data_cfg, 'cache_image_size')
+  try:
+    image = sources.decode_image(str(path), None if size is None else int(size))
+  except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image"
+    why = ' '.join(str(e).replace(repr(str(path)), '').split()) or type(e).__name__
+    raise ValueError(f'{path} is not an image ({why})') from None
+  out = preprocess(data_cfg, train=False, views=views)({'image': image, 'label': 0})
+  return {k: v for k, v in out.items() if k in ('image', 'views')}
+
+
 def num_eval_batches(data_cfg, split: str, *, global_batch_size: int) -> int:
   """Number of batches make_eval_iterator yields (the same on every process)."""
   return -(-sources.num_examples(data_cfg, split) // global_batch_size)

@@ -349,6 +349,41 @@ def _fingerprint_file(path: Path) -> str:
   return hashlib.sha1(f'{path}\0{st.st_size}\0{st.st_mtime_ns}'.encode()).hexdigest()[:16]
 
 
+IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
+                  '.pgm')
+
+
+def image_files(paths: Sequence[str]) -> list[str]:
+  """Image files named by `paths`: files as given, folders searched (sorted,
+  recursively, hidden entries skipped) for files with an image suffix.
+
+  One-line errors: a path that does not exist, a folder without images.
+  """
+  out = []
+  for p in paths:
+    path = Path(p)
+    if path.is_file():
+      out.append(str(path))
+    elif path.is_dir():
+      found = sorted(
+          str(Path(root) / f) for root, dirs, files in os.walk(path)
+          for f in files if _visible(f) and not any(part.startswith('.') for part in
+                                                    Path(root).relative_to(path).parts)
+          and f.lower().endswith(IMAGE_SUFFIXES))
+      if not found:
+        raise ValueError(f'folder {p} holds no images (looked for '
+                         f'{", ".join(IMAGE_SUFFIXES)} files, recursively)')
+      out.extend(found)
+    else:
+      raise ValueError(f'{p} does not exist')
+  return out
+
+
+def decode_image(data, size: int | None) -> np.ndarray:
+  """A path or bytes decoded as the folder source decodes its files."""
+  return _decode_image(data, size)
+
+
 def _decode_image(data, size: int | None) -> np.ndarray:
   """Decodes a path or bytes to uint8 RGB [H, W, 3]; resizes to size x size if given."""
   src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data

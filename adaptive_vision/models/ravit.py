@@ -218,6 +218,12 @@ class RAViT(nn.Module):
     logits, out = self._run(k, view, prev, train)
     return logits, self._carry(logits, out)
 
+  def segment(self, k: int, views, carry=None, *, train: bool = False):
+    """`branch(k, views[k], carry)`: the interface every early-exit family
+    offers its executors (`adaptive_vision.inference`), which pass the model's
+    whole input to each segment and let it take what it needs."""
+    return self.branch(k, views[k], carry, train=train)
+
   def __call__(self, views, *, train: bool = False):
     """views: tuple of [B, r_k, r_k, 3], lowest resolution first.
 

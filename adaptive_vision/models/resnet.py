@@ -114,7 +114,13 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-  """CIFAR ResNet-(6n+2) with early exits; see the module docstring."""
+  """CIFAR ResNet-(6n+2) with early exits; see the module docstring.
+
+  Besides `__call__` (every exit at once), `segment(k, images, carry)` runs
+  only what exit k adds to exit k-1 (the stem first, for k = 0), so an
+  early-exit executor can stop after any exit (`adaptive_vision.inference`).
+  Both use the same submodules, so parameter names are the same either way.
+  """
   depth: int = 20
   width: int = 16
   width_multiplier: float = 1.0
@@ -128,31 +134,62 @@ class ResNet(nn.Module):
   def num_blocks(self) -> int:
     return 3 * blocks_per_stage(self.depth)
 
-  @nn.compact
-  def __call__(self, images, *, train: bool = False):
-    n = blocks_per_stage(self.depth)
-    exits = check_exits(self.exits, 3 * n, f"ResNet-{self.depth}")
-    widths = stage_widths(self.width, self.width_multiplier)
-    x = Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-             dtype=self.dtype, kernel_init=_CONV_INIT, implementation=self.conv,
-             name="stem_conv")(
-                    images.astype(self.dtype))
-    # Cross-device statistics: see BasicBlock.
-    x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM,
-                     epsilon=BN_EPSILON, dtype=self.dtype, name="stem_norm")(x)
-    x = nn.relu(x)
+  @property
+  def num_exits(self) -> int:
+    return len(check_exits(self.exits, self.num_blocks, f"ResNet-{self.depth}")) + 1
 
-    blocks, exit_logits = [], []
-    for i, stride in enumerate(_block_strides(n)):
-      x = BasicBlock(widths[i // n], stride, dtype=self.dtype, conv=self.conv,
-                     name=f"block{i}")(x, train=train)
-      blocks.append(x)
-      if i in exits:
-        exit_logits.append(ExitHead(self.num_classes, self.exit_dropout,
-                                    momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
-                                    dtype=self.dtype, name=f"exit_block{i}")(x, train=train))
+  def setup(self):
+    n = blocks_per_stage(self.depth)
+    self.exit_blocks = check_exits(self.exits, 3 * n, f"ResNet-{self.depth}")
+    widths = stage_widths(self.width, self.width_multiplier)
+    self.stem_conv = Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                          dtype=self.dtype, kernel_init=_CONV_INIT, implementation=self.conv)
+    # Cross-device statistics: see BasicBlock.
+    self.stem_norm = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
+    self.blocks = [BasicBlock(widths[i // n], stride, dtype=self.dtype, conv=self.conv,
+                              name=f"block{i}") for i, stride in enumerate(_block_strides(n))]
+    self.exit_heads = [ExitHead(self.num_classes, self.exit_dropout, momentum=BN_MOMENTUM,
+                                epsilon=BN_EPSILON, dtype=self.dtype, name=f"exit_block{i}")
+                       for i in self.exit_blocks]
+    self.head = nn.Dense(self.num_classes)
+
+  def _stem(self, images, train: bool):
+    x = self.stem_conv(images.astype(self.dtype))
+    return nn.relu(self.stem_norm(x, use_running_average=not train))
+
+  def _final(self, x):
     pre_logits = x.astype(jnp.float32).mean(axis=(1, 2))
-    logits = nn.Dense(self.num_classes, name="head")(pre_logits)
+    return self.head(pre_logits), pre_logits
+
+  def segment(self, k: int, images, carry=None, *, train: bool = False):
+    """Exit k's share of the network: returns `(logits_k [B, K], carry)`.
+
+    k = 0 runs the stem and the blocks up to the first exit on `images`;
+    k > 0 continues from `carry` (the feature map segment k-1 returned;
+    `images` is not read). Chaining k = 0, 1, ... gives the logits of
+    `__call__`.
+    """
+    bounds = (-1,) + tuple(self.exit_blocks) + (self.num_blocks - 1,)
+    if not isinstance(k, int) or not 0 <= k < len(bounds) - 1:
+      raise ValueError(f"ResNet segment index must be an int in [0, {len(bounds) - 1}), "
+                       f"got {k!r}")
+    x = self._stem(images, train) if k == 0 else carry
+    for i in range(bounds[k] + 1, bounds[k + 1] + 1):
+      x = self.blocks[i](x, train=train)
+    if k < len(self.exit_blocks):
+      return self.exit_heads[k](x, train=train), x
+    return self._final(x)[0], x
+
+  def __call__(self, images, *, train: bool = False):
+    x = self._stem(images, train)
+    blocks, exit_logits = [], []
+    for i, block in enumerate(self.blocks):
+      x = block(x, train=train)
+      blocks.append(x)
+      if i in self.exit_blocks:
+        head = self.exit_heads[self.exit_blocks.index(i)]
+        exit_logits.append(head(x, train=train))
+    logits, pre_logits = self._final(x)
     return tuple(exit_logits) + (logits,), {"blocks": tuple(blocks), "pre_logits": pre_logits}
 
 

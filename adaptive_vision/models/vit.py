@@ -280,10 +280,22 @@ class SingleExitViT(ViT):
   returns `((logits,), out)`.
   """
 
+  @property
+  def num_exits(self) -> int:
+    return 1
+
   @nn.compact
   def __call__(self, images, *, train: bool = False, cls_bias=None):
     logits, out = super().__call__(images, train=train, cls_bias=cls_bias)
     return (logits,), out
+
+  def segment(self, k: int, images, carry=None, *, train: bool = False):
+    """The early-exit executors' interface (see `ravit.RAViT.segment`): one
+    exit, so segment 0 is the whole model; returns `(logits, None)`."""
+    if k != 0:
+      raise ValueError(f"a ViT has one exit: segment index must be 0, got {k!r}")
+    (logits,), _ = self(images, train=train)
+    return logits, None
 
 
 # ----------------------------------------------------------------------------

@@ -1,0 +1,105 @@
+r"""A trained run's variables in one portable file, with calibrated thresholds.
+
+  python -m launch.export --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
+      --out results/params/ravit_cifar10.npz [--budgets 0.55,0.7] \
+      [--baseline_config configs/vit_cifar10.py]
+
+Reads the newest checkpoint of --workdir and writes --out: a NumPy .npz of
+the params (and BatchNorm statistics) keyed by their '/'-joined paths, plus
+meta.json (model config, parameter shapes, exit MACs, eval preprocessing,
+class names, source step) -- see adaptive_vision/export.py. For each budget
+it stores the entropy thresholds calibrated on the validation split (held
+out of training; never test) for mean MACs <= budget x the reference MACs:
+the model's last exit, or with --baseline_config that config's model (e.g.
+the ViT a RAViT is compared with, as launch.evaluate's report does).
+`launch.predict --budget B` and `launch.evaluate --params` read the file.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from launch import common
+
+config_flags.DEFINE_config_file("config", None, "config file [:args] of the run", lock_config=True)
+config_flags.DEFINE_config_file("baseline_config", None,
+                                "optional: budgets are fractions of this model's MACs")
+flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+flags.DEFINE_string("out", None, "the file to write (.npz)")
+flags.DEFINE_list("budgets", ["0.55", "0.7"],
+                  "MACs budgets (fractions of the reference MACs) to calibrate thresholds for")
+FLAGS = flags.FLAGS
+
+
+def export(config, workdir: str, out: str, budgets, baseline_config=None,
+           config_arg: str = "...") -> dict:
+  import json
+  from adaptive_vision import data as data_lib
+  from adaptive_vision import export as export_lib
+  from adaptive_vision import models
+  from adaptive_vision.train import checkpointing, loop
+  loop.validate_config(config, workdir)
+  variables = checkpointing.restore_variables(
+      workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
+                    f"--workdir {workdir}`")
+  export_lib.check_matches({"model": export_lib.model_fields(config.model)}, variables,
+                           config, f"the checkpoint of {workdir}")
+  exit_macs = models.exit_macs(config.model)
+  if baseline_config is not None:
+    reference_macs = models.exit_macs(baseline_config.model)[-1]
+    reference = f"baseline {baseline_config.model.name}"
+  else:
+    reference_macs, reference = exit_macs[-1], "the last exit"
+  logits, labels = loop.exit_logits(config, variables, ("val",))["val"]
+  try:
+    class_names = data_lib.class_names(config.data)
+  except (ValueError, FileNotFoundError):
+    class_names = None
+  step = None
+  steps_file = os.path.join(workdir, "checkpoints")
+  if os.path.isdir(steps_file):
+    done = [int(d) for d in os.listdir(steps_file) if d.isdigit()]
+    step = max(done) if done else None
+  meta = {
+      "model": export_lib.model_fields(config.model),
+      "exit_macs": [float(m) for m in exit_macs],
+      "preprocessing": export_lib.preprocessing(config),
+      "class_names": list(class_names) if class_names else None,
+      "calibration": export_lib.calibration(logits, labels, exit_macs, [float(b) for b in budgets],
+                                            reference_macs=reference_macs, reference=reference),
+      "source": {"workdir": os.path.abspath(workdir), "step": step,
+                 "config": json.loads(config.to_json_best_effort())},
+  }
+  size = export_lib.save(out, variables, meta)
+  return dict(meta, size=size)
+
+
+def main(argv):
+  del argv
+  common.setup()
+  try:
+    meta = export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.budgets, FLAGS.baseline_config,
+                  config_flags.get_config_filename(FLAGS["config"]))
+  except (ValueError, FileNotFoundError) as e:
+    common.fail(str(e))
+  cal = meta["calibration"]
+  print(f"wrote {FLAGS.out} ({meta['size'] / 2 ** 20:.1f} MiB, step {meta['source']['step']}); "
+        f"validation ({cal['num_examples']} images) accuracy per exit "
+        + ", ".join(f"{100 * a:.2f}%" for a in cal["val_exit_accuracy"]), file=sys.stderr)
+  for p in cal["budgets"]:
+    if "error" in p:
+      print(f"  budget {p['budget']:g}: {p['error']}", file=sys.stderr)
+    else:
+      print(f"  budget {p['budget']:g} of {cal['reference']}'s MACs: thresholds "
+            f"{[round(t, 4) for t in p['thresholds']]}, val accuracy "
+            f"{100 * p['val_accuracy']:.2f}%, {p['val_mean_macs'] / 1e6:.2f} MMACs",
+            file=sys.stderr)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "workdir", "out"])
+  common.run(main)

@@ -1,0 +1,78 @@
+r"""Classify image files with a trained early-exit model, one image at a time.
+
+  python -m launch.predict --config configs/ravit_cifar10.py \
+      --params results/params/ravit_cifar10.npz IMAGE_OR_FOLDER... [--budget 0.55 | --threshold T]
+
+For each image (folders are searched recursively for .png, .jpg, ... files,
+in sorted order) prints one line on stdout, tab-separated:
+
+  path  class  exit k of E  M.MM MMACs
+
+the class, the exit taken (0 = the cheapest of the E exits) and the MACs
+spent to get there, running the real dynamic cascade
+(`inference.SingleDispatchCascade`: later branches or stages run only for
+the images that need them). Images are resized to each branch's resolution
+exactly as the eval pipeline does (`data.load_image`).
+
+Thresholds: --budget B takes the per-exit entropy thresholds that
+launch.export calibrated on the validation split for mean MACs <= B x the
+reference MACs (stored in the params file); --threshold T one shared entropy
+threshold (an image exits where the entropy of its softmax is below T);
+neither: the file's first calibrated budget. Works for RAViT cascades, the
+plain ViT (one exit) and the ERDE ResNets.
+
+Exit codes: 0 done; 2 bad input (not an image, a folder without images,
+parameters of another model, unknown budget), one line on stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from launch import common
+
+config_flags.DEFINE_config_file("config", None, "config file [:args] the params were exported with",
+                                lock_config=True)
+flags.DEFINE_string("params", None, "parameters file of launch.export (.npz)")
+flags.DEFINE_float("budget", None, "MACs budget calibrated at export (e.g. 0.55)")
+flags.DEFINE_float("threshold", None, "one shared entropy threshold for every early exit")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  paths = argv[1:]
+  if not paths:
+    common.fail("name at least one image or folder: python -m launch.predict --config ... "
+                "--params FILE IMAGE_OR_FOLDER...")
+  common.setup()
+  from adaptive_vision import data as data_lib
+  from adaptive_vision import export, models, predict
+  try:
+    files = data_lib.image_files(paths)
+    variables, meta = export.load(FLAGS.params, FLAGS.config)
+    num_exits = models.num_exits(FLAGS.config.model)
+    thresholds, criterion, what = export.thresholds_for(
+        meta, num_exits, budget=FLAGS.budget, threshold=FLAGS.threshold, path=FLAGS.params)
+    examples = predict.load_images(FLAGS.config, files)  # every error before any output
+    print(f"{len(files)} images; {num_exits} exits; {what}", file=sys.stderr, flush=True)
+    rows = predict.predict_files(FLAGS.config, variables, files, thresholds,
+                                 criterion=criterion, class_names=meta.get("class_names"),
+                                 examples=examples)
+    spent, exits = 0.0, [0] * num_exits
+    for row in rows:
+      print(predict.format_row(row), flush=True)
+      spent += row["macs"]
+      exits[row["exit"]] += 1
+  except (ValueError, FileNotFoundError) as e:
+    common.fail(str(e))
+  n = max(len(files), 1)
+  print(f"exits taken: {', '.join(f'{100 * c / n:.0f}%' for c in exits)}; mean "
+        f"{spent / n / 1e6:.2f} MMACs per image", file=sys.stderr)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config", "params"])
+  common.run(main)
