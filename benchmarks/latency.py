@@ -188,7 +188,8 @@ def _ravit_setup(args, vit_cfg, ravit_cfg, notes: list) -> dict:
 
 def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
   import jax
-  from adaptive_vision import early_exit, models, reporting
+  from adaptive_vision import early_exit, models
+  from adaptive_vision.eval import logits as logits_lib
   from benchmarks import jax_bench
   teacher, student = models.build(teacher_cfg.model), models.build(student_cfg.model)
   student_macs = models.exit_macs(student_cfg.model)
@@ -198,7 +199,7 @@ def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
     images, _ = jax_bench.real_test_views(student_cfg, args.images)
     images = images[0]
     student_vars = _restore(args.erde_student_workdir)
-    val = reporting.load_logits(os.path.join(args.erde_student_workdir, "val_logits.npz"))
+    val = logits_lib.load_logits(os.path.join(args.erde_student_workdir, "val_logits.npz"))
     thresholds = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
                                       max_mean_macs=target)
     point = {"label": f"calibrated on val: mean MACs <= {args.budget:g} x the final exit's",
