@@ -13,14 +13,13 @@ MACs are per image; tables and plots show MMACs (1e6 MACs).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from adaptive_vision import early_exit
+from adaptive_vision import atomic, early_exit
 
 REPORT_JSON = 'report.json'
 REPORT_MD = 'report.md'
@@ -93,9 +92,8 @@ def save_logits(path: str | os.PathLike, exit_logits: Any, labels: Any,
   data = ExitLogits(exit_logits, labels, exit_macs)
   path = os.fspath(path)
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-  with open(path, 'wb') as f:  # a file object keeps np.savez from appending '.npz'
-    np.savez(f, exit_logits=data.exit_logits, labels=data.labels, exit_macs=data.exit_macs)
-  return path
+  return atomic.save_npz(path, exit_logits=data.exit_logits, labels=data.labels,
+                         exit_macs=data.exit_macs)
 
 
 def load_logits(path: str | os.PathLike) -> ExitLogits:
@@ -392,9 +390,7 @@ def plot_accuracy_vs_macs(path: str | os.PathLike, reports: Mapping[str, Mapping
   ax.grid(True, alpha=0.3)
   # Outside the axes: several models' markers would otherwise hide data.
   ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
-  path = os.fspath(path)
-  fig.savefig(path, dpi=120, bbox_inches='tight')
-  return path
+  return atomic.save_figure(path, fig, dpi=120, bbox_inches='tight')
 
 
 def write_report(out_dir: str | os.PathLike, reports: Mapping[str, Mapping[str, Any]],
@@ -409,10 +405,9 @@ def write_report(out_dir: str | os.PathLike, reports: Mapping[str, Mapping[str, 
   paths = {'json': os.path.join(out_dir, REPORT_JSON),
            'markdown': os.path.join(out_dir, REPORT_MD),
            'plot': os.path.join(out_dir, REPORT_PNG)}
-  with open(paths['json'], 'w') as f:
-    json.dump({'title': title, 'reports': reports}, f, indent=2, allow_nan=False)
-  with open(paths['markdown'], 'w') as f:
-    f.write(report_markdown(reports, title))
+  atomic.write_json(paths['json'], {'title': title, 'reports': reports}, indent=2,
+                    allow_nan=False)
+  atomic.write_text(paths['markdown'], report_markdown(reports, title))
   plot_accuracy_vs_macs(paths['plot'], reports, title)
   return paths
 
@@ -442,7 +437,6 @@ def report_runs(out_dir: str | os.PathLike, runs: Mapping[str, str | os.PathLike
   Writes the report files plus copies of every npz used (`<name>_<split>_logits.npz`,
   `baseline_<split>_logits.npz`) into `out_dir`, so the folder is self-contained.
   """
-  import shutil
   os.makedirs(out_dir, exist_ok=True)
   base_test = _load_run(baseline, 'test') if baseline else None
   base_val = _load_run(baseline, 'val') if baseline else None
@@ -456,6 +450,6 @@ def report_runs(out_dir: str | os.PathLike, runs: Mapping[str, str | os.PathLike
     for split in ('val', 'test'):
       src = os.path.join(run_dir, f'{split}_logits.npz')
       if os.path.exists(src):
-        shutil.copy(src, os.path.join(out_dir, f'{name}_{split}_logits.npz'))
+        atomic.copy_file(src, os.path.join(out_dir, f'{name}_{split}_logits.npz'))
   write_report(out_dir, reports, title=title)
   return reports

@@ -12,7 +12,6 @@ that budget, then applied to the test logits (nothing is selected on test).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -28,7 +27,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
   del argv
-  from adaptive_vision import curves, reporting
+  from adaptive_vision import atomic, curves, reporting
   (na, da), (nb, db) = (x.split("=", 1) for x in (FLAGS.a, FLAGS.b))
   a = reporting.load_logits(os.path.join(da, "test_logits.npz"))
   b = reporting.load_logits(os.path.join(db, "test_logits.npz"))
@@ -67,10 +66,9 @@ def main(argv):
                  f"{tt['gap_points']:.2f} points below the teacher (target: within 1 point; "
                  f"{'met' if tt['met'] else 'missed'})."), ""]
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".json", "w") as f:
-    json.dump(out, f, indent=1, default=lambda o: getattr(o, "tolist", lambda: str(o))())
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write("\n".join(lines))
+  atomic.write_json(FLAGS.out + ".json", out, indent=1,
+                    default=lambda o: getattr(o, "tolist", lambda: str(o))())
+  atomic.write_text(FLAGS.out + ".md", "\n".join(lines))
   print(f"wrote {FLAGS.out}.md and .json", file=sys.stderr)
 
 

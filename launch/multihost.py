@@ -191,8 +191,8 @@ def main(argv=None) -> int:
   if args.where == "slurm":
     script = slurm_script(args, train_args)
     if args.script:
-      with open(args.script, "w") as f:
-        f.write(script)
+      from adaptive_vision import atomic
+      atomic.write_text(args.script, script)
     print(script, flush=True)
     sbatch = ["sbatch", args.script] if args.script else ["sbatch"]
     print(shlex.join(sbatch) + ("" if args.script else " <<'EOF' (the script above)"), flush=True)

@@ -88,11 +88,10 @@ def main(argv):
   del argv
   s = summarize(FLAGS.workdir)
   s["command"] = FLAGS.command
+  from adaptive_vision import atomic
   os.makedirs(os.path.dirname(FLAGS.out) or ".", exist_ok=True)
-  with open(FLAGS.out + ".json", "w") as f:
-    json.dump(s, f, indent=1)
-  with open(FLAGS.out + ".md", "w") as f:
-    f.write(markdown(s, FLAGS.command, FLAGS.note))
+  atomic.write_json(FLAGS.out + ".json", s, indent=1)
+  atomic.write_text(FLAGS.out + ".md", markdown(s, FLAGS.command, FLAGS.note))
   print(f"wrote {FLAGS.out}.md and .json", file=sys.stderr)
 
 
