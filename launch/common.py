@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 from absl import app
 
+from adaptive_vision.atomic import WriteError  # noqa: F401  (the launchers catch it)
+
 
 def setup(distributed: bool = False, *, coordinator_address: Optional[str] = None,
           num_processes: Optional[int] = None, process_id: Optional[int] = None,

@@ -23,8 +23,9 @@ What the processes need (docs/scale_out.md): the same code and config on every
 host; one --workdir that every process reads and writes under the same path
 (NFS/Filestore, or a gcsfuse mount on TPU VMs: checkpoints are written by every
 process, metrics by process 0); the global batch divisible by the number of
-processes (each reads its own slice of the data). A restart is the same
-command: it resumes from the newest checkpoint. Preemption: SLURM sends SIGTERM
+processes (each reads its own rows of every global batch). A restart is the
+same command: it resumes from the newest checkpoint, also on another number of
+processes or devices. Preemption: SLURM sends SIGTERM
 (--signal) before the time limit, the trainer saves and exits, --requeue
 starts the job again; TPU VMs get SIGTERM on maintenance events.
 """
@@ -191,8 +192,8 @@ def main(argv=None) -> int:
   if args.where == "slurm":
     script = slurm_script(args, train_args)
     if args.script:
-      with open(args.script, "w") as f:
-        f.write(script)
+      from adaptive_vision import atomic
+      atomic.write_text(args.script, script)
     print(script, flush=True)
     sbatch = ["sbatch", args.script] if args.script else ["sbatch"]
     print(shlex.join(sbatch) + ("" if args.script else " <<'EOF' (the script above)"), flush=True)

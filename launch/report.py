@@ -106,6 +106,9 @@ def main(argv):
     print(f"wrote {written}", file=sys.stderr)
   except (ValueError, FileNotFoundError) as e:
     common.fail(str(e))
+  except common.WriteError as e:  # disk full, read-only folder: the previous files stand
+    common.fail(f"{e}; free space (or make the folder writable) and run the same command again",
+                code=4)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,17 @@ Started again with the same command, a run resumes from the newest complete
 checkpoint in DIR (after a crash, a kill or a preemption alike).
 
 Exit codes: 0 done; 2 bad input (flags, config, data, workdir of another model,
-unreadable checkpoints), one line on stderr, nothing trained; 3 loss or
-gradients became NaN/inf (the last good checkpoint is kept); 1 SIGTERM
-(a checkpoint of the current step was saved; run the same command again).
+unreadable checkpoints, a data order that cannot continue on this topology),
+one line on stderr, nothing trained; 3 loss or gradients became NaN/inf (the
+last good checkpoint is kept); 1 SIGTERM (a checkpoint of the current step was
+saved; run the same command again); 4 a checkpoint, metrics line or result
+could not be written (disk full, read-only folder): one line naming the file
+and the step; the newest complete checkpoint is intact, and the same command
+resumes once there is space.
+
+The number of processes and devices may change between invocations (a
+preemptible slice that comes back another size): the state is laid out on the
+new mesh and the data order, a function of the global batch, stays the same.
 
 Multi-process runs (TPU pods, SLURM, several CPU processes): every process runs
 this same command with --distributed; see launch/multihost.py and docs/scale_out.md.
@@ -56,6 +64,8 @@ def main(argv):
     common.fail(str(e), code=3)
   except (ValueError, FileNotFoundError) as e:
     common.fail(str(e))
+  except common.WriteError as e:
+    common.fail(str(e), code=4)
   import jax
   if jax.process_index() != 0:
     return

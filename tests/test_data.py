@@ -145,6 +145,50 @@ def test_iterator_state_reproduces_next_batches(tmp_path):
   assert batches_equal(take(fresh, 4), expected)
 
 
+def test_global_batches_do_not_depend_on_process_count(tmp_path):
+  """Process p's batch b is rows [p*L, (p+1)*L) of global batch b, for any P;
+  with one process the stream is the one of the per-process layout of older
+  versions (so their single-process checkpoints keep their data order)."""
+  import grain
+  from adaptive_vision.data import pipeline
+  cfg = cfg_for(tmp_path, augment='cifar', synthetic_train_size=40)
+  one = data.make_train_dataset(cfg, global_batch_size=8, seed=3)
+  src = sources.get_source(cfg, 'train')
+  old = grain.MapDataset.source(src)[0::1].shuffle(seed=pipeline._derive_seed(3, 0)).repeat(None)
+  old = old.random_map(pipeline.preprocess(cfg, train=True),
+                       seed=pipeline._derive_seed(3, 1, 0)).batch(8, drop_remainder=True)
+  for count in (2, 4):
+    parts = [data.make_train_dataset(cfg, global_batch_size=8, seed=3, process_index=p,
+                                     process_count=count) for p in range(count)]
+    for b in range(12):  # > 2 epochs
+      for k in ('image', 'label'):
+        np.testing.assert_array_equal(np.concatenate([q[b][k] for q in parts]), one[b][k])
+        np.testing.assert_array_equal(old[b][k], one[b][k])
+
+
+def test_iterator_state_moves_between_process_counts(tmp_path):
+  cfg = cfg_for(tmp_path, augment='cifar', synthetic_train_size=40)
+  two = [data.make_train_iterator(cfg, global_batch_size=8, seed=1, process_index=p,
+                                  process_count=2) for p in range(2)]
+  for it in two:
+    take(it, 3)
+  states = [it.get_state() for it in two]
+  assert states[0] == states[1] == {'next_index': 3}  # one global position
+  expected = [{k: np.concatenate([a[k], b[k]]) for k in a}
+              for a, b in zip(take(two[0], 4), take(two[1], 4))]
+  one = data.make_train_iterator(cfg, global_batch_size=8, seed=1)
+  one.set_state(states[0])
+  assert batches_equal(take(one, 4), expected)
+  # and back: one process's position continued by two
+  again = [data.make_train_iterator(cfg, global_batch_size=8, seed=1, process_index=p,
+                                    process_count=2) for p in range(2)]
+  for it in again:
+    it.set_state(one.get_state())
+  after = take(one, 2)
+  for b, x, y in zip(after, take(again[0], 2), take(again[1], 2)):
+    np.testing.assert_array_equal(b['image'], np.concatenate([x['image'], y['image']]))
+
+
 def test_orbax_checkpoint_roundtrip(tmp_path):
   ocp = pytest.importorskip('orbax.checkpoint')
   from grain import checkpoint as grain_checkpoint

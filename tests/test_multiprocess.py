@@ -2,17 +2,23 @@
 joined by jax.distributed over a loopback port, started by launch/multihost.py
 running the ordinary `python -m launch.train ... --distributed` command.
 
-Each process reads its own slice of the training data (train[i::2]). A
-SIGTERM to one process makes both save the same step (jax's preemption
-service) and exit; both wrote their parts of that checkpoint (array shards,
-their data-iterator position); the same command restores it on both, and the
-result matches one process fed the same global batches (the two slices
-concatenated) to float tolerance: per-step losses, parameters, test logits.
+Each process reads its own rows of every global batch. A SIGTERM to one
+process makes both save the same step (jax's preemption service) and exit;
+both wrote their parts of that checkpoint (array shards, their data-iterator
+position); the same command restores it on both, and the result matches one
+process fed the same global batches (the two parts concatenated) to float
+tolerance: per-step losses, parameters, test logits.
+
+Topology changes: a two-process run stopped at step 6 and resumed as one
+process, and a one-process run resumed as two, with replicated and with FSDP
+parameters, end with the per-step losses, parameters and test logits of a
+one-process run that never stopped (float tolerance: sums over 2 or 4 devices).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +43,7 @@ pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
+REPEATS = rel.REPEATS
 
 
 def _gloo_available() -> bool:
@@ -139,6 +146,96 @@ def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
     np.testing.assert_allclose(np.asarray(a), b, rtol=1e-4, atol=5e-5)
   np.testing.assert_array_equal(labels, want_labels)  # the split's order, as in one process
   np.testing.assert_allclose(logits, want_logits, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- topology
+
+STOP = 6
+SHARDING = {  # FSDP splits parameters of >= 2**14 values: a wider model has some
+    "replicate": [],
+    "fsdp": ["--config.param_sharding=fsdp", "--config.model.width=128",
+             "--config.model.mlp_dim=256"],
+}
+
+
+def run_on(topology, workdir, *extra):
+  """launch.train on `topology`: '2x2' (two processes of 2 CPU devices) or '1x2'."""
+  if topology == "2x2":
+    out = run_multihost("local", "--num_processes", "2", "--devices_per_process", "2",
+                        "--timeout", "400", "--", *train_args(workdir, *extra))
+  else:
+    out = subprocess.run([sys.executable, "-m", "launch.train", *train_args(workdir, *extra),
+                          "--cpu_devices=2"], cwd=REPO, env=rel.cli_env(),
+                         capture_output=True, text=True, timeout=420)
+  assert out.returncode == 0, out.stderr[-4000:]
+  return out.stderr
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+  """One process, 2 devices, never stopped: per sharding, its workdir."""
+  runs = {}
+
+  def get(sharding):
+    if sharding not in runs:
+      workdir = tmp_path_factory.mktemp(f"uninterrupted_{sharding}") / "run"
+      run_on("1x2", workdir, *SHARDING[sharding])
+      runs[sharding] = str(workdir)
+    return runs[sharding]
+  return get
+
+
+def _outputs(workdir):
+  losses = rel.train_losses(workdir)
+  params = jax.tree_util.tree_leaves(jax.device_get(
+      checkpointing.restore_variables(workdir)["params"]))
+  with np.load(os.path.join(workdir, "test_logits.npz")) as f:
+    return losses, params, f["exit_logits"], f["labels"]
+
+
+@pytest.mark.skipif(not _gloo_available(),
+                    reason="this jaxlib has no gloo CPU collectives: multi-process CPU "
+                           "training cannot run here")
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("sharding", list(SHARDING))
+@pytest.mark.parametrize("before,after", [("2x2", "1x2"), ("1x2", "2x2")])
+def test_resume_on_another_topology_keeps_data_order_and_losses(uninterrupted, tmp_path, before,
+                                                                after, sharding, repeat):
+  workdir = str(tmp_path / "run")
+  flags = SHARDING[sharding]
+  run_on(before, workdir, *flags, f"--config.stop_at_step={STOP}")
+  processes = {"2x2": 2, "1x2": 1}
+  data = os.path.join(workdir, "checkpoints", str(STOP), "data")
+  n = processes[before]
+  assert sorted(os.listdir(data)) == ["commit_success.txt"] + [
+      f"process_{i}-of-{n}.json" for i in range(n)]
+  positions = {json.dumps(json.load(open(os.path.join(data, f"process_{i}-of-{n}.json"))))
+               for i in range(n)}
+  assert positions == {json.dumps({"next_index": STOP})}  # one global position
+  log = run_on(after, workdir, *flags)
+  assert f"resuming from checkpoint at step {STOP}" in log
+  n = processes[after]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints", str(STEPS), "data"))) == [
+      "commit_success.txt"] + [f"process_{i}-of-{n}.json" for i in range(n)]
+  info = read_metrics(workdir, "info")[0]  # written by the first invocation
+  assert info["processes"] == processes[before] and info["devices"] == 2 * processes[before]
+
+  got, want = _outputs(workdir), _outputs(uninterrupted(sharding))
+  assert sorted(got[0]) == list(range(1, STEPS + 1))
+  got_losses = np.array([got[0][s] for s in range(1, STEPS + 1)])
+  want_losses = np.array([want[0][s] for s in range(1, STEPS + 1)])
+  diffs = dict(
+      max_loss_diff=float(np.max(np.abs(got_losses - want_losses))),
+      max_param_diff=max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+                         for a, b in zip(got[1], want[1])),
+      max_logit_diff=float(np.max(np.abs(got[2] - want[2]))))
+  rel.record("topology", before=before, after=after, sharding=sharding, repeat=repeat,
+             stopped_at=STOP, steps=STEPS, **diffs)
+  np.testing.assert_allclose(got_losses, want_losses, rtol=1e-5, atol=1e-6)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=5e-5)
+  np.testing.assert_array_equal(got[3], want[3])
+  np.testing.assert_allclose(got[2], want[2], rtol=1e-4, atol=1e-5)
 
 
 def test_multihost_dry_run_prints_commands(tmp_path):

@@ -419,10 +419,10 @@ def test_nan_names_step_and_metric_and_last_good_checkpoint_is_intact(tmp_path):
 # ----------------------------------------------------------------------------- bad input
 
 
-def run_cli(args, timeout=120):
+def run_cli(args, timeout=120, **env):
   t0 = time.time()
   proc = subprocess.run([sys.executable, "-m", "launch.train", *args], cwd=REPO,
-                        env=cli_env(), capture_output=True, text=True, timeout=timeout)
+                        env={**cli_env(), **env}, capture_output=True, text=True, timeout=timeout)
   lines = [l for l in proc.stderr.splitlines()
            if l.strip() and not re.match(r"[IWEF]\d{4} ", l)]  # absl log lines
   return proc.returncode, lines, proc.stderr, time.time() - t0
@@ -475,3 +475,260 @@ def test_workdir_of_another_model_is_refused_from_the_cli(reference, tmp_path):
   assert {p: os.path.getmtime(p) for p in glob.glob(f"{ckpts}/**", recursive=True)} == before
   assert (workdir / "metrics.jsonl").read_text() == metrics
   assert (workdir / "config.json").read_text() == config
+
+
+# ----------------------------------------------------------------------------- topology
+
+
+def _legacy_multiprocess(step_dir):
+  """Makes a checkpoint look written by two processes of the per-process data
+  layout of older versions: two data-iterator files, no data_order metadata."""
+  data = os.path.join(step_dir, "data")
+  (only,) = glob.glob(os.path.join(data, "process_*-of-*.json"))
+  for i in range(2):
+    shutil.copy(only, os.path.join(data, f"process_{i}-of-2.json"))
+  os.remove(only)
+  meta_path = os.path.join(step_dir, "_CHECKPOINT_METADATA")
+  with open(meta_path) as f:
+    meta = json.load(f)
+  meta["custom_metadata"].pop("data_order")
+  with open(meta_path, "w") as f:
+    json.dump(meta, f)
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_a_data_order_that_cannot_continue_is_refused_in_one_line(stopped_run, tmp_path, repeat):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(stopped_run, workdir)
+  with open(os.path.join(workdir, "checkpoints", "6", "_CHECKPOINT_METADATA")) as f:
+    assert json.load(f)["custom_metadata"]["data_order"] == {
+        "layout": checkpointing.DATA_LAYOUT, "global_batch_size": 16, "processes": 1}
+  for s in (2, 4, 6):
+    _legacy_multiprocess(os.path.join(workdir, "checkpoints", str(s)))
+  before = sorted(ckpt_entries(workdir))
+  with pytest.raises(checkpointing.DataOrderError) as err:
+    loop.train_and_evaluate(tiny(total_steps=8), workdir)
+  message = str(err.value)
+  assert "\n" not in message and "step 6" in message and "2 processes" in message
+  assert "allow_config_change=True" in message, message
+  assert isinstance(err.value, ValueError)  # the launcher: one `error:` line, exit code 2
+  assert sorted(ckpt_entries(workdir)) == before  # nothing set aside as damaged
+  # Deliberately accepted: resumes from step 6 in the global order.
+  out = loop.train_and_evaluate(tiny(total_steps=8, allow_config_change=True), workdir)
+  assert out["step"] == 8 and complete_steps(workdir)[-1] == 8
+  record("data_order_refusal", repeat=repeat, message=message)
+
+
+def test_data_order_refusal_cases():
+  refuse = checkpointing.data_order_refusal
+  new = {"layout": checkpointing.DATA_LAYOUT, "global_batch_size": 16, "processes": 2}
+  assert refuse(new, 2, 6, 16) is None  # any process count reads it
+  assert refuse(None, 1, 6, 16) is None  # one process of the old layout: the same order
+  assert "2 processes" in refuse(None, 2, 6, 16)
+  assert "global batch 16" in refuse(new, 2, 6, 32)
+  assert "does not read" in refuse({**new, "layout": "other"}, 2, 6, 16)
+
+
+def test_restore_lays_the_state_out_on_the_new_mesh(tmp_path):
+  """Saved FSDP-sharded over 8 devices; restored onto 2 (FSDP), 4 (replicated), 1."""
+  from jax.sharding import PartitionSpec as P
+  c = tiny(total_steps=8, param_sharding="fsdp")
+  c.model.update(width=128, mlp_dim=256)  # kernels of 32768 >= 2**14 values get split
+  trainer = build.build(c)
+  init, abstract = trainer.init_fn, trainer.abstract_state
+
+  def shardings(data, strategy):
+    return shd.state_shardings(abstract, shd.make_mesh(dict(data=data, model=1)), strategy)
+
+  saved = shardings(8, "fsdp")
+  assert any(s.spec != P() for s in jax.tree_util.tree_leaves(saved.params))
+  state = jax.jit(init, out_shardings=saved)(jax.random.PRNGKey(0))
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), global_batch_size=16)
+  ckpt.save(1, state)
+  ckpt.close()
+  want = jax.device_get(state)
+  for data, strategy in ((2, "fsdp"), (4, "replicate"), (1, "fsdp")):
+    target = shardings(data, strategy)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ckpt"), global_batch_size=16)
+    step, got = ckpt.restore(jax.tree_util.tree_map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, target))
+    ckpt.close()
+    assert step == 1
+    for a, s, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(target),
+                       jax.tree_util.tree_leaves(want)):
+      assert a.sharding.is_equivalent_to(s, a.ndim), (data, strategy, a.sharding, s)
+      np.testing.assert_array_equal(np.asarray(a), b)
+
+
+# ----------------------------------------------------------------------------- full disk
+
+
+def _mount(*args):
+  return subprocess.run(["mount", *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A 32 MB tmpfs of the test's own (needs root); unmounted afterwards."""
+  disk = tmp_path / "disk"
+  disk.mkdir()
+  out = _mount("-t", "tmpfs", "-o", "size=32m", "tmpfs", disk)
+  if out.returncode:
+    pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}); a full disk needs root")
+  yield disk
+  # Recursively (a bind mount inside); lazily when a run still holds files there.
+  if subprocess.run(["umount", "-R", str(disk)], capture_output=True).returncode:
+    subprocess.run(["umount", "-R", "-l", str(disk)], capture_output=True)
+
+
+def _fill(folder, stop):
+  """Keeps the filesystem of `folder` full until `stop()` (space freed by the
+  run, e.g. a removed temporary directory, is taken again)."""
+  fd = os.open(os.path.join(folder, "filler"), os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+  try:
+    while not stop():
+      for size in (1 << 20, 1 << 16, 4096, 512, 1):
+        try:
+          while True:
+            os.write(fd, b"\0" * size)
+        except OSError:
+          pass
+      time.sleep(0.02)
+  finally:
+    os.close(fd)
+
+
+FULL_DISK = {
+    # fault: (flags, the fault starts once a checkpoint of at least this step is complete)
+    "disk full": ([], lambda rng: rng.choice([2, 4, 6, 8, 10])),
+    # 8 steps between checkpoints: metrics.jsonl often needs a new page first
+    "disk full, checkpoint every 8": (["--config.checkpoint_every=8"], lambda rng: 8),
+    # A checkpoints folder turned read-only under a running job is not here: the
+    # bind-remount this test used fails with "mount point is busy" while the run
+    # holds files open there. The write-error path it would take is the same.
+}
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+@pytest.mark.parametrize("fault", list(FULL_DISK))
+def test_full_disk_stops_in_one_line_and_same_command_resumes(reference, small_disk, tmp_path,
+                                                               fault, repeat):
+  import threading
+  extra, when = FULL_DISK[fault]
+  workdir = str(small_disk / "run")
+  after = when(random.Random())
+  proc = start(workdir, *extra, log=str(tmp_path / "run1.log"))
+  wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] >= after, proc)
+  ckpts = os.path.join(workdir, "checkpoints")
+  filler = threading.Thread(target=_fill, args=(small_disk, lambda: proc.poll() is not None))
+  filler.start()
+  code, log = finish(proc)
+  filler.join()
+  errors = [l for l in log.splitlines() if l.startswith("error:")]
+  assert code == 4 and len(errors) == 1, log[-3000:]
+  line = errors[0]
+  # error: could not write the checkpoint of step N to W/checkpoints: ..., or
+  # could not write step N to W/metrics.jsonl (or W/tensorboard): ..., or (at the
+  # end) could not write W/test_logits.npz: ..., or (removing old checkpoints
+  # failed) the checkpoint of step N in W/checkpoints is complete, but ...
+  what = re.match(r"error: (?:could not write (?:the checkpoint of step (\d+) to |step (\d+) to )?|"
+                  r"the checkpoint of step (\d+) in )"
+                  rf"{re.escape(workdir)}/(checkpoints|metrics\.jsonl|tensorboard|\w+\.npz)[: ]",
+                  line)
+  assert what, line
+  step = int(what.group(1) or what.group(2) or what.group(3) or STEPS)
+  kept = int(re.search(r"the checkpoint of step (\d+) is intact", line).group(1))
+  assert "No space left on device" in line and "run the same command again to resume" in line, line
+  listing = sorted(os.path.relpath(p, ckpts) for p in glob.glob(f"{ckpts}/**", recursive=True))
+  assert kept == complete_steps(workdir)[-1] and after <= kept <= step, (line, listing)
+  # The checkpoint left standing loads (read on the still-broken disk).
+  params = jax.tree_util.tree_leaves(checkpointing.restore_variables(workdir, step=kept)["params"])
+  assert all(np.isfinite(np.asarray(p)).all() for p in params)
+  # Space is back: the same command resumes and ends exactly like the run that
+  # never stopped.
+  os.remove(small_disk / "filler")
+  code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
+  assert code == 0, log[-3000:]
+  assert f"resuming from checkpoint at step {kept}" in log
+  assert not writing(workdir)
+  record("full_disk", fault=fault, repeat=repeat, fault_after_ckpt=after, failed_file=what.group(4),
+         failed_step=step, committed="is complete" in line, resumed_from=kept, line=line)
+  assert_same_run(workdir, reference)
+
+
+def test_metrics_line_on_a_full_disk_names_file_and_step(small_disk):
+  from adaptive_vision import atomic
+  from adaptive_vision.train.metrics import MetricWriter
+  writer = MetricWriter(str(small_disk), tensorboard=False)
+  fd = os.open(small_disk / "filler", os.O_WRONLY | os.O_CREAT)
+  with pytest.raises(atomic.WriteError) as err:
+    for step in range(1, 100_000):
+      if step == 2:  # full once a line is in: appends fail when a new page is needed
+        for size in (1 << 20, 4096, 1):
+          try:
+            while True:
+              os.write(fd, b"\0" * size)
+          except OSError:
+            pass
+      writer.write(step, "train", {"loss": 1.0, "note": "x" * 200})
+  os.close(fd)
+  message = str(err.value)
+  assert re.fullmatch(rf"could not write step \d+ to {re.escape(str(small_disk))}/metrics.jsonl: "
+                      "No space left on device", message), message
+  with pytest.raises(atomic.WriteError, match="could not finish writing"):
+    writer.close()  # the cut line is still buffered
+  os.remove(small_disk / "filler")
+  # Lines are whole up to the failed one; a resumed run drops a cut-short end.
+  loop._drop_metrics_after(str(small_disk), 10**9)
+  rows = read_metrics(str(small_disk))
+  assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+# ----------------------------------------------------------------------------- bad data
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+  """A tiny folder dataset (16x16 PNGs, 3 classes) for the trainer."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp("folder") / "data"
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 12), ("test", 4)):
+    for c in ("ant", "bee", "cat"):
+      (root / split / c).mkdir(parents=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+            root / split / c / f"{i:03d}.png")
+  return root
+
+
+FOLDER_FLAGS = ["--config.data.name=tiny_folder",
+                "--config.data.num_classes=3", "--config.model.num_classes=3",
+                "--config.data.val_size=6", "--config.data.image_size=16",
+                "--config.model.image_size=16", "--config.batch_size=8"]
+
+
+@pytest.mark.parametrize("case", ["truncated image mid-folder", "label outside the classes"])
+def test_bad_data_is_reported_with_its_path_before_training(image_folder, tmp_path, case):
+  root = tmp_path / "data"
+  shutil.copytree(image_folder, root)
+  flags = [f"--config.data.path={root}", *FOLDER_FLAGS]
+  if case == "truncated image mid-folder":
+    bad = root / "train" / "bee" / "005.png"  # entry 17 of 36: mid-folder
+    bad.write_bytes(bad.read_bytes()[:len(bad.read_bytes()) // 2])
+    pattern = rf"cannot decode image {re.escape(str(bad))}: .*; fix or remove the file"
+  else:
+    flags = [f.replace("num_classes=3", "num_classes=2") for f in flags]
+    pattern = (rf"12 of 36 labels in {re.escape(str(root / 'train'))} are outside \[0, 2\) "
+               rf"\(in {re.escape(str(root / 'train' / 'cat'))} \(12 files\)\): "
+               r"set data.num_classes=3")
+  workdir = tmp_path / "w"
+  code, lines, stderr, seconds = run_cli(["--config", "configs/vit_cifar10.py",
+                                          "--workdir", str(workdir), *flags],
+                                         ADAPTIVE_VISION_CACHE=str(tmp_path / "cache"))
+  assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), stderr
+  assert re.search(pattern, lines[0]), lines[0]
+  assert not workdir.exists()  # found while caching, before anything was trained or written
+  if "truncated" in case:  # the conversion did not commit a cache without the file
+    assert not list((tmp_path / "cache").rglob("meta.json"))
+  record("bad_data", case=case, line=lines[0], seconds=round(seconds, 1))

@@ -304,3 +304,29 @@ def test_student_and_teacher_of_different_resolutions_share_one_batch():
   assert models.inputs_from_batch(c.model, batch).shape == (2, 32, 32, 3)
   t = models.inputs_from_batch(c.teacher.model, batch)
   assert isinstance(t, tuple) and [v.shape[1] for v in t] == [16, 32]
+
+
+def test_tensorboard_scalars_are_written_in_the_calling_thread(tmp_path):
+  """Events land on disk at write() (no writer thread that a full disk could
+  kill, leaving add_scalar blocked on its queue)."""
+  import glob
+  import struct
+  import threading
+  pytest.importorskip("tensorboardX")
+  from tensorboardX.proto.event_pb2 import Event
+  from adaptive_vision.train.metrics import MetricWriter
+  threads = threading.active_count()
+  writer = MetricWriter(str(tmp_path))
+  assert threading.active_count() == threads
+  writer.write(1, "train", {"loss": 2.5, "lr": 0.1})
+  writer.write(2, "train", {"loss": 2.0, "lr": 0.1})
+  (path,) = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+  data, seen, i = open(path, "rb").read(), [], 0  # TFRecord: length, crc, event, crc
+  while i < len(data):
+    (n,) = struct.unpack("<Q", data[i:i + 8])
+    event = Event.FromString(data[i + 12:i + 12 + n])
+    i += 16 + n
+    seen += [(event.step, v.tag, round(v.simple_value, 4)) for v in event.summary.value]
+  writer.close()
+  assert seen == [(1, "train/loss", 2.5), (1, "train/lr", 0.1), (2, "train/loss", 2.0),
+                  (2, "train/lr", 0.1)]

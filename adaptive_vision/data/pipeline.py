@@ -1,10 +1,12 @@
 """grain input pipelines producing batches in the design.md "Batch contract".
 
-Train: source -> this process's slice -> per-epoch shuffle -> repeat forever ->
-per-example augmentation (random_map: rng from (seed, position)) -> batch.
-All of it is index-based (grain MapDataset), so the stream is a pure function of
-(data config, seed, process_index, process_count): independent of worker count,
-and the iterator state is just a position, which makes it checkpointable.
+Train: source -> per-epoch shuffle -> repeat forever -> per-example augmentation
+(random_map: rng from (seed, global position)) -> global batches, of which each
+process reads its own rows. All of it is index-based (grain MapDataset), so the
+stream of global batches is a pure function of (data config, seed, global batch
+size): the same for any number of processes or workers. The iterator state is
+the number of global batches read (`{'next_index': k}`, equal on every process),
+so a run saved by N processes resumes on M with the same data order.
 
 Checkpointing with Orbax (grain ships the handler; args are registered with it):
 
@@ -73,19 +75,27 @@ def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
 
 def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, views=None,
                        process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
-  """The infinite MapDataset of local training batches (see make_train_iterator)."""
+  """The infinite MapDataset of local training batches (see make_train_iterator).
+
+  Global batch b is rows [b * G, (b + 1) * G) of one shuffled, augmented stream;
+  process p reads its rows [p * L, (p + 1) * L) (L = G / process_count) as its
+  local batch b. So the global batches, and with them the data order, do not
+  depend on the number of processes.
+  """
   batch = local_batch_size(global_batch_size, process_count)
   src = sources.get_source(data_cfg, 'train')
-  ds = grain.MapDataset.source(src)[process_index::process_count]
-  if len(ds) == 0:
-    raise ValueError(f'process {process_index} of {process_count} has no training'
-                     ' examples: use more data or fewer processes')
+  if len(src) == 0:
+    raise ValueError('the training split has no examples: use more data')
+  ds = grain.MapDataset.source(src)
   # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch).
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
-  # Per-example rng from (seed, process, position): reproducible with any worker count.
+  # Per-example rng from (seed, global position): reproducible with any worker or
+  # process count (the 0 is the process index of the one-stream layout it keeps).
   ds = ds.random_map(preprocess(data_cfg, train=True, views=views),
-                     seed=_derive_seed(seed, 1, process_index))
-  return ds.batch(batch, drop_remainder=True)
+                     seed=_derive_seed(seed, 1, 0))
+  # Batches of L consecutive examples; every process_count-th one from p is
+  # process p's part of each global batch.
+  return ds.batch(batch, drop_remainder=True)[process_index::process_count]
 
 
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, views=None,
@@ -94,9 +104,10 @@ def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, views=No
   """Infinite iterator of local batches (global_batch_size // process_count).
 
   Shuffled per epoch and augmented deterministically from `seed`; this process
-  reads the disjoint slice `train[process_index::process_count]`. Batches carry
-  'views' of the sizes in `views` (lowest first), or one 'image'. The returned
-  grain DatasetIterator has get_state() / set_state(); see iterator_checkpoint_args.
+  reads its rows of every global batch (make_train_dataset). Batches carry
+  'views' of the sizes in `views` (lowest first), or one 'image'. The returned grain
+  DatasetIterator has get_state() / set_state(); the state is the same on every
+  process and for every process count (see iterator_checkpoint_args).
   """
   ds = make_train_dataset(data_cfg, global_batch_size=global_batch_size, seed=seed,
                           views=views, process_index=process_index, process_count=process_count)
@@ -148,7 +159,8 @@ def load_image(data_cfg, path, views=None) -> dict:
 
   Decoded as the folder source decodes its files (`data.cache_image_size`
   included), then the eval preprocessing of `make_eval_iterator` (resize or
-  center crop, `views` as `models.data_views` derives them, normalization). Returns {'image': float32 [S, S, 3]}
+  center crop, `views` as `models.data_views` derives them, normalization).
+  Returns {'image': float32 [S, S, 3]}
   or {'views': tuple of float32 [r, r, 3]}. A file that is not an image
   raises ValueError naming it.
   """

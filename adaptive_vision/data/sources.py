@@ -89,14 +89,22 @@ def validate_config(data_cfg) -> None:
 # ----------------------------------------------------------------------------- sources
 
 
-def _check_labels(labels: np.ndarray, num_classes, where: str) -> None:
+def _check_labels(labels: np.ndarray, num_classes, where: str, folders=None) -> None:
+  """Every label in [0, num_classes), else a one-line error; `folders[k]` names
+  where the files of label k are (class folders), so the message points at them."""
   if num_classes is None or len(labels) == 0:
     return
-  bad = int(np.count_nonzero((labels < 0) | (labels >= num_classes)))
+  outside = (labels < 0) | (labels >= num_classes)
+  bad = int(np.count_nonzero(outside))
   if bad:
     needed = int(labels.max()) + 1
+    named = ''
+    if folders is not None:
+      ks, counts = np.unique(labels[outside], return_counts=True)
+      shown = [f'{folders[k]} ({n} files)' for k, n in zip(ks[:3], counts[:3])]
+      named = f' (in {", ".join(shown)}{", ..." if len(ks) > 3 else ""})'
     raise ValueError(
-        f'{bad} of {len(labels)} labels in {where} are outside [0, {num_classes}):'
+        f'{bad} of {len(labels)} labels in {where} are outside [0, {num_classes}){named}:'
         f' set data.num_classes={needed} (or remove the extra classes)')
 
 
@@ -587,7 +595,9 @@ def _folder_source(data_cfg, split: str) -> ArraySource:
         " them or set data.on_bad_image='skip'")
   labels = np.load(out_dir / meta['labels'])
   src = ArraySource(out_dir / meta['images'], labels, meta['class_names'])
-  _check_labels(labels, data_field(data_cfg, 'num_classes'), display)
+  folders = [str(location / c) if kind == 'dir' else f'{location} class folder {c!r}'
+             for c in meta['class_names']]
+  _check_labels(labels, data_field(data_cfg, 'num_classes'), display, folders)
   return src
 
 

@@ -69,7 +69,7 @@ def report_runs(out_dir: str | os.PathLike, runs: Mapping[str, str | os.PathLike
     for split in ("val", "test"):
       src = os.path.join(run_dir, f"{split}_logits.npz")
       if os.path.exists(src):
-        atomic.copy(src, os.path.join(out_dir, f"{name}_{split}_logits.npz"))
+        atomic.copy_file(src, os.path.join(out_dir, f"{name}_{split}_logits.npz"))
   write_report(out_dir, reports, title=title)
   return reports
 
@@ -136,7 +136,7 @@ def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], tea
     for split in ("val", "test"):
       src = os.path.join(run_dir, f"{split}_logits.npz")
       if os.path.exists(src):
-        atomic.copy(src, os.path.join(out_dir, f"{name}_{split}_logits.npz"))
+        atomic.copy_file(src, os.path.join(out_dir, f"{name}_{split}_logits.npz"))
   study = jsonable(study)
   atomic.write_json(os.path.join(out_dir, SEEDS_JSON), dict(study, title=title), indent=1,
                     allow_nan=False)

@@ -70,9 +70,8 @@ def save_logits(path: str | os.PathLike, exit_logits: Any, labels: Any,
   if isinstance(exit_logits, (list, tuple)):
     exit_logits = np.stack([np.asarray(x) for x in exit_logits])
   data = ExitLogits(exit_logits, labels, exit_macs)
-  # A file object keeps np.savez from appending '.npz'.
-  return atomic.write_with(path, lambda f: np.savez(
-      f, exit_logits=data.exit_logits, labels=data.labels, exit_macs=data.exit_macs))
+  return atomic.save_npz(path, exit_logits=data.exit_logits, labels=data.labels,
+                         exit_macs=data.exit_macs)
 
 
 def load_logits(path: str | os.PathLike) -> ExitLogits:

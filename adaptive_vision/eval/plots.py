@@ -51,8 +51,7 @@ def plot_accuracy_vs_macs(path: str | os.PathLike, reports: Mapping[str, Mapping
   ax.grid(True, alpha=0.3)
   # Outside the axes: several models' markers would otherwise hide data.
   ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
-  return atomic.write_with(path, lambda f: fig.savefig(f, format='png', dpi=120,
-                                                       bbox_inches='tight'))
+  return atomic.save_figure(path, fig, dpi=120, bbox_inches='tight')
 
 
 def plot_seed_study(path: str | os.PathLike, study: Mapping[str, Any], title: str) -> str:
@@ -90,5 +89,4 @@ def plot_seed_study(path: str | os.PathLike, study: Mapping[str, Any], title: st
   right.set_xlabel("budget (% of the teacher's final-exit MACs)")
   right.set_title("per-exit thresholds calibrated on validation")
   fig.suptitle(f"{title} (mean ± std over {len(study['seeds'])} seeds)")
-  return atomic.write_with(path, lambda f: fig.savefig(f, format="png", dpi=110,
-                                                       bbox_inches="tight"))
+  return atomic.save_figure(path, fig, dpi=110, bbox_inches="tight")

@@ -6,6 +6,17 @@ leaves the previous checkpoints intact (and a temporary directory that the
 next start removes). Restore takes the newest checkpoint that loads; newer
 damaged ones are moved aside (never deleted) with a warning; when none loads
 it raises CheckpointRestoreError and touches nothing.
+
+Topology: the train state is restored onto the current mesh and shardings
+(replicated or FSDP, any number of devices and processes); the data position
+is one number of global batches, written by every process
+(`data/process_<i>-of-<n>.json`), so a run saved by N processes resumes on M
+with the same data order. Checkpoints of the per-process data layout of older
+versions (no `data_order` in their metadata) written by several processes are
+refused with DataOrderError: their order cannot be continued.
+
+A save that fails (disk full, read-only folder) raises WriteError naming the
+step and the directory; the previous checkpoints stay as they were.
 """
 
 from __future__ import annotations
@@ -13,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -21,34 +33,89 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from adaptive_vision import atomic
+from adaptive_vision.atomic import WriteError, reason
+
 log = logging.getLogger(__name__)
+
+
+class DataOrderError(ValueError):
+  """A checkpoint's data position cannot be continued in the same order here."""
+
+
+DATA_LAYOUT = "global-batches"  # make_train_dataset: the global batches do not depend on processes
 
 
 class Checkpointer:
 
-  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
+               global_batch_size: Optional[int] = None, allow_order_change: bool = False):
     self.directory = os.path.abspath(directory)
+    self.global_batch_size = global_batch_size
+    self.allow_order_change = allow_order_change
     self._options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True,
         # A run killed mid-save leaves `<step>.orbax-checkpoint-tmp-*`; drop those.
-        cleanup_tmp_directories=True)
-    self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        cleanup_tmp_directories=True,
+        # The step's temporary directory is made in save() itself: made in a
+        # background thread, a read-only folder there left save() waiting forever
+        # for a signal that thread never sent (orbax 0.12.8); here it raises.
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+    try:
+      self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+    except OSError as e:
+      raise WriteError(f"could not create {self.directory}: {reason(e)}") from e
+    self._writing = None  # step of the save that may still be in flight
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None, *, force: bool = False) -> bool:
+    self.wait()  # a failed earlier save is reported as that step's
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    order = {"layout": DATA_LAYOUT, "global_batch_size": self.global_batch_size,
+             "processes": jax.process_count()}
+    try:
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force,
+                                custom_metadata={"data_order": order})
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(step, e) from e
+    self._writing = int(step) if saved else None
+    return saved
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self._writing, e) from e
+    finally:
+      self._writing = None
 
   def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+  def _write_error(self, step, error: BaseException) -> WriteError:
+    """One line: which step, where, why; what is left intact is the caller's to add.
+
+    A save can fail after its step was committed (removing checkpoints beyond
+    max_to_keep, say); the directory is read again so all_steps() says what is
+    on disk, and the message says the step is complete.
+    """
+    try:
+      self.manager.reload()
+      committed = step is not None and step in self.manager.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      committed = False
+    if committed:
+      return WriteError(f"the checkpoint of step {step} in {self.directory} is complete, but "
+                        f"saving failed after it was committed: {reason(error)}")
+    return WriteError(f"could not write the checkpoint of step {step} to {self.directory}: "
+                      f"{reason(error)}")
 
   def _set_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
@@ -85,11 +152,16 @@ class Checkpointer:
     steps = sorted(self.manager.all_steps(), reverse=True)
     failures = []
     for step in steps:
-      items = {"state": ocp.args.StandardRestore(abstract_state)}
-      if data_iterator is not None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      position = None
       try:
-        restored, error = self.manager.restore(step, args=ocp.args.Composite(**items)), None
+        if data_iterator is not None:
+          # Before the arrays: a refused data order must not read as damage.
+          position = self._data_position(step)
+        restored = self.manager.restore(
+            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        error = None
+      except DataOrderError:
+        raise
       except Exception as e:  # pylint: disable=broad-except
         restored, error = None, e
       if not _on_all_processes(error is None):
@@ -105,6 +177,9 @@ class Checkpointer:
         log.warning(msg)
       if failures:
         self._reopen()
+      if data_iterator is not None:
+        data_iterator.set_state(position)
+        getattr(data_iterator, "start_prefetch", lambda: None)()  # as grain's restore does
       return step, restored["state"]
     if failures:
       step, error = failures[0]
@@ -115,6 +190,68 @@ class Checkpointer:
           "were written (optimizer, model), use the original config or a new "
           "--workdir; if they are damaged, move them out of the way to start over")
     return None
+
+
+  def _data_position(self, step: int) -> dict:
+    """The data iterator's state saved with `step`, for this topology.
+
+    Every process wrote the same global position; the files of any process
+    count are read. Missing or differing files are damage (ValueError).
+    """
+    found = ocp.path.step.standard_name_format().find_step(self.directory, step)
+    folder = found.path / "data"
+    names = sorted(p.name for p in folder.glob("process_*-of-*.json")) if folder.exists() else []
+    parsed = [re.fullmatch(r"process_(\d+)-of-(\d+)\.json", n) for n in names]
+    counts = {int(m.group(2)) for m in parsed if m}
+    if len(counts) != 1 or sorted(int(m.group(1)) for m in parsed) != list(range(max(counts))):
+      raise ValueError(f"data-iterator files of step {step} are incomplete: {names} in {folder}")
+    states = [json.loads((folder / n).read_text()) for n in names]
+    if any(s != states[0] for s in states):
+      raise ValueError(f"the processes saved different data positions at step {step}: {states}")
+    saved_by = counts.pop()
+    order = self._data_order(step)
+    refusal = data_order_refusal(order, saved_by, step, self.global_batch_size)
+    if refusal and not self.allow_order_change:
+      raise DataOrderError(refusal)
+    if refusal:
+      log.warning("%s; continuing anyway (allow_config_change=True)", refusal)
+    return states[0]
+
+  def _data_order(self, step: int) -> Optional[dict]:
+    try:
+      custom = self.manager.metadata(step).custom_metadata or {}
+    except Exception:  # pylint: disable=broad-except
+      return None
+    return custom.get("data_order")
+
+
+def data_order_refusal(order: Optional[dict], saved_by: int, step: int,
+                       global_batch_size: Optional[int]) -> Optional[str]:
+  """Why the data position saved with `step` cannot continue the same data
+  order here (one line, with what to do), or None when it can.
+
+  `order` is the checkpoint's `data_order` metadata (None: written before it
+  existed, when each of `saved_by` processes shuffled its own slice of the data).
+  """
+  if order is None:
+    if saved_by == 1:
+      return None  # one process: the same order as global batches
+    return (f"the checkpoint at step {step} was written by {saved_by} processes that each "
+            "read their own shuffled slice of the data (the layout of older versions); "
+            "this version reads one global order, so resuming would change the data order: "
+            "finish the run with the version that started it, or set "
+            "--config.allow_config_change=True to continue in the new order")
+  if order.get("layout") != DATA_LAYOUT:
+    return (f"the checkpoint at step {step} has data layout {order.get('layout')!r}, which "
+            f"this version does not read ({DATA_LAYOUT!r}); finish the run with the version "
+            "that started it, or set --config.allow_config_change=True")
+  saved = order.get("global_batch_size")
+  if global_batch_size is not None and saved is not None and saved != global_batch_size:
+    return (f"the checkpoint at step {step} was trained with global batch {saved}, this "
+            f"run uses {global_batch_size}: the data position counts batches of {saved}; "
+            f"set batch_size={saved} (the per-process batch follows from it), or set "
+            "--config.allow_config_change=True to continue in another order")
+  return None
 
 
 class CheckpointRestoreError(ValueError):
@@ -197,7 +334,4 @@ def check_signature(workdir: str, signature: dict, *, write: bool) -> None:
           f"differing parameters: {diff[:3]}); use a new --workdir, or delete "
           "that workdir to start over")
   elif write and jax.process_index() == 0:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(signature, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_json(path, signature, indent=1, sort_keys=True)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import data as data_lib
+from adaptive_vision import atomic, data as data_lib
 from adaptive_vision import models
 from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.eval import predict
@@ -151,7 +151,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_iter = trainer.train_iterator()
   ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
                                     max_to_keep=require(config, "max_to_keep"),
-                                    async_save=require(config, "async_checkpoints"))
+                                    async_save=require(config, "async_checkpoints"),
+                                    global_batch_size=config.batch_size,
+                                    allow_order_change=require(config, "allow_config_change"))
   restored = ckpt.restore(trainer.restore_target(), train_iter)
   if restored is None:
     state = trainer.init_state()
@@ -162,7 +164,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if primary:
       print(f"resuming from checkpoint at step {start}", file=sys.stderr, flush=True)
   if primary:  # only now: a refused workdir keeps the config.json of its run
-    _write_atomically(os.path.join(workdir, "config.json"),
+    atomic.write_text(os.path.join(workdir, "config.json"),
                       config.to_json_best_effort(indent=2, sort_keys=True))
   train_step, teacher_vars = trainer.train_step, trainer.teacher_variables
 
@@ -219,6 +221,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   train_start = time.perf_counter()
   pending = None  # metrics of the previous step, checked one step late to keep dispatch async
   step = start
+  failed = False
   try:
     while step < total_steps:
       batch = trainer.prepare_batch(next(train_iter), step)
@@ -275,18 +278,34 @@ def train_and_evaluate(config, workdir: str) -> dict:
                               np.asarray(summary["exit_macs"]))
     writer.write(step, "final", {"train_seconds": summary["train_seconds"]})
     return summary
+  except BaseException as e:
+    failed = True
+    if isinstance(e, atomic.WriteError):  # disk full, read-only: what stands, how to go on
+      raise atomic.WriteError(f"{e}; {_intact(ckpt)}") from e
+    raise
   finally:
     if previous_handler is not None:
       signal.signal(signal.SIGTERM, previous_handler)
-    ckpt.close()
-    writer.close()
+    for close in (ckpt.close, writer.close):
+      try:
+        close()
+      except Exception as e:  # pylint: disable=broad-except
+        if not failed:  # else the first error is the one to report
+          raise
+        log.warning("while stopping, %s failed too: %s", close.__qualname__, atomic.reason(e))
 
 
-def _write_atomically(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+def _intact(ckpt) -> str:
+  """What a stopped run keeps and how to go on, after a write failed."""
+  try:
+    ckpt.wait()
+  except atomic.WriteError:
+    pass  # the newest save failed too: the older ones are what stands
+  steps = ckpt.all_steps()
+  kept = (f"the checkpoint of step {steps[-1]} is intact" if steps
+          else "no checkpoint was written yet")
+  return (f"{kept}; free space (or make the folder writable) and run the same command "
+          "again to resume")
 
 
 def _drop_metrics_after(workdir: str, step: int, *, redo_final: bool = False) -> int:
@@ -318,7 +337,7 @@ def _drop_metrics_after(workdir: str, step: int, *, redo_final: bool = False) ->
       else:
         dropped += 1
   if dropped or unterminated:
-    _write_atomically(path, "".join(keep))
+    atomic.write_text(path, "".join(keep))
     log.info("metrics.jsonl: dropped %d lines written after step %d; they are written again",
              dropped, step)
   return dropped

@@ -50,7 +50,8 @@ class TeacherLogitsCache:
       return None
 
   def put(self, step: int, logits: np.ndarray) -> None:
-    atomic.write_with(self._path(step), lambda f: np.save(f, np.asarray(logits, np.float32)))
+    with atomic.replace(self._path(step), "wb") as f:
+      np.save(f, np.asarray(logits, np.float32))
 
 
 def cache_root(config) -> Optional[str]:
