@@ -75,6 +75,12 @@ def replace(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
   ends without an exception, and then all at once."""
   path = os.fspath(path)
   folder, name = os.path.dirname(path) or ".", os.path.basename(path)
+  try:  # results go to new folders (results/<study>/...): make them
+    os.makedirs(folder, exist_ok=True)
+  except OSError as e:
+    error = WriteError(f"could not write {path}: {reason(e)}")
+    error.errno = e.errno
+    raise error from e
   tmp = os.path.join(folder, f".{name}.tmp-{_host()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
   try:
     with open(tmp, mode) as f:

@@ -95,9 +95,12 @@ def test_helpers_write_what_they_are_given(tmp_path):
 
 
 def test_unwritable_target_is_a_write_error_naming_the_path(tmp_path):
-  path = tmp_path / "missing_folder" / "report.json"
-  with pytest.raises(atomic.WriteError, match=f"could not write {path}: No such file"):
+  (tmp_path / "a_file").write_text("")
+  path = tmp_path / "a_file" / "report.json"  # its folder cannot exist: a file is in the way
+  with pytest.raises(atomic.WriteError, match=f"could not write {path}: "):
     atomic.write_json(path, {})
+  # A folder that is merely missing is made (results of a new study go to new folders).
+  assert json.loads(open(atomic.write_json(tmp_path / "new" / "r.json", {"a": 1})).read()) == {"a": 1}
   assert isinstance(atomic.WriteError("x"), OSError)  # `except OSError` still catches it
 
 
