@@ -96,7 +96,24 @@ def _check_thresholds(thresholds: Any, num_exits: int) -> np.ndarray:
   return t
 
 
-class DynamicCascade:
+class _Thresholds:
+  """The per-exit thresholds of an executor, checked against its `num_exits`
+  whenever they are set; `_thresholds_changed` lets an executor react."""
+
+  @property
+  def thresholds(self) -> np.ndarray:
+    return self._thresholds
+
+  @thresholds.setter
+  def thresholds(self, value) -> None:
+    self._thresholds = _check_thresholds(value, self.num_exits)
+    self._thresholds_changed()
+
+  def _thresholds_changed(self) -> None:
+    pass
+
+
+class DynamicCascade(_Thresholds):
   """Batched dynamic executor for a RAViT (any module with `branch(k, view, prev)`).
 
   Args:
@@ -131,14 +148,6 @@ class DynamicCascade:
     self._step = jax.jit(self._step_impl, static_argnames=("k", "gather"))
 
   # -- configuration ---------------------------------------------------------
-
-  @property
-  def thresholds(self) -> np.ndarray:
-    return self._thresholds
-
-  @thresholds.setter
-  def thresholds(self, value) -> None:
-    self._thresholds = _check_thresholds(value, self.num_exits)
 
   def bucket_sizes(self, n: int) -> tuple[int, ...]:
     return resolve_buckets(n, self.buckets, self.min_bucket)
@@ -317,7 +326,7 @@ def cascade_program(model, criterion: str = "entropy"):
   return run
 
 
-class SingleDispatchCascade:
+class SingleDispatchCascade(_Thresholds):
   """Early exits as one compiled program per input shape (see `cascade_program`).
 
   Args:
@@ -363,13 +372,7 @@ class SingleDispatchCascade:
       self._run = lambda x, t: run(self.variables, x, t)
     self.thresholds = thresholds
 
-  @property
-  def thresholds(self) -> np.ndarray:
-    return self._thresholds
-
-  @thresholds.setter
-  def thresholds(self, value) -> None:
-    self._thresholds = _check_thresholds(value, self.num_exits)
+  def _thresholds_changed(self) -> None:
     # On device once, so a call transfers only the image.
     self._device_thresholds = jnp.asarray(
         self._thresholds if self._thresholds.size else np.zeros((1,), np.float32))

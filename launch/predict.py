@@ -49,21 +49,21 @@ def main(argv):
                 "--params FILE IMAGE_OR_FOLDER...")
   common.setup()
   from adaptive_vision import data as data_lib
-  from adaptive_vision import export, models, predict
+  from adaptive_vision import classify, export, models
   try:
     files = data_lib.image_files(paths)
     variables, meta = export.load(FLAGS.params, FLAGS.config)
     num_exits = models.num_exits(FLAGS.config.model)
     thresholds, criterion, what = export.thresholds_for(
         meta, num_exits, budget=FLAGS.budget, threshold=FLAGS.threshold, path=FLAGS.params)
-    examples = predict.load_images(FLAGS.config, files)  # every error before any output
+    examples = classify.load_images(FLAGS.config, files)  # every error before any output
     print(f"{len(files)} images; {num_exits} exits; {what}", file=sys.stderr, flush=True)
-    rows = predict.predict_files(FLAGS.config, variables, files, thresholds,
+    rows = classify.predict_files(FLAGS.config, variables, files, thresholds,
                                  criterion=criterion, class_names=meta.get("class_names"),
                                  examples=examples)
     spent, exits = 0.0, [0] * num_exits
     for row in rows:
-      print(predict.format_row(row), flush=True)
+      print(classify.format_row(row), flush=True)
       spent += row["macs"]
       exits[row["exit"]] += 1
   except (ValueError, FileNotFoundError) as e:

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from adaptive_vision import data as data_lib
-from adaptive_vision import early_exit, export, models, predict
+from adaptive_vision import classify, early_exit, export, models
 from adaptive_vision.data.sources import SyntheticSource
 from adaptive_vision.inference import full_cascade_predict
 from adaptive_vision.train import checkpointing, loop
@@ -67,7 +67,7 @@ def _write_images(folder, n=8, size=32, seed=1):
 
 def _reference(config, variables, paths, thresholds):
   """The static policy over every exit, on the images as the eval pipeline makes them."""
-  examples = predict.load_images(config, paths)
+  examples = classify.load_images(config, paths)
   key = "views" if "views" in examples[0] else "image"
   batch = {key: tuple(np.stack(v) for v in zip(*[e[key] for e in examples])) if key == "views"
            else np.stack([e[key] for e in examples])}
@@ -247,7 +247,7 @@ def test_resnet_and_vit_files_predict_like_the_full_cascade(tmp_path):
     everyone = _reference(config, loaded, paths, [0.0] * (num_exits - 1))
     thresholds = ([_mid_threshold(everyone["exit_logits"], e) for e in range(num_exits - 1)])
     ref = _reference(config, loaded, paths, thresholds)
-    rows = list(predict.predict_files(config, loaded, paths, thresholds))
+    rows = list(classify.predict_files(config, loaded, paths, thresholds))
     assert [r["exit"] for r in rows] == ref["exit_index"].tolist(), name
     assert [r["class_index"] for r in rows] == ref["predictions"].tolist(), name
     macs = models.exit_macs(config.model)
@@ -260,7 +260,7 @@ def test_resnet_and_vit_files_predict_like_the_full_cascade(tmp_path):
       assert export.thresholds_for(meta, 1)[0] == []
       with pytest.raises(ValueError, match="no thresholds keep validation mean MACs"):
         export.thresholds_for(meta, 1, budget=0.6)
-    line = predict.format_row(rows[0])
+    line = classify.format_row(rows[0])
     assert line.split("\t")[2] == f"exit {rows[0]['exit']} of {num_exits}"
   # A ResNet file against the ViT config, and a changed field of the same family.
   with pytest.raises(ValueError, match="another model .*model.name is 'resnet'"):

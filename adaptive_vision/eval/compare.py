@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from adaptive_vision import early_exit
+from adaptive_vision.eval.report import calibrated_on_val
 
 
 def _curve(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -25,6 +26,12 @@ def _curve(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
   best = np.full(len(uniq), -np.inf)
   np.maximum.at(best, idx, acc)
   return uniq, best
+
+
+def default_thresholds(num_classes: int, points: int = 20) -> np.ndarray:
+  """The paper's shared-threshold grid: `points` entropy thresholds evenly
+  spaced in (0, log K] (0 would mean nobody exits early)."""
+  return np.linspace(0.0, float(np.log(num_classes)), points + 1)[1:]
 
 
 def accuracy_at_macs(points: Sequence[dict], macs: np.ndarray) -> np.ndarray:
@@ -42,8 +49,7 @@ def compare(a: Any, b: Any, *, thresholds: Sequence[float] | None = None,
   the mean accuracy difference a - b (in accuracy units, not points).
   """
   if thresholds is None:
-    log_k = float(np.log(a.exit_logits.shape[-1]))
-    thresholds = np.linspace(0.0, log_k, 21)[1:]  # 0 would mean "nobody exits"
+    thresholds = default_thresholds(a.exit_logits.shape[-1])
   thresholds = np.asarray(thresholds, dtype=np.float64)
   sa = early_exit.threshold_sweep(a.exit_logits, a.labels, a.exit_macs, criterion,
                                   thresholds=thresholds)
@@ -93,15 +99,12 @@ def teacher_budget_point(a_val, a_test, teacher_test, budget_fraction: float) ->
   t_macs = float(teacher_test.exit_macs[-1])
   budget = budget_fraction * t_macs
   try:
-    thresholds = early_exit.calibrate(a_val.exit_logits, a_val.labels, a_val.exit_macs,
-                                      max_mean_macs=budget)
+    p = calibrated_on_val(a_val, a_test, max_mean_macs=budget)
   except ValueError:
     point = None
   else:
-    p = early_exit.evaluate_policy(a_test.exit_logits, a_test.labels, thresholds,
-                                   a_test.exit_macs)
-    point = {"thresholds": [float(x) for x in thresholds],
-             "accuracy": float(p["accuracy"]), "mean_macs": float(p["mean_macs"])}
+    point = {"thresholds": p["thresholds"], "accuracy": p["test_accuracy"],
+             "mean_macs": p["test_mean_macs"]}
   gap = None if point is None else 100 * (t_acc - point["accuracy"])
   return {"teacher_final_accuracy": t_acc, "teacher_final_macs": t_macs,
           "budget_macs": budget, "a_calibrated_on_val_within_budget": point,

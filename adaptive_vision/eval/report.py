@@ -134,27 +134,35 @@ def early_exit_report(test: Any, *, val: Any = None, baseline: Any = None,
   return jsonable(report)
 
 
+def calibrated_on_val(val: ExitLogits, test: ExitLogits, criterion: str = 'entropy',
+                      **constraint: float) -> dict[str, Any]:
+  """Per-exit thresholds chosen on `val` under one constraint of
+  `early_exit.calibrate` (max_mean_macs= or min_accuracy=), then applied to
+  `val` and `test`: thresholds, val/test accuracy and mean MACs, test exit
+  fractions. Raises ValueError when no thresholds meet the constraint on val.
+  The one place a report turns validation logits into an operating point."""
+  # Only validation logits reach calibrate; test is used to evaluate after.
+  t = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
+                           criterion=criterion, **constraint)
+  on_val = early_exit.evaluate_policy(val.exit_logits, val.labels, t, val.exit_macs, criterion)
+  on_test = early_exit.evaluate_policy(test.exit_logits, test.labels, t, test.exit_macs,
+                                       criterion)
+  return {'thresholds': [float(x) for x in t],
+          'val_accuracy': float(on_val['accuracy']),
+          'val_mean_macs': float(on_val['mean_macs']),
+          'test_accuracy': float(on_test['accuracy']),
+          'test_mean_macs': float(on_test['mean_macs']),
+          'test_exit_fractions': on_test['exit_fractions']}
+
+
 def _calibrated_point(label: str, constraint: dict[str, float], val: ExitLogits,
                       test: ExitLogits, criterion: str,
                       baseline_macs: float | None) -> dict[str, Any]:
   point: dict[str, Any] = {'target': label, 'constraint': constraint}
   try:
-    # Only validation logits reach calibrate; test is used to evaluate after.
-    t = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
-                             criterion=criterion, **constraint)
+    point.update(calibrated_on_val(val, test, criterion, **constraint))
   except ValueError as e:
     point['error'] = str(e)
     return point
-  on_val = early_exit.evaluate_policy(val.exit_logits, val.labels, t, val.exit_macs, criterion)
-  on_test = early_exit.evaluate_policy(test.exit_logits, test.labels, t, test.exit_macs,
-                                       criterion)
-  point.update({
-      'thresholds': t,
-      'val_accuracy': on_val['accuracy'],
-      'val_mean_macs': on_val['mean_macs'],
-      'test_accuracy': on_test['accuracy'],
-      'test_mean_macs': on_test['mean_macs'],
-      'test_exit_fractions': on_test['exit_fractions'],
-      'relative_macs': (on_test['mean_macs'] / baseline_macs if baseline_macs else None),
-  })
+  point['relative_macs'] = (point['test_mean_macs'] / baseline_macs if baseline_macs else None)
   return point

@@ -21,18 +21,18 @@ of a claim) it is made on validation.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from adaptive_vision import early_exit
+from adaptive_vision.eval.compare import TEACHER_GAP_POINTS, default_thresholds
 from adaptive_vision.eval.logits import ExitLogits
+from adaptive_vision.eval.report import calibrated_on_val
 
 DEFAULT_BUDGETS = (0.10, 0.15, 0.20, 0.25, 0.30, 0.35)
-# The paper's second claim: within this many points of the teacher's final exit...
-TEACHER_GAP_POINTS = 1.0
-# ... at this fraction of its MACs.
+# The paper's second claim: within TEACHER_GAP_POINTS of the teacher's final
+# exit at this fraction of its MACs.
 TEACHER_BUDGET = 0.25
 
 
@@ -49,27 +49,14 @@ def stats(values: Sequence[float | None]) -> dict[str, Any]:
               min=float(np.min(vals)), max=float(np.max(vals)))
 
 
-def default_thresholds(num_classes: int, points: int = 20) -> np.ndarray:
-  """`points` entropy thresholds evenly spaced in (0, log K] (0 would mean
-  nobody exits early)."""
-  return np.linspace(0.0, math.log(num_classes), points + 1)[1:]
-
-
 def _budget_point(val: ExitLogits, test: ExitLogits, budget_macs: float,
                   criterion: str) -> dict[str, Any] | None:
   """Calibrated on val within the budget, evaluated on val and test; None when
   no policy fits the budget on validation."""
   try:
-    t = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
-                             max_mean_macs=budget_macs, criterion=criterion)
+    return calibrated_on_val(val, test, criterion, max_mean_macs=budget_macs)
   except ValueError:
     return None
-  on_val = early_exit.evaluate_policy(val.exit_logits, val.labels, t, val.exit_macs, criterion)
-  on_test = early_exit.evaluate_policy(test.exit_logits, test.labels, t, test.exit_macs,
-                                       criterion)
-  return {"thresholds": [float(x) for x in t], "val_accuracy": float(on_val["accuracy"]),
-          "test_accuracy": float(on_test["accuracy"]),
-          "test_mean_macs": float(on_test["mean_macs"])}
 
 
 def _check_runs(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]]) -> int:
