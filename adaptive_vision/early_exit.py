@@ -32,7 +32,7 @@ import numpy as np
 
 from adaptive_vision.models import as_exits
 
-CRITERIA = ('entropy', 'max_prob')
+CRITERIA = ("entropy", "max_prob")
 
 # Upper bound on threshold combinations evaluated by `calibrate` for E > 2 exits.
 DEFAULT_MAX_GRID_POINTS = 4096
@@ -60,28 +60,28 @@ def max_probability(logits: jax.Array) -> jax.Array:
 
 def _check_criterion(criterion: str) -> None:
   if criterion not in CRITERIA:
-    raise ValueError(f'unknown exit criterion {criterion!r}; valid: {CRITERIA}')
+    raise ValueError(f"unknown exit criterion {criterion!r}; valid: {CRITERIA}")
 
 
 def _scores(logits: jax.Array, criterion: str) -> jax.Array:
   """Per-exit, per-example criterion value ``[E, N]``."""
-  if criterion == 'entropy':
+  if criterion == "entropy":
     return softmax_entropy(logits)
   return max_probability(logits)
 
 
-_scores_jit = jax.jit(_scores, static_argnames='criterion')
+_scores_jit = jax.jit(_scores, static_argnames="criterion")
 
 
 def _nobody_threshold(criterion: str) -> float:
   """A threshold at which no example exits (strict comparisons)."""
-  return 0.0 if criterion == 'entropy' else 1.0
+  return 0.0 if criterion == "entropy" else 1.0
 
 
 def _everyone_threshold(criterion: str, num_classes: int,
                         scores: np.ndarray | None = None) -> float:
   """A threshold at which every example exits."""
-  if criterion == 'max_prob':
+  if criterion == "max_prob":
     return 0.0  # max softmax >= 1/K > 0
   # Entropy <= log K; the margin absorbs float32 rounding of near-uniform rows.
   t = float(np.log(num_classes)) + 1e-4
@@ -100,11 +100,11 @@ def _stack(exit_logits: Any) -> jax.Array:
   sequence of [N, K] arrays (`models.as_exits` normalises)."""
   exits = as_exits(exit_logits)
   if not exits:
-    raise ValueError('exit_logits is empty; need at least one exit')
+    raise ValueError("exit_logits is empty; need at least one exit")
   shapes = {tuple(np.shape(x)) for x in exits}
   if len(shapes) != 1 or len(next(iter(shapes))) != 2:
-    raise ValueError(f'exit_logits must be [E, N, K] (or a sequence of [N, K] of one '
-                     f'shape), got exits of shapes {sorted(shapes)}')
+    raise ValueError(f"exit_logits must be [E, N, K] (or a sequence of [N, K] of one "
+                     f"shape), got exits of shapes {sorted(shapes)}")
   return jnp.stack([jnp.asarray(x) for x in exits])
 
 
@@ -114,9 +114,9 @@ def _check_thresholds(thresholds: Any, num_exits: int) -> jax.Array:
   if t.ndim == 0:
     t = t.reshape(1)
   if t.ndim != 1 or t.shape[0] != num_exits - 1:
-    n = t.shape[0] if t.ndim == 1 else f'an array of shape {tuple(t.shape)} as'
-    raise ValueError(f'got {n} thresholds for {num_exits} exits; '
-                     f'give one per non-final exit ({num_exits - 1})')
+    n = t.shape[0] if t.ndim == 1 else f"an array of shape {tuple(t.shape)} as"
+    raise ValueError(f"got {n} thresholds for {num_exits} exits; "
+                     f"give one per non-final exit ({num_exits - 1})")
   return t
 
 
@@ -125,8 +125,8 @@ def _check_finite(logits: np.ndarray) -> None:
   if bad.any():
     counts = bad.reshape(bad.shape[0], -1).sum(axis=1)
     e = int(np.argmax(counts > 0))
-    raise ValueError(f'exit {e} has {int(counts[e])} non-finite logits (NaN or inf); '
-                     f'non-finite counts per exit: {counts.tolist()}')
+    raise ValueError(f"exit {e} has {int(counts[e])} non-finite logits (NaN or inf); "
+                     f"non-finite counts per exit: {counts.tolist()}")
 
 
 def _prepare(exit_logits: Any, labels: Any, exit_macs: Any
@@ -137,20 +137,20 @@ def _prepare(exit_logits: Any, labels: Any, exit_macs: Any
   _check_finite(logits)
   labels = np.asarray(labels)
   if labels.shape != (n,):
-    raise ValueError(f'labels has shape {labels.shape} but exit logits hold N={n} '
-                     f'examples; expected labels of shape ({n},)')
+    raise ValueError(f"labels has shape {labels.shape} but exit logits hold N={n} "
+                     f"examples; expected labels of shape ({n},)")
   if n and not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'labels must be integers, got dtype {labels.dtype}')
+    raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
   if n and (labels.min() < 0 or labels.max() >= k):
-    raise ValueError(f'labels must lie in [0, {k}) for K={k} classes, '
-                     f'got range [{labels.min()}, {labels.max()}]')
+    raise ValueError(f"labels must lie in [0, {k}) for K={k} classes, "
+                     f"got range [{labels.min()}, {labels.max()}]")
   macs = np.asarray(exit_macs, dtype=np.float64).reshape(-1)
   if macs.shape[0] != num_exits:
-    raise ValueError(f'exit_macs has {macs.shape[0]} entries for {num_exits} exits; '
-                     'give the cumulative MACs of each exit')
+    raise ValueError(f"exit_macs has {macs.shape[0]} entries for {num_exits} exits; "
+                     "give the cumulative MACs of each exit")
   if not np.all(np.isfinite(macs)) or np.any(np.diff(macs) < 0):
-    raise ValueError('exit_macs must be finite and non-decreasing (cumulative MACs '
-                     f'per exit), got {macs.tolist()}')
+    raise ValueError("exit_macs must be finite and non-decreasing (cumulative MACs "
+                     f"per exit), got {macs.tolist()}")
   return logits, labels.astype(np.int64), macs
 
 
@@ -162,7 +162,7 @@ def _prepare(exit_logits: Any, labels: Any, exit_macs: Any
 def _policy_from_scores(scores: jax.Array, thresholds: jax.Array,
                         criterion: str) -> jax.Array:
   """Exit index [N] from scores [E, N] and thresholds [E-1]."""
-  if criterion == 'entropy':
+  if criterion == "entropy":
     fires = scores[:-1] < thresholds[:, None]
   else:
     fires = scores[:-1] > thresholds[:, None]
@@ -172,7 +172,7 @@ def _policy_from_scores(scores: jax.Array, thresholds: jax.Array,
 
 
 def exit_policy(exit_logits: Any, thresholds: Any,
-                criterion: str = 'entropy') -> jax.Array:
+                criterion: str = "entropy") -> jax.Array:
   """Exit taken by each example, ``[N]`` int32 (jittable).
 
   Args:
@@ -188,10 +188,10 @@ def exit_policy(exit_logits: Any, thresholds: Any,
   return _policy_from_scores(_scores(logits, criterion), t, criterion)
 
 
-@functools.partial(jax.jit, static_argnames='criterion')
+@functools.partial(jax.jit, static_argnames="criterion")
 def evaluate_policy_core(exit_logits: jax.Array, labels: jax.Array,
                          thresholds: jax.Array, exit_macs: jax.Array,
-                         criterion: str = 'entropy') -> dict[str, jax.Array]:
+                         criterion: str = "entropy") -> dict[str, jax.Array]:
   """Jitted core of `evaluate_policy` (no validation, array outputs).
 
   Returns exit_index [N], predictions [N], accuracy, mean_macs, exit_fractions [E].
@@ -204,16 +204,16 @@ def evaluate_policy_core(exit_logits: jax.Array, labels: jax.Array,
   preds = jnp.take_along_axis(preds_all, idx[None], axis=0)[0]
   fractions = jnp.sum(jax.nn.one_hot(idx, num_exits), axis=0) / n
   return {
-      'exit_index': idx,
-      'predictions': preds,
-      'accuracy': jnp.mean(preds == labels),
-      'mean_macs': jnp.sum(fractions * jnp.asarray(exit_macs, jnp.float32)),
-      'exit_fractions': fractions,
+      "exit_index": idx,
+      "predictions": preds,
+      "accuracy": jnp.mean(preds == labels),
+      "mean_macs": jnp.sum(fractions * jnp.asarray(exit_macs, jnp.float32)),
+      "exit_fractions": fractions,
   }
 
 
 def evaluate_policy(exit_logits: Any, labels: Any, thresholds: Any, exit_macs: Any,
-                    criterion: str = 'entropy') -> dict[str, Any]:
+                    criterion: str = "entropy") -> dict[str, Any]:
   """Accuracy and compute of the threshold policy.
 
   Returns a dict: ``exit_index`` [N] and ``predictions`` [N] (numpy),
@@ -225,15 +225,15 @@ def evaluate_policy(exit_logits: Any, labels: Any, thresholds: Any, exit_macs: A
   t = _check_thresholds(thresholds, logits.shape[0])
   out = jax.device_get(evaluate_policy_core(logits, labels, t, macs.astype(np.float32),
                                             criterion=criterion))
-  counts = np.bincount(out['exit_index'], minlength=logits.shape[0])
+  counts = np.bincount(out["exit_index"], minlength=logits.shape[0])
   n = max(labels.shape[0], 1)
   return {
-      'exit_index': np.asarray(out['exit_index']),
-      'predictions': np.asarray(out['predictions']),
+      "exit_index": np.asarray(out["exit_index"]),
+      "predictions": np.asarray(out["predictions"]),
       # Recomputed in float64 from counts: MACs ~1e9 lose digits in float32.
-      'accuracy': float(np.sum(out['predictions'] == labels) / n),
-      'mean_macs': float(counts @ macs / n),
-      'exit_fractions': counts / n,
+      "accuracy": float(np.sum(out["predictions"] == labels) / n),
+      "mean_macs": float(counts @ macs / n),
+      "exit_fractions": counts / n,
   }
 
 
@@ -242,7 +242,7 @@ def evaluate_policy(exit_logits: Any, labels: Any, thresholds: Any, exit_macs: A
 # --------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames='criterion')
+@functools.partial(jax.jit, static_argnames="criterion")
 def _points_batch(scores: jax.Array, correct: jax.Array, thresholds: jax.Array,
                   criterion: str) -> tuple[jax.Array, jax.Array]:
   """(num_correct [P], exit counts [P, E]) for thresholds [P, E-1]."""
@@ -281,10 +281,10 @@ def _scores_and_correct(logits: np.ndarray, labels: np.ndarray, criterion: str
 def _point(thresholds, num_correct, counts, macs, n) -> dict[str, Any]:
   n = max(n, 1)
   return {
-      'thresholds': np.asarray(thresholds, dtype=np.float64),
-      'accuracy': float(num_correct / n),
-      'mean_macs': float(counts @ macs / n),
-      'exit_fractions': counts / n,
+      "thresholds": np.asarray(thresholds, dtype=np.float64),
+      "accuracy": float(num_correct / n),
+      "mean_macs": float(counts @ macs / n),
+      "exit_fractions": counts / n,
   }
 
 
@@ -294,7 +294,7 @@ def _point(thresholds, num_correct, counts, macs, n) -> dict[str, Any]:
 
 
 def threshold_sweep(exit_logits: Any, labels: Any, exit_macs: Any,
-                    criterion: str = 'entropy', num_points: int = 50,
+                    criterion: str = "entropy", num_points: int = 50,
                     thresholds: Any = None) -> list[dict[str, Any]]:
   """Operating points tracing the accuracy / compute curve.
 
@@ -323,11 +323,11 @@ def threshold_sweep(exit_logits: Any, labels: Any, exit_macs: Any,
     if grid.ndim == 1:
       grid = np.repeat(grid[:, None], num_exits - 1, axis=1)
     if grid.ndim != 2 or grid.shape[1] != num_exits - 1:
-      raise ValueError(f'explicit threshold grid must be 1-D (shared) or [P, {num_exits - 1}], '
-                       f'got shape {grid.shape}')
+      raise ValueError(f"explicit threshold grid must be 1-D (shared) or [P, {num_exits - 1}], "
+                       f"got shape {grid.shape}")
   else:
     if num_points < 2:
-      raise ValueError(f'num_points must be >= 2, got {num_points}')
+      raise ValueError(f"num_points must be >= 2, got {num_points}")
     pooled = scores[:-1].reshape(-1)
     interior = num_points - 2
     levels = (np.arange(interior) + 0.5) / max(interior, 1)
@@ -335,7 +335,7 @@ def threshold_sweep(exit_logits: Any, labels: Any, exit_macs: Any,
     ends = [_nobody_threshold(criterion), _everyone_threshold(criterion, k, pooled)]
     values = np.unique(np.concatenate([values.astype(np.float32), np.float32(ends)]))
     # Order from "everyone exits first" to "everyone goes to the last exit".
-    values = values[::-1] if criterion == 'entropy' else values
+    values = values[::-1] if criterion == "entropy" else values
     grid = np.repeat(values[:, None].astype(np.float64), num_exits - 1, axis=1)
   num_correct, counts = _evaluate_many(scores, correct, grid, criterion)
   return [_point(grid[i], num_correct[i], counts[i], macs, n) for i in range(grid.shape[0])]
@@ -355,13 +355,13 @@ def _two_exit_candidates(scores: np.ndarray, correct: np.ndarray, macs: np.ndarr
   """
   n = scores.shape[1]
   # key < t  <=>  the example exits at exit 0 (negate for max_prob: p > t <=> -p < -t).
-  key = scores[0] if criterion == 'entropy' else -scores[0]
-  order = np.argsort(key, kind='stable')
+  key = scores[0] if criterion == "entropy" else -scores[0]
+  order = np.argsort(key, kind="stable")
   sorted_key = key[order]
   cum0 = np.concatenate([[0], np.cumsum(correct[0][order])])
   cum1 = np.concatenate([[0], np.cumsum(correct[1][order])])
   u = np.unique(sorted_key)
-  exits0 = np.concatenate([np.searchsorted(sorted_key, u, side='left'), [n]])
+  exits0 = np.concatenate([np.searchsorted(sorted_key, u, side="left"), [n]])
   num_correct = cum0[exits0] + cum1[-1] - cum1[exits0]
   mean_macs = (exits0 * macs[0] + (n - exits0) * macs[1]) / max(n, 1)
   # Thresholds: midpoints between consecutive distinct keys generalise better
@@ -372,7 +372,7 @@ def _two_exit_candidates(scores: np.ndarray, correct: np.ndarray, macs: np.ndarr
     # If rounding to float32 collapsed the midpoint onto the lower key, use the
     # upper key itself (strict '<' still excludes it).
     t_key[1:-1] = np.where(mid > u[:-1], mid, u[1:])
-  sign = 1.0 if criterion == 'entropy' else -1.0
+  sign = 1.0 if criterion == "entropy" else -1.0
   t = sign * t_key.astype(np.float64)
   t[0] = _nobody_threshold(criterion)
   t[-1] = _everyone_threshold(criterion, num_classes, scores[0])
@@ -392,7 +392,7 @@ def _grid_candidates(scores: np.ndarray, correct: np.ndarray, macs: np.ndarray,
     values = np.quantile(scores[e], levels) if interior else np.zeros(0)
     ends = [_nobody_threshold(criterion), _everyone_threshold(criterion, num_classes, scores[e])]
     axes.append(np.unique(np.concatenate([values.astype(np.float32), np.float32(ends)])))
-  grid = np.stack([g.reshape(-1) for g in np.meshgrid(*axes, indexing='ij')], axis=1)
+  grid = np.stack([g.reshape(-1) for g in np.meshgrid(*axes, indexing="ij")], axis=1)
   grid = grid.astype(np.float64)
   num_correct, counts = _evaluate_many(scores, correct, grid, criterion)
   return grid, num_correct, counts @ macs / max(n, 1)
@@ -400,7 +400,7 @@ def _grid_candidates(scores: np.ndarray, correct: np.ndarray, macs: np.ndarray,
 
 def calibrate(val_exit_logits: Any, val_labels: Any, exit_macs: Any, *,
               max_mean_macs: float | None = None, min_accuracy: float | None = None,
-              criterion: str = 'entropy',
+              criterion: str = "entropy",
               max_grid_points: int = DEFAULT_MAX_GRID_POINTS) -> np.ndarray:
   """Thresholds chosen on a VALIDATION split (never pass test logits here).
 
@@ -425,7 +425,7 @@ def calibrate(val_exit_logits: Any, val_labels: Any, exit_macs: Any, *,
       achievable value).
   """
   if (max_mean_macs is None) == (min_accuracy is None):
-    raise ValueError('give exactly one of max_mean_macs or min_accuracy')
+    raise ValueError("give exactly one of max_mean_macs or min_accuracy")
   _check_criterion(criterion)
   logits, labels, macs = _prepare(val_exit_logits, val_labels, exit_macs)
   num_exits, n, k = logits.shape
@@ -444,16 +444,16 @@ def calibrate(val_exit_logits: Any, val_labels: Any, exit_macs: Any, *,
     # Relative slack: a budget equal to an exit's MACs must admit that exit.
     feasible = mean_macs <= max_mean_macs * (1 + 1e-9) + 1e-9
     if not feasible.any():
-      raise ValueError(f'no thresholds keep validation mean MACs <= {max_mean_macs:.6g}; '
-                       f'the lowest achievable is {mean_macs.min():.6g}')
+      raise ValueError(f"no thresholds keep validation mean MACs <= {max_mean_macs:.6g}; "
+                       f"the lowest achievable is {mean_macs.min():.6g}")
     # lexsort: last key is primary. Max accuracy, then min MACs.
     cand = np.flatnonzero(feasible)
     best = cand[np.lexsort((mean_macs[cand], -acc[cand]))[0]]
   else:
     feasible = acc >= min_accuracy - 1e-12
     if not feasible.any():
-      raise ValueError(f'no thresholds reach validation accuracy >= {min_accuracy:.6g}; '
-                       f'the best achievable is {acc.max():.6g}')
+      raise ValueError(f"no thresholds reach validation accuracy >= {min_accuracy:.6g}; "
+                       f"the best achievable is {acc.max():.6g}")
     cand = np.flatnonzero(feasible)
     best = cand[np.lexsort((-acc[cand], mean_macs[cand]))[0]]
   return np.asarray(grid[best], dtype=np.float64)
@@ -480,9 +480,9 @@ def oracle(exit_logits: Any, labels: Any, exit_macs: Any) -> dict[str, Any]:
   counts = np.bincount(idx, minlength=num_exits)
   n = max(n, 1)
   return {
-      'accuracy': float(any_correct.sum() / n),
-      'mean_macs': float(counts @ macs / n),
-      'exit_fractions': counts / n,
+      "accuracy": float(any_correct.sum() / n),
+      "mean_macs": float(counts @ macs / n),
+      "exit_fractions": counts / n,
   }
 
 
@@ -494,7 +494,7 @@ def per_exit_accuracy(exit_logits: Any, labels: Any) -> np.ndarray:
 
 
 __all__ = [
-    'CRITERIA', 'softmax_entropy', 'max_probability', 'exit_policy',
-    'evaluate_policy_core', 'evaluate_policy', 'threshold_sweep', 'calibrate',
-    'oracle', 'per_exit_accuracy',
+    "CRITERIA", "softmax_entropy", "max_probability", "exit_policy",
+    "evaluate_policy_core", "evaluate_policy", "threshold_sweep", "calibrate",
+    "oracle", "per_exit_accuracy",
 ]

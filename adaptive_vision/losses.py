@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from adaptive_vision.config import require
 from adaptive_vision.models import as_exits
 
-LOSS_NAMES = ('ce', 'kd', 'erde')
-ENTROPY_MODES = ('maximize', 'minimize', 'off')
+LOSS_NAMES = ("ce", "kd", "erde")
+ENTROPY_MODES = ("maximize", "minimize", "off")
 
 
 # --------------------------------------------------------------------------
@@ -84,15 +84,15 @@ def _exit_weights(exit_weights: Sequence[float] | None, num_exits: int) -> tuple
     return (1.0,) * num_exits
   weights = tuple(float(w) for w in exit_weights)
   if len(weights) != num_exits:
-    raise ValueError(f'got {len(weights)} exit_weights for {num_exits} exits; '
-                     'give one weight per exit')
+    raise ValueError(f"got {len(weights)} exit_weights for {num_exits} exits; "
+                     "give one weight per exit")
   return weights
 
 
 def _check_pair(student: tuple, teacher: tuple) -> None:
   if len(student) != len(teacher):
-    raise ValueError(f'got {len(student)} student exits but {len(teacher)} teacher exits; '
-                     'they must match one-to-one (see match_teacher_exits)')
+    raise ValueError(f"got {len(student)} student exits but {len(teacher)} teacher exits; "
+                     "they must match one-to-one (see match_teacher_exits)")
 
 
 def _erde_terms(s: jax.Array, t: jax.Array, labels: jax.Array, *, temperature: float,
@@ -105,20 +105,20 @@ def _erde_terms(s: jax.Array, t: jax.Array, labels: jax.Array, *, temperature: f
   ce = cross_entropy(s, labels)
   kl_mask = jnp.ones_like(teacher_right) if kl_on_wrong else teacher_right
   kd = kd_weight * temperature ** 2 * jnp.sum(kd_kl(s, t, temperature) * kl_mask) / batch
-  if entropy_mode == 'maximize':
+  if entropy_mode == "maximize":
     per_example = math.log(s.shape[-1]) - entropy(s)
-  elif entropy_mode == 'minimize':
+  elif entropy_mode == "minimize":
     per_example = entropy(s)
   else:  # 'off'
     per_example = jnp.zeros_like(teacher_wrong)
   ent = entropy_weight * jnp.sum(per_example * teacher_wrong) / batch
-  return {'ce': ce, 'kd': kd, 'entropy': ent, 'loss': ce + kd + ent,
-          'teacher_correct': jnp.mean(teacher_right)}
+  return {"ce": ce, "kd": kd, "entropy": ent, "loss": ce + kd + ent,
+          "teacher_correct": jnp.mean(teacher_right)}
 
 
 def _check_entropy_mode(entropy_mode: str) -> None:
   if entropy_mode not in ENTROPY_MODES:
-    raise ValueError(f'unknown entropy_mode {entropy_mode!r}; valid: {ENTROPY_MODES}')
+    raise ValueError(f"unknown entropy_mode {entropy_mode!r}; valid: {ENTROPY_MODES}")
 
 
 # --------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def _check_entropy_mode(entropy_mode: str) -> None:
 def erde_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.Array],
               labels: jax.Array, *, temperature: float, kd_weight: float,
               entropy_weight: float, exit_weights: Sequence[float] | None = None,
-              entropy_mode: str = 'maximize', kl_on_wrong: bool = False,
+              entropy_mode: str = "maximize", kl_on_wrong: bool = False,
               return_terms: bool = False):
   """ERDE loss (module docstring), summed over exits with ``exit_weights``.
 
@@ -149,12 +149,12 @@ def erde_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.
   _check_pair(student, teacher)
   weights = _exit_weights(exit_weights, len(student))
   total = 0.0
-  terms = {'ce': [], 'kd': [], 'entropy': [], 'teacher_correct': []}
+  terms = {"ce": [], "kd": [], "entropy": [], "teacher_correct": []}
   for w, s, t in zip(weights, student, teacher):
     exit_terms = _erde_terms(s, t, labels, temperature=temperature, kd_weight=kd_weight,
                              entropy_weight=entropy_weight, entropy_mode=entropy_mode,
                              kl_on_wrong=kl_on_wrong)
-    total = total + w * exit_terms['loss']
+    total = total + w * exit_terms["loss"]
     for key, values in terms.items():
       values.append(exit_terms[key])
   return (total, terms) if return_terms else total
@@ -171,13 +171,13 @@ def kd_loss(student_logits: Sequence[jax.Array], teacher_logits: Sequence[jax.Ar
   _check_pair(student, teacher)
   weights = _exit_weights(exit_weights, len(student))
   total = 0.0
-  terms = {'ce': [], 'kd': []}
+  terms = {"ce": [], "kd": []}
   for w, s, t in zip(weights, student, teacher):
     ce = cross_entropy(s, labels)
     kd = kd_weight * temperature ** 2 * jnp.mean(kd_kl(s, t, temperature))
     total = total + w * (ce + kd)
-    terms['ce'].append(ce)
-    terms['kd'].append(kd)
+    terms["ce"].append(ce)
+    terms["kd"].append(kd)
   return (total, terms) if return_terms else total
 
 
@@ -190,7 +190,7 @@ def match_teacher_exits(num_student_exits: int, num_teacher_exits: int) -> list[
   """
   s, t = int(num_student_exits), int(num_teacher_exits)
   if s < 1 or t < 1:
-    raise ValueError(f'exit counts must be >= 1, got student={s}, teacher={t}')
+    raise ValueError(f"exit counts must be >= 1, got student={s}, teacher={t}")
   out = []
   for i in range(s):
     # Compare |(j+1)/t - (i+1)/s| exactly in integers: |(j+1)*s - (i+1)*t|.
@@ -225,7 +225,7 @@ def cascade_loss(exit_logits: Sequence[jax.Array], labels: jax.Array, *,
     sds = [self_distill_weight * temperature ** 2 * jnp.mean(kd_kl(x, teacher, temperature))
            for x in exits[:-1]]
     total = total + sum(sds)
-  return (total, {'ce': ces, 'self_distill': sds}) if return_terms else total
+  return (total, {"ce": ces, "self_distill": sds}) if return_terms else total
 
 
 # --------------------------------------------------------------------------
@@ -254,51 +254,51 @@ def loss_from_config(loss_cfg: Any) -> LossFn:
   'entropy/exit{i}', 'teacher_correct/exit{i}' (fraction of examples the
   matched teacher exit gets right) and 'teacher_correct' (its mean over exits).
   """
-  read = lambda key: require(loss_cfg, key, 'loss')
-  name = read('name')
+  read = lambda key: require(loss_cfg, key, "loss")
+  name = read("name")
   if name not in LOSS_NAMES:
-    raise ValueError(f'unknown loss name {name!r}; valid names: {LOSS_NAMES}')
-  exit_weights = read('exit_weights')
+    raise ValueError(f"unknown loss name {name!r}; valid names: {LOSS_NAMES}")
+  exit_weights = read("exit_weights")
   kw = dict(exit_weights=None if exit_weights is None else tuple(exit_weights),
-            temperature=float(read('temperature')))
-  if name == 'ce':
-    kw['self_distill_weight'] = float(read('self_distill_weight'))
+            temperature=float(read("temperature")))
+  if name == "ce":
+    kw["self_distill_weight"] = float(read("self_distill_weight"))
     loss = lambda student, teacher, labels: cascade_loss(student, labels, **kw,
                                                          return_terms=True)
   else:
-    kw['kd_weight'] = float(read('kd_weight'))
-    if name == 'erde':
-      kw.update(entropy_weight=float(read('entropy_weight')),
-                entropy_mode=str(read('entropy_mode')),
-                kl_on_wrong=bool(read('kl_on_wrong')))
-      _check_entropy_mode(kw['entropy_mode'])
-    composite = erde_loss if name == 'erde' else kd_loss
+    kw["kd_weight"] = float(read("kd_weight"))
+    if name == "erde":
+      kw.update(entropy_weight=float(read("entropy_weight")),
+                entropy_mode=str(read("entropy_mode")),
+                kl_on_wrong=bool(read("kl_on_wrong")))
+      _check_entropy_mode(kw["entropy_mode"])
+    composite = erde_loss if name == "erde" else kd_loss
     loss = lambda student, teacher, labels: composite(student, teacher, labels, **kw,
                                                       return_terms=True)
 
   def loss_fn(exit_logits, labels, teacher_exit_logits=None):
     student = as_exits(exit_logits)
     teacher = None
-    if name != 'ce':
+    if name != "ce":
       if teacher_exit_logits is None:
         raise ValueError(f"loss {name!r} needs teacher_exit_logits (the teacher's exit "
-                         'logits for this batch)')
+                         "logits for this batch)")
       teacher_all = as_exits(teacher_exit_logits)
       teacher = [teacher_all[j] for j in match_teacher_exits(len(student), len(teacher_all))]
     total, terms = loss(student, teacher, labels)
-    metrics = {f'accuracy/exit{i}': accuracy(s, labels) for i, s in enumerate(student)}
+    metrics = {f"accuracy/exit{i}": accuracy(s, labels) for i, s in enumerate(student)}
     for key, values in terms.items():
       for i, value in enumerate(values):
-        metrics[f'{key}/exit{i}'] = value
-    if name == 'erde':
-      metrics['teacher_correct'] = sum(terms['teacher_correct']) / len(student)
-    metrics['loss'] = total
+        metrics[f"{key}/exit{i}"] = value
+    if name == "erde":
+      metrics["teacher_correct"] = sum(terms["teacher_correct"]) / len(student)
+    metrics["loss"] = total
     return total, metrics
 
   return loss_fn
 
 
 __all__ = [
-    'LOSS_NAMES', 'ENTROPY_MODES', 'cross_entropy', 'kd_kl', 'entropy', 'accuracy',
-    'erde_loss', 'kd_loss', 'match_teacher_exits', 'cascade_loss', 'loss_from_config',
+    "LOSS_NAMES", "ENTROPY_MODES", "cross_entropy", "kd_kl", "entropy", "accuracy",
+    "erde_loss", "kd_loss", "match_teacher_exits", "cascade_loss", "loss_from_config",
 ]

@@ -39,7 +39,7 @@ def np_entropy(x):
   return -(np.exp(lp) * lp).sum(-1)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def data():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, K, B)
@@ -87,20 +87,20 @@ def test_pieces_vs_numpy(data):
 KW = dict(temperature=3.0, kd_weight=0.7, entropy_weight=0.4)
 
 
-def erde_by_hand(s, t, y, correct, *, mode='maximize', kl_on_wrong=False):
+def erde_by_hand(s, t, y, correct, *, mode="maximize", kl_on_wrong=False):
   c = np.asarray(correct, np.float64)
   kl_mask = np.ones_like(c) if kl_on_wrong else c
-  kd = KW['kd_weight'] * KW['temperature'] ** 2 * (np_kl(s, t, KW['temperature']) * kl_mask)
-  if mode == 'maximize':
+  kd = KW["kd_weight"] * KW["temperature"] ** 2 * (np_kl(s, t, KW["temperature"]) * kl_mask)
+  if mode == "maximize":
     ent = math.log(K) - np_entropy(s)
-  elif mode == 'minimize':
+  elif mode == "minimize":
     ent = np_entropy(s)
   else:
     ent = np.zeros(len(y))
-  return np_ce(s, y).mean() + kd.sum() / len(y) + KW['entropy_weight'] * (ent * (1 - c)).sum() / len(y)
+  return np_ce(s, y).mean() + kd.sum() / len(y) + KW["entropy_weight"] * (ent * (1 - c)).sum() / len(y)
 
 
-@pytest.mark.parametrize('correct', [[1] * B, [0] * B, [1, 0, 1, 1, 0, 0]])
+@pytest.mark.parametrize("correct", [[1] * B, [0] * B, [1, 0, 1, 1, 0, 0]])
 def test_erde_teacher_correct_wrong_mixed(data, correct):
   (s, _), (t, _), y = data
   t = with_teacher_correct(t, y, correct)
@@ -114,7 +114,7 @@ def test_erde_teacher_correct_wrong_mixed(data, correct):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-@pytest.mark.parametrize('mode', ['minimize', 'off'])
+@pytest.mark.parametrize("mode", ["minimize", "off"])
 def test_erde_entropy_modes(data, mode):
   (s, _), (t, _), y = data
   correct = [1, 0, 1, 1, 0, 0]
@@ -138,12 +138,12 @@ def test_erde_exit_weights_and_errors(data):
   got = losses.erde_loss([s0, s1], [t0, t1], y, exit_weights=(0.3, 2.0), **KW)
   want = 0.3 * erde_by_hand(s0, t0, y, c0) + 2.0 * erde_by_hand(s1, t1, y, c1)
   np.testing.assert_allclose(got, want, rtol=1e-5)
-  with pytest.raises(ValueError, match='2 student exits but 1 teacher'):
+  with pytest.raises(ValueError, match="2 student exits but 1 teacher"):
     losses.erde_loss([s0, s1], [t0], y, **KW)
-  with pytest.raises(ValueError, match='exit_weights'):
+  with pytest.raises(ValueError, match="exit_weights"):
     losses.erde_loss([s0, s1], [t0, t1], y, exit_weights=(1.0,), **KW)
-  with pytest.raises(ValueError, match='entropy_mode'):
-    losses.erde_loss([s0], [t0], y, entropy_mode='max', **KW)
+  with pytest.raises(ValueError, match="entropy_mode"):
+    losses.erde_loss([s0], [t0], y, entropy_mode="max", **KW)
 
 
 def test_kd_loss(data):
@@ -155,7 +155,7 @@ def test_kd_loss(data):
   np.testing.assert_allclose(got, per[0] + 0.5 * per[1], rtol=1e-5)
 
 
-@pytest.mark.parametrize('s, t, want', [
+@pytest.mark.parametrize("s, t, want", [
     (3, 4, [0, 2, 3]), (4, 2, [0, 0, 1, 1]), (2, 4, [1, 3]), (3, 3, [0, 1, 2]),
     (2, 3, [1, 2]), (1, 4, [3]), (4, 1, [0, 0, 0, 0]),
 ])
@@ -190,17 +190,17 @@ def test_cascade_self_distillation_does_not_train_last_branch(data):
 
 def test_loss_from_config(data):
   (s0, s1), (t0, t1), y = data
-  ce = losses.loss_from_config(loss_config(name='ce'))
+  ce = losses.loss_from_config(loss_config(name="ce"))
   loss, m = ce((s0, s1), y)
   np.testing.assert_allclose(loss, np_ce(s0, y).mean() + np_ce(s1, y).mean(), rtol=1e-5)
-  np.testing.assert_allclose(m['ce/exit1'], np_ce(s1, y).mean(), rtol=1e-5)
-  np.testing.assert_allclose(m['accuracy/exit0'], (s0.argmax(-1) == y).mean())
+  np.testing.assert_allclose(m["ce/exit1"], np_ce(s1, y).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["accuracy/exit0"], (s0.argmax(-1) == y).mean())
   # A single-exit model's [B, K] logits work too.
   loss1, _ = ce(s0, y)
   np.testing.assert_allclose(loss1, np_ce(s0, y).mean(), rtol=1e-5)
 
-  cfg = loss_config(name='erde', temperature=3.0, kd_weight=0.7, entropy_weight=0.4,
-                    exit_weights=None, entropy_mode='maximize', kl_on_wrong=False,
+  cfg = loss_config(name="erde", temperature=3.0, kd_weight=0.7, entropy_weight=0.4,
+                    exit_weights=None, entropy_mode="maximize", kl_on_wrong=False,
                     self_distill_weight=0.0)
   erde = jax.jit(losses.loss_from_config(cfg))
   # 2 student exits vs 4 teacher exits -> teacher exits [1, 3].
@@ -208,45 +208,45 @@ def test_loss_from_config(data):
   loss, m = erde((s0, s1), y, teacher4)
   want = losses.erde_loss([s0, s1], [t0, t0], y, **KW)
   np.testing.assert_allclose(loss, want, rtol=1e-5)
-  np.testing.assert_allclose(m['teacher_correct/exit0'], (t0.argmax(-1) == y).mean())
-  assert {'loss', 'ce/exit0', 'kd/exit1', 'entropy/exit1', 'teacher_correct'} <= set(m)
+  np.testing.assert_allclose(m["teacher_correct/exit0"], (t0.argmax(-1) == y).mean())
+  assert {"loss", "ce/exit0", "kd/exit1", "entropy/exit1", "teacher_correct"} <= set(m)
 
-  kd = losses.loss_from_config(loss_config(name='kd', temperature=2.0, kd_weight=0.5))
+  kd = losses.loss_from_config(loss_config(name="kd", temperature=2.0, kd_weight=0.5))
   loss, _ = kd((s0, s1), y, (t0, t1))
   np.testing.assert_allclose(
       loss, losses.kd_loss([s0, s1], [t0, t1], y, temperature=2.0, kd_weight=0.5), rtol=1e-6)
 
-  with pytest.raises(ValueError, match='needs teacher_exit_logits'):
+  with pytest.raises(ValueError, match="needs teacher_exit_logits"):
     kd((s0, s1), y)
   with pytest.raises(ValueError, match=r"valid names: \('ce', 'kd', 'erde'\)"):
-    losses.loss_from_config(loss_config(name='focal'))
+    losses.loss_from_config(loss_config(name="focal"))
 
 
 def test_loss_from_config_runs_the_public_losses(data):
   """Each name runs exactly its public function; per-exit metrics are its terms."""
   (s0, s1), (t0, t1), y = data
-  ce = losses.loss_from_config(loss_config(name='ce', exit_weights=(0.5, 2.0),
+  ce = losses.loss_from_config(loss_config(name="ce", exit_weights=(0.5, 2.0),
                                            self_distill_weight=0.3, temperature=2.0))
   loss, m = ce((s0, s1), y)
   np.testing.assert_allclose(loss, losses.cascade_loss(
       (s0, s1), y, exit_weights=(0.5, 2.0), self_distill_weight=0.3, temperature=2.0),
       rtol=1e-6)
-  np.testing.assert_allclose(m['self_distill/exit0'], 0.3 * 4.0 * np_kl(s0, s1, 2.0).mean(),
+  np.testing.assert_allclose(m["self_distill/exit0"], 0.3 * 4.0 * np_kl(s0, s1, 2.0).mean(),
                              rtol=1e-5)
-  assert 'self_distill/exit1' not in m
+  assert "self_distill/exit1" not in m
 
-  kw = dict(temperature=3.0, kd_weight=0.7, entropy_weight=0.4, entropy_mode='minimize',
+  kw = dict(temperature=3.0, kd_weight=0.7, entropy_weight=0.4, entropy_mode="minimize",
             kl_on_wrong=True, exit_weights=(1.0, 0.5))
-  erde = losses.loss_from_config(loss_config(name='erde', **kw))
+  erde = losses.loss_from_config(loss_config(name="erde", **kw))
   loss, m = erde((s0, s1), y, (t0, t1))
   want, terms = losses.erde_loss((s0, s1), (t0, t1), y, return_terms=True, **kw)
   np.testing.assert_allclose(loss, want, rtol=1e-6)
   np.testing.assert_allclose(loss, losses.erde_loss((s0, s1), (t0, t1), y, **kw), rtol=1e-6)
   for i in range(2):
-    for key in ('ce', 'kd', 'entropy', 'teacher_correct'):
-      np.testing.assert_allclose(m[f'{key}/exit{i}'], terms[key][i], rtol=1e-6)
-  np.testing.assert_allclose(m['ce/exit1'], np_ce(s1, y).mean(), rtol=1e-5)
-  np.testing.assert_allclose(m['entropy/exit0'],
+    for key in ("ce", "kd", "entropy", "teacher_correct"):
+      np.testing.assert_allclose(m[f"{key}/exit{i}"], terms[key][i], rtol=1e-6)
+  np.testing.assert_allclose(m["ce/exit1"], np_ce(s1, y).mean(), rtol=1e-5)
+  np.testing.assert_allclose(m["entropy/exit0"],
                              0.4 * (np_entropy(s0) * (t0.argmax(-1) != y)).sum() / B, rtol=1e-5)
 
 
@@ -255,28 +255,28 @@ def test_erde_by_name_from_base_config_keeps_the_entropy_term(data):
   (s0, _), (t0, _), y = data
   correct = [1, 0, 1, 1, 0, 0]
   t0 = with_teacher_correct(t0, y, correct)
-  cfg = loss_config(name='erde')
+  cfg = loss_config(name="erde")
   assert cfg.entropy_weight == 0.5
   loss, m = losses.loss_from_config(cfg)((s0,), y, (t0,))
   want = (math.log(K) - np_entropy(s0)) * (1 - np.asarray(correct))
-  np.testing.assert_allclose(m['entropy/exit0'], 0.5 * want.sum() / B, rtol=1e-5)
-  assert float(m['entropy/exit0']) > 0
+  np.testing.assert_allclose(m["entropy/exit0"], 0.5 * want.sum() / B, rtol=1e-5)
+  assert float(m["entropy/exit0"]) > 0
   np.testing.assert_allclose(loss, losses.erde_loss(
       [s0], [t0], y, temperature=1.0, kd_weight=1.0, entropy_weight=0.5), rtol=1e-6)
 
 
-@pytest.mark.parametrize('name, missing', [
-    ('ce', 'exit_weights'), ('ce', 'self_distill_weight'), ('kd', 'kd_weight'),
-    ('erde', 'entropy_weight'), ('erde', 'kl_on_wrong')])
+@pytest.mark.parametrize("name, missing", [
+    ("ce", "exit_weights"), ("ce", "self_distill_weight"), ("kd", "kd_weight"),
+    ("erde", "entropy_weight"), ("erde", "kl_on_wrong")])
 def test_missing_loss_key_is_a_one_line_error(name, missing):
   cfg = loss_config(name=name)
   del cfg[missing]
-  with pytest.raises(ValueError, match=rf'^config key loss\.{missing} is missing; configs '
-                                       r'start from configs\.common\.base_config\(\)') as e:
+  with pytest.raises(ValueError, match=rf"^config key loss\.{missing} is missing; configs "
+                                       r"start from configs\.common\.base_config\(\)") as e:
     losses.loss_from_config(cfg)
-  assert '\n' not in str(e.value)
+  assert "\n" not in str(e.value)
   # Keys the chosen loss does not take are not read.
-  if name == 'ce':
-    cfg = loss_config(name='ce')
-    del cfg['entropy_weight'], cfg['kd_weight']
+  if name == "ce":
+    cfg = loss_config(name="ce")
+    del cfg["entropy_weight"], cfg["kd_weight"]
     losses.loss_from_config(cfg)

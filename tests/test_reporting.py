@@ -27,12 +27,12 @@ def baseline():
 
 
 def test_roundtrip(tmp_path):
-  path = logits_lib.save_logits(tmp_path / 'sub' / 'test_logits.npz', [EXIT0, EXIT1],
+  path = logits_lib.save_logits(tmp_path / "sub" / "test_logits.npz", [EXIT0, EXIT1],
                                LABELS.astype(np.int32), MACS)
-  assert os.path.basename(path) == 'test_logits.npz'
+  assert os.path.basename(path) == "test_logits.npz"
   with np.load(path) as z:
-    assert z['exit_logits'].dtype == np.float32 and z['exit_logits'].shape == (2, 4, 2)
-    assert np.issubdtype(z['labels'].dtype, np.integer)
+    assert z["exit_logits"].dtype == np.float32 and z["exit_logits"].shape == (2, 4, 2)
+    assert np.issubdtype(z["labels"].dtype, np.integer)
   got = logits_lib.load_logits(path)
   np.testing.assert_array_equal(got.exit_logits, np.stack([EXIT0, EXIT1]))
   np.testing.assert_array_equal(got.labels, LABELS)
@@ -41,47 +41,47 @@ def test_roundtrip(tmp_path):
 
 
 def test_load_validation(tmp_path):
-  bad = tmp_path / 'bad.npz'
+  bad = tmp_path / "bad.npz"
   np.savez(bad, exit_logits=np.zeros((2, 4, 3), np.float32), labels=np.zeros(5, int),
            exit_macs=np.ones(2))
-  with pytest.raises(ValueError, match=r'bad\.npz.*labels has shape \(5,\)'):
+  with pytest.raises(ValueError, match=r"bad\.npz.*labels has shape \(5,\)"):
     logits_lib.load_logits(bad)
-  missing = tmp_path / 'missing.npz'
+  missing = tmp_path / "missing.npz"
   np.savez(missing, exit_logits=np.zeros((2, 4, 3), np.float32), labels=np.zeros(4, int))
   with pytest.raises(ValueError, match="lacks \\['exit_macs'\\]"):
     logits_lib.load_logits(missing)
-  with pytest.raises(ValueError, match='exit_macs has 3 entries for 2 exits'):
+  with pytest.raises(ValueError, match="exit_macs has 3 entries for 2 exits"):
     logits_lib.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [1, 2, 3])
-  with pytest.raises(ValueError, match='non-decreasing'):
+  with pytest.raises(ValueError, match="non-decreasing"):
     logits_lib.ExitLogits(np.zeros((2, 4, 3)), np.zeros(4, int), [2, 1])
 
 
 def test_report_by_hand():
-  r = report_lib.early_exit_report(two_exit(), baseline=baseline(), name='ee')
+  r = report_lib.early_exit_report(two_exit(), baseline=baseline(), name="ee")
   json.dumps(r, allow_nan=False)  # strict JSON
-  assert [p['accuracy'] for p in r['per_exit']] == [0.5, 0.75]
-  assert [p['macs'] for p in r['per_exit']] == MACS
-  sweep = r['sweep']
-  assert (sweep[0]['accuracy'], sweep[0]['mean_macs']) == pytest.approx((0.5, 1e6))
-  assert (sweep[-1]['accuracy'], sweep[-1]['mean_macs']) == pytest.approx((0.75, 3e6))
-  assert sweep[-1]['relative_macs'] == pytest.approx(1.0)
-  o = r['oracle']
-  assert (o['accuracy'], o['mean_macs']) == pytest.approx((1.0, 2e6))
-  assert o['exit_fractions'] == pytest.approx([0.5, 0.5])
-  b = r['baseline']
-  assert (b['accuracy'], b['macs']) == pytest.approx((0.75, 3e6))
+  assert [p["accuracy"] for p in r["per_exit"]] == [0.5, 0.75]
+  assert [p["macs"] for p in r["per_exit"]] == MACS
+  sweep = r["sweep"]
+  assert (sweep[0]["accuracy"], sweep[0]["mean_macs"]) == pytest.approx((0.5, 1e6))
+  assert (sweep[-1]["accuracy"], sweep[-1]["mean_macs"]) == pytest.approx((0.75, 3e6))
+  assert sweep[-1]["relative_macs"] == pytest.approx(1.0)
+  o = r["oracle"]
+  assert (o["accuracy"], o["mean_macs"]) == pytest.approx((1.0, 2e6))
+  assert o["exit_fractions"] == pytest.approx([0.5, 0.5])
+  b = r["baseline"]
+  assert (b["accuracy"], b["macs"]) == pytest.approx((0.75, 3e6))
   # Cheapest sweep point with accuracy >= 74.5 %: ex0, ex1, ex3 exit early -> 1.5 MMACs.
-  assert b['macs_at_target'] == pytest.approx(1.5e6)
-  assert b['relative_macs_at_target'] == pytest.approx(0.5)
-  assert r['calibrated'] == []
+  assert b["macs_at_target"] == pytest.approx(1.5e6)
+  assert b["relative_macs_at_target"] == pytest.approx(0.5)
+  assert r["calibrated"] == []
 
 
 def test_report_never_reaching_baseline():
   perfect = np.array([[20.0, 0.0], [20.0, 0.0], [0.0, 20.0], [0.0, 20.0]], np.float32)
   strong = logits_lib.ExitLogits(perfect[None], LABELS, [5e6])  # 100 %: curve tops at 75 %
   r = report_lib.early_exit_report(two_exit(), baseline=strong)
-  assert r['baseline']['accuracy'] == 1.0
-  assert r['baseline']['macs_at_target'] is None
+  assert r["baseline"]["accuracy"] == 1.0
+  assert r["baseline"]["macs_at_target"] is None
 
 
 def test_calibrated_points_use_val_only(monkeypatch):
@@ -96,21 +96,21 @@ def test_calibrated_points_use_val_only(monkeypatch):
     seen.append(np.array(logits))
     return real(logits, labels, macs, **kw)
 
-  monkeypatch.setattr(early_exit, 'calibrate', spy)
+  monkeypatch.setattr(early_exit, "calibrate", spy)
   r = report_lib.early_exit_report(test, val=val, baseline=baseline(), baseline_val=baseline(),
                                   budgets=[0.8, 0.1])
   assert seen and all(np.array_equal(x, val.exit_logits) for x in seen)
-  cal = {c['target']: c for c in r['calibrated']}
-  acc_pt = cal['val accuracy >= baseline val accuracy - 0.5 pts']
+  cal = {c["target"]: c for c in r["calibrated"]}
+  acc_pt = cal["val accuracy >= baseline val accuracy - 0.5 pts"]
   # On val: min MACs with acc >= 74.5 % exits ex0, ex1, ex3 (1.5 MMACs).
-  assert acc_pt['val_mean_macs'] == pytest.approx(1.5e6)
-  expected = early_exit.evaluate_policy(test.exit_logits, LABELS, acc_pt['thresholds'], MACS)
-  assert acc_pt['test_accuracy'] == pytest.approx(expected['accuracy']) == pytest.approx(0.5)
-  assert acc_pt['test_mean_macs'] == pytest.approx(1.5e6)
+  assert acc_pt["val_mean_macs"] == pytest.approx(1.5e6)
+  expected = early_exit.evaluate_policy(test.exit_logits, LABELS, acc_pt["thresholds"], MACS)
+  assert acc_pt["test_accuracy"] == pytest.approx(expected["accuracy"]) == pytest.approx(0.5)
+  assert acc_pt["test_mean_macs"] == pytest.approx(1.5e6)
   budget = cal["mean MACs <= 80% of the baseline's MACs"]
-  assert budget['val_mean_macs'] <= 0.8 * 3e6
-  assert 'lowest achievable' in cal["mean MACs <= 10% of the baseline's MACs"]['error']
-  assert 'val accuracy >= last-exit val accuracy - 0.5 pts' in cal
+  assert budget["val_mean_macs"] <= 0.8 * 3e6
+  assert "lowest achievable" in cal["mean MACs <= 10% of the baseline's MACs"]["error"]
+  assert "val accuracy >= last-exit val accuracy - 0.5 pts" in cal
   json.dumps(r, allow_nan=False)
 
 
@@ -119,7 +119,7 @@ def test_write_report(tmp_path):
   n, k = 120, 5
   labels = rng.integers(0, k, n)
   reports = {}
-  for name, boost in (('ce', 1.0), ('erde', 1.5)):
+  for name, boost in (("ce", 1.0), ("erde", 1.5)):
     logits = rng.normal(size=(3, n, k)).astype(np.float32)
     for e in range(3):
       logits[e, np.arange(n), labels] += boost * (e + 1) * rng.random(n)
@@ -127,24 +127,24 @@ def test_write_report(tmp_path):
     base = logits_lib.ExitLogits(logits[-1:], labels, [9e6])
     reports[name] = report_lib.early_exit_report(data, val=data, baseline=base,
                                                 budgets=[0.5], num_points=12, name=name)
-  paths = files.write_report(tmp_path / 'out', reports, title='students')
-  assert sorted(os.listdir(tmp_path / 'out')) == ['accuracy_vs_macs.png', 'report.json',
-                                                  'report.md']
-  with open(paths['json']) as f:
+  paths = files.write_report(tmp_path / "out", reports, title="students")
+  assert sorted(os.listdir(tmp_path / "out")) == ["accuracy_vs_macs.png", "report.json",
+                                                  "report.md"]
+  with open(paths["json"]) as f:
     loaded = json.load(f)
-  assert loaded['title'] == 'students' and set(loaded['reports']) == {'ce', 'erde'}
-  md = open(paths['markdown']).read()
-  assert '| threshold | accuracy (%) | mean MMACs | % of baseline MACs | exit fractions |' in md
-  assert '| exit | accuracy (%) | cumulative MMACs |' in md
-  assert '## ce' in md and '## erde' in md and '**Oracle**' in md and '**Baseline:**' in md
-  assert os.path.getsize(paths['plot']) > 1000
-  img = matplotlib.image.imread(paths['plot'])
+  assert loaded["title"] == "students" and set(loaded["reports"]) == {"ce", "erde"}
+  md = open(paths["markdown"]).read()
+  assert "| threshold | accuracy (%) | mean MMACs | % of baseline MACs | exit fractions |" in md
+  assert "| exit | accuracy (%) | cumulative MMACs |" in md
+  assert "## ce" in md and "## erde" in md and "**Oracle**" in md and "**Baseline:**" in md
+  assert os.path.getsize(paths["plot"]) > 1000
+  img = matplotlib.image.imread(paths["plot"])
   assert img.ndim == 3 and img.shape[0] > 100 and img.shape[1] > 100
 
 
 def _run_dir(path, logits, labels, macs):
-  for split in ('val', 'test'):
-    logits_lib.save_logits(path / f'{split}_logits.npz', logits, labels, macs)
+  for split in ("val", "test"):
+    logits_lib.save_logits(path / f"{split}_logits.npz", logits, labels, macs)
   return str(path)
 
 
@@ -153,42 +153,42 @@ def test_compare_runs_writes_both_comparisons_and_the_teacher_point(tmp_path):
   n, k = 200, 4
   labels = rng.integers(0, k, n)
   dirs = {}
-  for name, boost in (('a', 2.0), ('b', 1.0), ('teacher', 4.0)):
+  for name, boost in (("a", 2.0), ("b", 1.0), ("teacher", 4.0)):
     logits = rng.normal(size=(2, n, k)).astype(np.float32)
     logits[:, np.arange(n), labels] += boost
     dirs[name] = _run_dir(tmp_path / name, logits, labels,
-                          [1e6, 2e6] if name != 'teacher' else [4e6, 8e6])
-  out = str(tmp_path / 'cmp' / 'a_vs_b')
-  result = files.compare_runs(out, ('a', dirs['a']), ('b', dirs['b']), teacher=dirs['teacher'],
+                          [1e6, 2e6] if name != "teacher" else [4e6, 8e6])
+  out = str(tmp_path / "cmp" / "a_vs_b")
+  result = files.compare_runs(out, ("a", dirs["a"]), ("b", dirs["b"]), teacher=dirs["teacher"],
                               budget=0.25)
-  saved = json.load(open(out + '.json'))
-  assert saved['a'] == 'a' and saved['same_thresholds']['points'] == 20
-  assert saved['matched_macs']['mean_difference'] > 0  # A is the more accurate model
-  tt = result['teacher_target']
-  assert tt['budget_macs'] == 0.25 * 8e6 and tt['target_points'] == 1.0
-  md = open(out + '.md').read()
-  assert '# a vs b (test split)' in md and '## Against the teacher' in md
-  assert ('met' if tt['met'] else 'missed') + ').' in md
+  saved = json.load(open(out + ".json"))
+  assert saved["a"] == "a" and saved["same_thresholds"]["points"] == 20
+  assert saved["matched_macs"]["mean_difference"] > 0  # A is the more accurate model
+  tt = result["teacher_target"]
+  assert tt["budget_macs"] == 0.25 * 8e6 and tt["target_points"] == 1.0
+  md = open(out + ".md").read()
+  assert "# a vs b (test split)" in md and "## Against the teacher" in md
+  assert ("met" if tt["met"] else "missed") + ")." in md
 
 
 def test_summarize_run_reads_config_and_metrics(tmp_path):
-  workdir = tmp_path / 'run'
+  workdir = tmp_path / "run"
   workdir.mkdir()
-  (workdir / 'config.json').write_text(json.dumps(
-      {'model': {'name': 'vit'}, 'num_epochs': 2, 'batch_size': 8}))
-  records = [{'step': 0, 'kind': 'info', 'params': 10, 'exit_macs': [5e6], 'total_steps': 4},
-             {'step': 2, 'kind': 'train', 'loss': 2.0, 'images_per_sec': 100.0},
-             {'step': 4, 'kind': 'train', 'loss': 1.5, 'images_per_sec': 120.0},
-             {'step': 4, 'kind': 'eval', 'split': 'test', 'accuracy': 0.5,
-              'accuracy/exit0': 0.5},
-             {'step': 4, 'kind': 'final', 'train_seconds': 60.0}]
-  (workdir / 'metrics.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
-  s = files.summarize_run(str(workdir), str(tmp_path / 'out' / 'run'), command='cmd')
-  assert s['median_train_images_per_sec'] == 110.0 and s['test'] == {
-      'accuracy': 0.5, 'accuracy/exit0': 0.5}
-  md = open(tmp_path / 'out' / 'run.md').read()
-  assert 'Command: `cmd`' in md and '| test accuracy | 50.00% |' in md
-  assert '| training wall time | 1.0 min |' in md
+  (workdir / "config.json").write_text(json.dumps(
+      {"model": {"name": "vit"}, "num_epochs": 2, "batch_size": 8}))
+  records = [{"step": 0, "kind": "info", "params": 10, "exit_macs": [5e6], "total_steps": 4},
+             {"step": 2, "kind": "train", "loss": 2.0, "images_per_sec": 100.0},
+             {"step": 4, "kind": "train", "loss": 1.5, "images_per_sec": 120.0},
+             {"step": 4, "kind": "eval", "split": "test", "accuracy": 0.5,
+              "accuracy/exit0": 0.5},
+             {"step": 4, "kind": "final", "train_seconds": 60.0}]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  s = files.summarize_run(str(workdir), str(tmp_path / "out" / "run"), command="cmd")
+  assert s["median_train_images_per_sec"] == 110.0 and s["test"] == {
+      "accuracy": 0.5, "accuracy/exit0": 0.5}
+  md = open(tmp_path / "out" / "run.md").read()
+  assert "Command: `cmd`" in md and "| test accuracy | 50.00% |" in md
+  assert "| training wall time | 1.0 min |" in md
 
 
 @pytest.mark.slow
@@ -196,14 +196,14 @@ def test_report_launcher_wants_exactly_one_mode(tmp_path):
   import subprocess
   import sys
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  proc = subprocess.run([sys.executable, '-m', 'launch.report', '--run', 'x=y',
-                         '--summarize', 'z', '--out', str(tmp_path / 'o')],
+  proc = subprocess.run([sys.executable, "-m", "launch.report", "--run", "x=y",
+                         "--summarize", "z", "--out", str(tmp_path / "o")],
                         cwd=root, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2
   assert proc.stderr.strip().splitlines()[-1] == (
-      'error: give --out and exactly one of: --run name=workdir (a report), --a/--b '
-      'name=workdir (a comparison), --summarize workdir; got --run and --summarize')
-  assert not os.path.exists(tmp_path / 'o')
+      "error: give --out and exactly one of: --run name=workdir (a report), --a/--b "
+      "name=workdir (a comparison), --summarize workdir; got --run and --summarize")
+  assert not os.path.exists(tmp_path / "o")
 
 
 def _student(rng, labels, k, strength, macs=(1e6, 2e6, 3e6)):
@@ -218,42 +218,42 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   rng = np.random.default_rng(2)
   n, k = 300, 5
   labels = rng.integers(0, k, n)
-  teacher = tmp_path / 'teacher'
+  teacher = tmp_path / "teacher"
   _run_dir(teacher, _student(rng, labels, k, 3.0), labels, [4e6, 8e6, 12e6])
-  for method, strength in (('kd', 0.6), ('erde', 0.9)):
+  for method, strength in (("kd", 0.6), ("erde", 0.9)):
     for s in (0, 1, 2):
-      _run_dir(tmp_path / f'{method}_s{s}', _student(rng, labels, k, strength + 0.05 * s),
+      _run_dir(tmp_path / f"{method}_s{s}", _student(rng, labels, k, strength + 0.05 * s),
                labels, [1e6, 2e6, 3e6])
-  out = tmp_path / 'study'
-  study = files.seed_report(str(out), {m: str(tmp_path / f'{m}_s{{seed}}') for m in ('kd', 'erde')},
-                            [0, 1, 2], str(teacher), reference='erde',
-                            budgets=[0.1, 0.2, 0.3], title='toy')
+  out = tmp_path / "study"
+  study = files.seed_report(str(out), {m: str(tmp_path / f"{m}_s{{seed}}") for m in ("kd", "erde")},
+                            [0, 1, 2], str(teacher), reference="erde",
+                            budgets=[0.1, 0.2, 0.3], title="toy")
   # Hand check of one cell: the mean and sample std over seeds of the final exit.
   finals = []
   for s in (0, 1, 2):
-    test = logits_lib.load_logits(tmp_path / f'erde_s{s}' / 'test_logits.npz')
+    test = logits_lib.load_logits(tmp_path / f"erde_s{s}" / "test_logits.npz")
     finals.append(np.mean(test.exit_logits[-1].argmax(-1) == labels))
-  cell = study['per_exit']['erde'][-1]['accuracy']
-  assert cell['mean'] == pytest.approx(np.mean(finals))
-  assert cell['std'] == pytest.approx(np.std(finals, ddof=1))
+  cell = study["per_exit"]["erde"][-1]["accuracy"]
+  assert cell["mean"] == pytest.approx(np.mean(finals))
+  assert cell["std"] == pytest.approx(np.std(finals, ddof=1))
   # Paired differences are seed by seed, at every shared threshold and budget.
-  d = study['paired']['erde-kd']['shared_thresholds'][5]['difference']['values']
-  a = study['shared_thresholds']['erde'][5]['accuracy']['values']
-  b = study['shared_thresholds']['kd'][5]['accuracy']['values']
+  d = study["paired"]["erde-kd"]["shared_thresholds"][5]["difference"]["values"]
+  a = study["shared_thresholds"]["erde"][5]["accuracy"]["values"]
+  b = study["shared_thresholds"]["kd"][5]["accuracy"]["values"]
   np.testing.assert_allclose(d, np.subtract(a, b))
-  assert len(study['paired']['erde-kd']['budgets']) == 3
+  assert len(study["paired"]["erde-kd"]["budgets"]) == 3
   # ERDE is the stronger student here at every point: the claims say so.
-  assert study['claims']['erde >= kd everywhere']['met']
-  assert study['claims']['erde better than kd on average']['met']
-  assert study['final_beats_middle']['erde'] == [True, True, True]
-  tc = study['claims']['teacher']
-  assert tc['budget_fraction'] == 0.25 and tc['seed'] in (0, 1, 2)
-  assert tc['met'] == (tc['gap_points'] <= 1.0)
+  assert study["claims"]["erde >= kd everywhere"]["met"]
+  assert study["claims"]["erde better than kd on average"]["met"]
+  assert study["final_beats_middle"]["erde"] == [True, True, True]
+  tc = study["claims"]["teacher"]
+  assert tc["budget_fraction"] == 0.25 and tc["seed"] in (0, 1, 2)
+  assert tc["met"] == (tc["gap_points"] <= 1.0)
   assert sorted(os.listdir(out)) == sorted(
-      ['seeds_report.json', 'seeds_report.md', 'seeds_accuracy_vs_macs.png']
-      + [f'{m}_s{s}_{split}_logits.npz' for m in ('kd', 'erde') for s in (0, 1, 2)
-         for split in ('val', 'test')] + ['teacher_val_logits.npz', 'teacher_test_logits.npz'])
-  md = open(out / 'seeds_report.md').read()
-  assert '**erde >= kd everywhere**' in md and ' ± ' in md
-  with pytest.raises(ValueError, match='same number'):
-    seeds.seed_study({'a': [], 'b': []}, logits_lib.load_logits(teacher / 'test_logits.npz'))
+      ["seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png"]
+      + [f"{m}_s{s}_{split}_logits.npz" for m in ("kd", "erde") for s in (0, 1, 2)
+         for split in ("val", "test")] + ["teacher_val_logits.npz", "teacher_test_logits.npz"])
+  md = open(out / "seeds_report.md").read()
+  assert "**erde >= kd everywhere**" in md and " ± " in md
+  with pytest.raises(ValueError, match="same number"):
+    seeds.seed_study({"a": [], "b": []}, logits_lib.load_logits(teacher / "test_logits.npz"))

@@ -17,18 +17,18 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-AUGMENTS = ('cifar', 'inception', 'none')
+AUGMENTS = ("cifar", "inception", "none")
 
 # Per-channel mean / std on the [0, 1] pixel scale.
 _IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 NORMALIZATION_STATS = {
-    'cifar10': ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
-    'cifar100': ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
-    'svhn_cropped': ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
-    'imagenet2012': _IMAGENET_STATS,
-    'imagenet': _IMAGENET_STATS,
-    'tiny_imagenet': _IMAGENET_STATS,
-    'imagenette': _IMAGENET_STATS,
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagenet2012": _IMAGENET_STATS,
+    "imagenet": _IMAGENET_STATS,
+    "tiny_imagenet": _IMAGENET_STATS,
+    "imagenette": _IMAGENET_STATS,
 }
 _DEFAULT_STATS = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
@@ -41,14 +41,14 @@ def normalization_stats(name: str | None, normalize: Any):
   normalize: 'auto' (constants picked by dataset name; the base name is used, so
   'cifar10:3.0.2' and 'imagenet2012/subset' work), 'none', or explicit (mean, std).
   """
-  if normalize is None or (isinstance(normalize, str) and normalize == 'none'):
+  if normalize is None or (isinstance(normalize, str) and normalize == "none"):
     return None
   if isinstance(normalize, str):
-    if normalize != 'auto':
+    if normalize != "auto":
       raise ValueError(
           f"data.normalize={normalize!r} is not understood; use 'auto', 'none' or"
-          ' a (mean, std) pair of per-channel tuples on the [0, 1] scale')
-    base = (name or '').split('/')[0].split(':')[0].lower()
+          " a (mean, std) pair of per-channel tuples on the [0, 1] scale")
+    base = (name or "").split("/")[0].split(":")[0].lower()
     mean, std = NORMALIZATION_STATS.get(base, _DEFAULT_STATS)
   else:
     try:
@@ -57,12 +57,12 @@ def normalization_stats(name: str | None, normalize: Any):
       std = np.broadcast_to(np.asarray(std, np.float32), (3,))
     except (TypeError, ValueError) as e:
       raise ValueError(
-          f'data.normalize={normalize!r} must be (mean, std) with 1 or 3 values'
-          ' each, on the [0, 1] pixel scale') from e
+          f"data.normalize={normalize!r} must be (mean, std) with 1 or 3 values"
+          " each, on the [0, 1] pixel scale") from e
     if np.any(mean > 1.0) or np.any(std > 1.0) or np.any(std <= 0):
       raise ValueError(
-          f'data.normalize={normalize!r}: give mean/std on the [0, 1] pixel scale'
-          ' (e.g. ((0.5,)*3, (0.5,)*3)) with std > 0, not on the [0, 255] scale')
+          f"data.normalize={normalize!r}: give mean/std on the [0, 1] pixel scale"
+          " (e.g. ((0.5,)*3, (0.5,)*3)) with std > 0, not on the [0, 255] scale")
   return np.asarray(mean, np.float32), np.asarray(std, np.float32)
 
 
@@ -73,17 +73,17 @@ def validate_resolutions(resolutions, image_size: int):
   res = tuple(int(r) for r in resolutions)
   if not res or any(r <= 0 for r in res):
     raise ValueError(
-        f'views={resolutions!r} must be a non-empty tuple of positive'
-        ' ints, or None for single-resolution batches')
+        f"views={resolutions!r} must be a non-empty tuple of positive"
+        " ints, or None for single-resolution batches")
   if any(b <= a for a, b in zip(res, res[1:])):
     raise ValueError(
-        f'views={res} must be strictly increasing (lowest first), e.g.'
-        f' {tuple(sorted(set(res)))}')
+        f"views={res} must be strictly increasing (lowest first), e.g."
+        f" {tuple(sorted(set(res)))}")
   if res[-1] != int(image_size):
     raise ValueError(
-        f'views={res} must end with data.image_size={image_size}, the size'
-        f' the augmented image is cropped at: make the largest model input'
-        f' {image_size} or set data.image_size to {res[-1]}')
+        f"views={res} must end with data.image_size={image_size}, the size"
+        f" the augmented image is cropped at: make the largest model input"
+        f" {image_size} or set data.image_size to {res[-1]}")
   return res
 
 
@@ -190,7 +190,7 @@ def resize_float(image: np.ndarray, size: int) -> np.ndarray:
   if h == w and h % size == 0:
     return area_downsample(image, h // size)
   chans = [
-      np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode='F')
+      np.asarray(Image.fromarray(np.ascontiguousarray(image[..., c]), mode="F")
                  .resize((size, size), Image.BOX))
       for c in range(image.shape[-1])
   ]
@@ -209,7 +209,7 @@ class Preprocess:
                stats=None, train: bool):
     if augment not in AUGMENTS:
       raise ValueError(
-          f'data.augment={augment!r} is unknown; use one of {AUGMENTS}')
+          f"data.augment={augment!r} is unknown; use one of {AUGMENTS}")
     self.augment = augment
     self.image_size = int(image_size)
     self.resolutions = validate_resolutions(resolutions, self.image_size)
@@ -226,12 +226,12 @@ class Preprocess:
     """uint8 image -> augmented (train) or eval-cropped uint8 [S, S, 3] image."""
     s = self.image_size
     if self.train:
-      if self.augment == 'cifar':
+      if self.augment == "cifar":
         image = pad_crop_flip(image, rng)
-      elif self.augment == 'inception':
+      elif self.augment == "inception":
         return random_flip(random_resized_crop(image, rng, s), rng)
       return resize(image, s)
-    if self.augment == 'inception':
+    if self.augment == "inception":
       return resize_center_crop(image, s)
     return resize(image, s)
 
@@ -239,25 +239,25 @@ class Preprocess:
     x = image.astype(np.float32)
     out: dict[str, Any] = {}
     if self.resolutions is None:
-      out['image'] = x * self.scale + self.offset
+      out["image"] = x * self.scale + self.offset
     else:
       # Every view comes from the same augmented full-resolution image; normalizing
       # after resizing equals resizing after normalizing (per-channel affine).
-      out['views'] = tuple(
+      out["views"] = tuple(
           resize_float(x, r) * self.scale + self.offset for r in self.resolutions)
-    out['label'] = np.int32(label)
+    out["label"] = np.int32(label)
     return out
 
   def __call__(self, example, rng: np.random.Generator | None = None):
-    image = self.geometric(to_rgb(example['image']), rng)
-    out = self.finish(np.ascontiguousarray(image), example['label'])
+    image = self.geometric(to_rgb(example["image"]), rng)
+    out = self.finish(np.ascontiguousarray(image), example["label"])
     if not self.train:
-      out['mask'] = np.float32(example.get('mask', 1.0))
+      out["mask"] = np.float32(example.get("mask", 1.0))
     return out
 
 
 def views_shapes(image_size: int, resolutions: Sequence[int] | None):
   """Shapes of the image entries of one example (handy for model init)."""
   if resolutions is None:
-    return {'image': (image_size, image_size, 3)}
-  return {'views': tuple((r, r, 3) for r in resolutions)}
+    return {"image": (image_size, image_size, 3)}
+  return {"views": tuple((r, r, 3) for r in resolutions)}

@@ -31,8 +31,8 @@ from adaptive_vision.data import sources
 def local_batch_size(global_batch_size: int, process_count: int) -> int:
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f'global_batch_size={global_batch_size} must be a positive multiple of'
-        f' process_count={process_count}; change the batch size')
+        f"global_batch_size={global_batch_size} must be a positive multiple of"
+        f" process_count={process_count}; change the batch size")
   return global_batch_size // process_count
 
 
@@ -46,16 +46,16 @@ def preprocess(data_cfg, *, train: bool, views=None) -> augment_lib.Preprocess:
   `views`: None for one 'image', or the sizes of the 'views' to emit (what
   `adaptive_vision.models.data_views` derives from the models)."""
   get = sources.data_field
-  stats = augment_lib.normalization_stats(get(data_cfg, 'name'), get(data_cfg, 'normalize'))
+  stats = augment_lib.normalization_stats(get(data_cfg, "name"), get(data_cfg, "normalize"))
   return augment_lib.Preprocess(
-      augment=get(data_cfg, 'augment'), image_size=get(data_cfg, 'image_size'),
+      augment=get(data_cfg, "augment"), image_size=get(data_cfg, "image_size"),
       resolutions=views, stats=stats, train=train)
 
 
 def _to_iter(ds: grain.MapDataset, data_cfg) -> grain.DatasetIterator:
   """MapDataset of batches -> prefetching iterator (threads, or worker processes)."""
-  buffer = int(sources.data_field(data_cfg, 'prefetch_buffer_size'))
-  workers = int(sources.data_field(data_cfg, 'num_workers'))
+  buffer = int(sources.data_field(data_cfg, "prefetch_buffer_size"))
+  workers = int(sources.data_field(data_cfg, "num_workers"))
   if workers <= 0:
     # In-process: background threads compute whole batches, in order.
     read = grain.ReadOptions(num_threads=max(1, min(2, buffer)),
@@ -83,9 +83,9 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, views=Non
   depend on the number of processes.
   """
   batch = local_batch_size(global_batch_size, process_count)
-  src = sources.get_source(data_cfg, 'train')
+  src = sources.get_source(data_cfg, "train")
   if len(src) == 0:
-    raise ValueError('the training split has no examples: use more data')
+    raise ValueError("the training split has no examples: use more data")
   ds = grain.MapDataset.source(src)
   # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch).
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
@@ -129,7 +129,7 @@ class _Padded:
   def __getitem__(self, i):
     i = int(i)
     ex = dict(self.src[i % self.n])
-    ex['mask'] = 1.0 if i < self.n else 0.0
+    ex["mask"] = 1.0 if i < self.n else 0.0
     return ex
 
 
@@ -147,7 +147,7 @@ def make_eval_iterator(data_cfg, split: str, *, global_batch_size: int, views=No
   batch = local_batch_size(global_batch_size, process_count)
   src = sources.get_source(data_cfg, split)
   if len(src) == 0:
-    raise ValueError(f'split {split!r} has no examples')
+    raise ValueError(f"split {split!r} has no examples")
   padded = -(-len(src) // global_batch_size) * global_batch_size
   ds = grain.MapDataset.source(_Padded(src, padded))[process_index::process_count]
   ds = ds.map(preprocess(data_cfg, train=False, views=views)).batch(batch, drop_remainder=False)
@@ -164,14 +164,14 @@ def load_image(data_cfg, path, views=None) -> dict:
   or {'views': tuple of float32 [r, r, 3]}. A file that is not an image
   raises ValueError naming it.
   """
-  size = sources.data_field(data_cfg, 'cache_image_size')
+  size = sources.data_field(data_cfg, "cache_image_size")
   try:
     image = sources.decode_image(str(path), None if size is None else int(size))
   except (OSError, ValueError, SyntaxError) as e:  # PIL's ways of saying "not an image"
-    why = ' '.join(str(e).replace(repr(str(path)), '').split()) or type(e).__name__
-    raise ValueError(f'{path} is not an image ({why})') from None
-  out = preprocess(data_cfg, train=False, views=views)({'image': image, 'label': 0})
-  return {k: v for k, v in out.items() if k in ('image', 'views')}
+    why = " ".join(str(e).replace(repr(str(path)), "").split()) or type(e).__name__
+    raise ValueError(f"{path} is not an image ({why})") from None
+  out = preprocess(data_cfg, train=False, views=views)({"image": image, "label": 0})
+  return {k: v for k, v in out.items() if k in ("image", "views")}
 
 
 def num_eval_batches(data_cfg, split: str, *, global_batch_size: int) -> int:
@@ -187,7 +187,7 @@ def iterator_checkpoint_args(iterator, restore: bool = False):
   JSON file per process. Restoring mutates `iterator` in place (and returns it).
   """
   from grain import checkpoint as grain_checkpoint  # pylint: disable=g-import-not-at-top
-  if not hasattr(grain_checkpoint, 'CheckpointSave'):
-    raise ImportError('grain.checkpoint.CheckpointSave needs orbax-checkpoint installed')
+  if not hasattr(grain_checkpoint, "CheckpointSave"):
+    raise ImportError("grain.checkpoint.CheckpointSave needs orbax-checkpoint installed")
   cls = grain_checkpoint.CheckpointRestore if restore else grain_checkpoint.CheckpointSave
   return cls(item=iterator)

@@ -41,12 +41,12 @@ from adaptive_vision.data import augment as augment_lib
 
 log = logging.getLogger(__name__)
 
-SOURCES = ('tfds', 'folder', 'synthetic')
-SPLITS = ('train', 'val', 'test')
+SOURCES = ("tfds", "folder", "synthetic")
+SPLITS = ("train", "val", "test")
 _CACHE_FORMAT = 1
-_TAR_SUFFIXES = ('.tar.gz', '.tgz', '.tar')
-_FOLDER_LAYOUT = ('<split>/<class>/<image> (a directory or a .tar/.tar.gz of it),'
-                  ' or a directory holding <split>.tar.gz files')
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+_FOLDER_LAYOUT = ("<split>/<class>/<image> (a directory or a .tar/.tar.gz of it),"
+                  " or a directory holding <split>.tar.gz files")
 
 # ----------------------------------------------------------------------------- config
 
@@ -54,36 +54,36 @@ _FOLDER_LAYOUT = ('<split>/<class>/<image> (a directory or a .tar/.tar.gz of it)
 def data_field(data_cfg, key: str):
   """`data_cfg[key]` (None included); a missing key is a one-line error naming
   data.<key> (the defaults live in configs/common.py `base_config()`)."""
-  return require(data_cfg, key, 'data')
+  return require(data_cfg, key, "data")
 
 
 def cache_root(data_cfg) -> Path:
   """data.cache_dir, else $ADAPTIVE_VISION_CACHE, else ~/.cache/adaptive_vision."""
-  root = (data_field(data_cfg, 'cache_dir') or os.environ.get('ADAPTIVE_VISION_CACHE')
-          or '~/.cache/adaptive_vision')
+  root = (data_field(data_cfg, "cache_dir") or os.environ.get("ADAPTIVE_VISION_CACHE")
+          or "~/.cache/adaptive_vision")
   return Path(root).expanduser()
 
 
 def validate_config(data_cfg) -> None:
   """Checks enum-like fields up front so mistakes fail in one clear line."""
-  source = data_field(data_cfg, 'source')
+  source = data_field(data_cfg, "source")
   if source not in SOURCES:
-    raise ValueError(f'data.source={source!r} is unknown; use one of {SOURCES}')
-  bad = data_field(data_cfg, 'on_bad_image')
-  if bad not in ('error', 'skip'):
+    raise ValueError(f"data.source={source!r} is unknown; use one of {SOURCES}")
+  bad = data_field(data_cfg, "on_bad_image")
+  if bad not in ("error", "skip"):
     raise ValueError(f"data.on_bad_image={bad!r} is unknown; use 'error' or 'skip'")
-  aug = data_field(data_cfg, 'augment')
+  aug = data_field(data_cfg, "augment")
   if aug not in augment_lib.AUGMENTS:
-    raise ValueError(f'data.augment={aug!r} is unknown; use one of {augment_lib.AUGMENTS}')
-  image_size = data_field(data_cfg, 'image_size')
+    raise ValueError(f"data.augment={aug!r} is unknown; use one of {augment_lib.AUGMENTS}")
+  image_size = data_field(data_cfg, "image_size")
   if image_size is None or int(image_size) <= 0:
-    raise ValueError(f'data.image_size={image_size!r} must be a positive int')
-  augment_lib.normalization_stats(data_field(data_cfg, 'name'),
-                                  data_field(data_cfg, 'normalize'))
-  for key in ('val_size', 'train_size', 'test_size', 'num_workers'):
+    raise ValueError(f"data.image_size={image_size!r} must be a positive int")
+  augment_lib.normalization_stats(data_field(data_cfg, "name"),
+                                  data_field(data_cfg, "normalize"))
+  for key in ("val_size", "train_size", "test_size", "num_workers"):
     value = data_field(data_cfg, key)
     if value is not None and int(value) < 0:
-      raise ValueError(f'data.{key}={value} must be >= 0')
+      raise ValueError(f"data.{key}={value} must be >= 0")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -98,14 +98,14 @@ def _check_labels(labels: np.ndarray, num_classes, where: str, folders=None) -> 
   bad = int(np.count_nonzero(outside))
   if bad:
     needed = int(labels.max()) + 1
-    named = ''
+    named = ""
     if folders is not None:
       ks, counts = np.unique(labels[outside], return_counts=True)
-      shown = [f'{folders[k]} ({n} files)' for k, n in zip(ks[:3], counts[:3])]
+      shown = [f"{folders[k]} ({n} files)" for k, n in zip(ks[:3], counts[:3])]
       named = f' (in {", ".join(shown)}{", ..." if len(ks) > 3 else ""})'
     raise ValueError(
-        f'{bad} of {len(labels)} labels in {where} are outside [0, {num_classes}){named}:'
-        f' set data.num_classes={needed} (or remove the extra classes)')
+        f"{bad} of {len(labels)} labels in {where} are outside [0, {num_classes}){named}:"
+        f" set data.num_classes={needed} (or remove the extra classes)")
 
 
 class ArraySource:
@@ -120,19 +120,19 @@ class ArraySource:
   @property
   def images(self) -> np.ndarray:
     if self._images is None:
-      self._images = np.load(self.images_path, mmap_mode='r')
+      self._images = np.load(self.images_path, mmap_mode="r")
     return self._images
 
   def __len__(self) -> int:
     return len(self.labels)
 
   def __getitem__(self, i) -> dict[str, Any]:
-    return {'image': np.asarray(self.images[i]), 'label': int(self.labels[i])}
+    return {"image": np.asarray(self.images[i]), "label": int(self.labels[i])}
 
   def __getstate__(self):
     # Pickle the path, not the (possibly huge) mapped array.
     state = dict(self.__dict__)
-    state['_images'] = None
+    state["_images"] = None
     return state
 
 
@@ -158,7 +158,7 @@ class SyntheticSource:
         0, self.num_classes, size=self.n)
     self.grids = np.random.default_rng(self.TEMPLATE_SEED).integers(
         0, 256, size=(self.num_classes, self.GRID, self.GRID, 3), dtype=np.uint8)
-    self.class_names = [f'class_{k}' for k in range(self.num_classes)]
+    self.class_names = [f"class_{k}" for k in range(self.num_classes)]
     # Upsampled templates are memoized when they all fit in 64 MB.
     self._memo = {} if self.num_classes * self.size**2 * 12 <= 64 << 20 else None
 
@@ -184,13 +184,13 @@ class SyntheticSource:
     dy, dx = rng.integers(-shift, shift + 1, size=2)
     x = np.roll(self.template(label), (int(dy), int(dx)), axis=(0, 1))
     x = x + rng.normal(0.0, 12.0) + rng.normal(0.0, 20.0, size=x.shape)
-    return {'image': np.clip(x, 0, 255).astype(np.uint8), 'label': label}
+    return {"image": np.clip(x, 0, 255).astype(np.uint8), "label": label}
 
 
 class TfdsSource:
   """Wraps a tfds array_record data source; reading needs no TensorFlow."""
 
-  def __init__(self, tfds_source, num_classes=None, where=''):
+  def __init__(self, tfds_source, num_classes=None, where=""):
     self.ds = tfds_source
     self.num_classes = num_classes
     self.where = where
@@ -200,12 +200,12 @@ class TfdsSource:
 
   def __getitem__(self, i) -> dict[str, Any]:
     ex = self.ds[int(i)]
-    label = int(ex['label'])
+    label = int(ex["label"])
     if self.num_classes is not None and not 0 <= label < self.num_classes:
       raise ValueError(
-          f'label {label} of example {i} in {self.where} is outside'
-          f' [0, {self.num_classes}): raise data.num_classes')
-    return {'image': augment_lib.to_rgb(ex['image']), 'label': label}
+          f"label {label} of example {i} in {self.where} is outside"
+          f" [0, {self.num_classes}): raise data.num_classes")
+    return {"image": augment_lib.to_rgb(ex["image"]), "label": label}
 
 
 class SubsetSource:
@@ -214,7 +214,7 @@ class SubsetSource:
   def __init__(self, base, indices: np.ndarray):
     self.base = base
     self.indices = np.asarray(indices, np.int64)
-    self.class_names = getattr(base, 'class_names', None)
+    self.class_names = getattr(base, "class_names", None)
 
   def __len__(self) -> int:
     return len(self.indices)
@@ -224,7 +224,7 @@ class SubsetSource:
 
   @property
   def labels(self) -> np.ndarray | None:
-    labels = getattr(self.base, 'labels', None)
+    labels = getattr(self.base, "labels", None)
     return None if labels is None else labels[self.indices]
 
 
@@ -238,40 +238,40 @@ class DatasetNotPreparedError(FileNotFoundError):
 def _tfds_source(data_cfg, split_name: str):
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-  name = data_field(data_cfg, 'name')
-  base = str(name).split('/')[0].split(':')[0]
+  name = data_field(data_cfg, "name")
+  base = str(name).split("/")[0].split(":")[0]
   try:
     tfds.builder_cls(base)
   except Exception as e:  # DatasetNotFoundError (a ValueError) or similar
     raise ValueError(
         f"unknown tfds dataset {name!r}; check the name, or use data.source='folder'"
-        ' with data.path pointing at a local image folder') from e
-  data_dir = data_field(data_cfg, 'path')
+        " with data.path pointing at a local image folder") from e
+  data_dir = data_field(data_cfg, "path")
   builder = tfds.builder(name, data_dir=data_dir)
   # is_prepared() only looks at the local dataset_info.json; tfds.data_source with
   # download=False would otherwise try GCS and retry for minutes on a closed network.
   if not builder.is_prepared():
     root = data_dir or tfds.core.constants.DATA_DIR
     raise DatasetNotPreparedError(
-        f'dataset {name!r} is not prepared in {root}; prepare it with `tfds build'
-        f' {base} --data_dir={root}` on a machine with network, or point'
+        f"dataset {name!r} is not prepared in {root}; prepare it with `tfds build"
+        f" {base} --data_dir={root}` on a machine with network, or point"
         " data.source='folder' and data.path at an image folder such as"
-        ' ../shared/data/cifar10')
+        " ../shared/data/cifar10")
   splits = dict(builder.info.splits or {})
-  split_base = split_name.split('[')[0]
+  split_base = split_name.split("[")[0]
   if splits and split_base not in splits:
-    raise ValueError(f'tfds dataset {name!r} has no split {split_base!r}; available:'
-                     f' {sorted(splits)} (set data.train_split / data.test_split)')
-  num_classes = data_field(data_cfg, 'num_classes')
-  label_feature = builder.info.features['label'] if 'label' in builder.info.features else None
-  ds_classes = getattr(label_feature, 'num_classes', None)
+    raise ValueError(f"tfds dataset {name!r} has no split {split_base!r}; available:"
+                     f" {sorted(splits)} (set data.train_split / data.test_split)")
+  num_classes = data_field(data_cfg, "num_classes")
+  label_feature = builder.info.features["label"] if "label" in builder.info.features else None
+  ds_classes = getattr(label_feature, "num_classes", None)
   if num_classes is not None and ds_classes and ds_classes > num_classes:
     raise ValueError(
-        f'tfds dataset {name!r} has {ds_classes} classes, so labels up to'
-        f' {ds_classes - 1} fall outside [0, {num_classes}): set'
-        f' data.num_classes={ds_classes}')
+        f"tfds dataset {name!r} has {ds_classes} classes, so labels up to"
+        f" {ds_classes - 1} fall outside [0, {num_classes}): set"
+        f" data.num_classes={ds_classes}")
   return TfdsSource(builder.as_data_source(split=split_name), num_classes,
-                    where=f'{name}:{split_name}')
+                    where=f"{name}:{split_name}")
 
 
 # ----------------------------------------------------------------------------- folders
@@ -283,42 +283,42 @@ def _find_split_input(path, split: str):
     raise ValueError("data.source='folder' needs data.path: " + _FOLDER_LAYOUT)
   p = Path(path).expanduser()
   if not p.exists():
-    raise FileNotFoundError(f'data.path {p} does not exist; expected {_FOLDER_LAYOUT}')
+    raise FileNotFoundError(f"data.path {p} does not exist; expected {_FOLDER_LAYOUT}")
   if p.is_file():
     if p.name.endswith(_TAR_SUFFIXES) or tarfile.is_tarfile(p):
-      return 'tar', p.resolve()
-    raise FileNotFoundError(f'data.path {p} is a file but not a tar archive; expected'
-                            f' {_FOLDER_LAYOUT}')
+      return "tar", p.resolve()
+    raise FileNotFoundError(f"data.path {p} is a file but not a tar archive; expected"
+                            f" {_FOLDER_LAYOUT}")
   if (p / split).is_dir():
-    return 'dir', (p / split).resolve()
+    return "dir", (p / split).resolve()
   for suffix in _TAR_SUFFIXES:
-    if (p / f'{split}{suffix}').is_file():
-      return 'tar', (p / f'{split}{suffix}').resolve()
+    if (p / f"{split}{suffix}").is_file():
+      return "tar", (p / f"{split}{suffix}").resolve()
   raise FileNotFoundError(
-      f'split {split!r} not found under {p}: expected {p / split}/<class>/<image> or'
-      f' {p / split}.tar.gz')
+      f"split {split!r} not found under {p}: expected {p / split}/<class>/<image> or"
+      f" {p / split}.tar.gz")
 
 
 def _visible(name: str) -> bool:
-  return not name.startswith('.')
+  return not name.startswith(".")
 
 
 def _list_dir(split_dir: Path):
   """Sorted (relative path, class name) pairs of <split_dir>/<class>/<file>."""
   classes = sorted(d.name for d in split_dir.iterdir() if d.is_dir() and _visible(d.name))
   if not classes:
-    raise FileNotFoundError(f'no class folders in {split_dir}; expected {_FOLDER_LAYOUT}')
+    raise FileNotFoundError(f"no class folders in {split_dir}; expected {_FOLDER_LAYOUT}")
   entries = []
   for c in classes:
     for f in sorted(os.scandir(split_dir / c), key=lambda e: e.name):
       if f.is_file() and _visible(f.name):
-        entries.append((f'{c}/{f.name}', c))
+        entries.append((f"{c}/{f.name}", c))
   return entries, classes
 
 
 def _tar_member_class(name: str, split: str, per_split_tar: bool):
   """Class of a tar member '<...>/<split>/<class>/<file>' (None if not in `split`)."""
-  parts = [q for q in name.split('/') if q not in ('', '.')]
+  parts = [q for q in name.split("/") if q not in ("", ".")]
   if len(parts) >= 3 and parts[-3] == split:
     return parts[-2]
   if per_split_tar and len(parts) == 2:  # <split>.tar.gz holding <class>/<file>
@@ -329,7 +329,7 @@ def _tar_member_class(name: str, split: str, per_split_tar: bool):
 def _list_tar(tar_path: Path, split: str, per_split_tar: bool):
   """One streaming pass over the archive (gzip cannot seek cheaply)."""
   entries = []
-  with tarfile.open(tar_path, 'r|*') as tf:
+  with tarfile.open(tar_path, "r|*") as tf:
     for m in tf:
       if not m.isfile() or not _visible(os.path.basename(m.name)):
         continue
@@ -338,8 +338,8 @@ def _list_tar(tar_path: Path, split: str, per_split_tar: bool):
         entries.append((m.name, c))
   if not entries:
     raise FileNotFoundError(
-        f'no images of split {split!r} in {tar_path}; expected members named'
-        f' {split}/<class>/<image>')
+        f"no images of split {split!r} in {tar_path}; expected members named"
+        f" {split}/<class>/<image>")
   entries.sort(key=lambda e: (e[1], e[0]))
   return entries, sorted({c for _, c in entries})
 
@@ -348,17 +348,17 @@ def _fingerprint_dir(split_dir: Path, entries) -> str:
   h = hashlib.sha1(str(split_dir).encode())
   for rel, _ in entries:
     st = os.stat(split_dir / rel)
-    h.update(f'{rel}\0{st.st_size}\0{st.st_mtime_ns}\n'.encode())
+    h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
   return h.hexdigest()[:16]
 
 
 def _fingerprint_file(path: Path) -> str:
   st = os.stat(path)
-  return hashlib.sha1(f'{path}\0{st.st_size}\0{st.st_mtime_ns}'.encode()).hexdigest()[:16]
+  return hashlib.sha1(f"{path}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
-IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm',
-                  '.pgm')
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
 
 
 def image_files(paths: Sequence[str]) -> list[str]:
@@ -375,15 +375,15 @@ def image_files(paths: Sequence[str]) -> list[str]:
     elif path.is_dir():
       found = sorted(
           str(Path(root) / f) for root, dirs, files in os.walk(path)
-          for f in files if _visible(f) and not any(part.startswith('.') for part in
+          for f in files if _visible(f) and not any(part.startswith(".") for part in
                                                     Path(root).relative_to(path).parts)
           and f.lower().endswith(IMAGE_SUFFIXES))
       if not found:
-        raise ValueError(f'folder {p} holds no images (looked for '
+        raise ValueError(f"folder {p} holds no images (looked for "
                          f'{", ".join(IMAGE_SUFFIXES)} files, recursively)')
       out.extend(found)
     else:
-      raise ValueError(f'{p} does not exist')
+      raise ValueError(f"{p} does not exist")
   return out
 
 
@@ -397,8 +397,8 @@ def _decode_image(data, size: int | None) -> np.ndarray:
   src = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data
   with Image.open(src) as im:
     if size is not None:
-      im.draft('RGB', (size, size))  # JPEG: decode at a reduced scale when possible
-    im = im.convert('RGB')
+      im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale when possible
+    im = im.convert("RGB")
     if size is not None and im.size != (size, size):
       # Whole image to size x size (aspect not kept), like downsampled ImageNet.
       im = im.resize((size, size), Image.BICUBIC)
@@ -427,11 +427,11 @@ def _chunks(it, n):
 
 
 def _npy_tmp(path: Path) -> Path:
-  return path.with_name(f'{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}')
+  return path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _safe(s: str) -> str:
-  return re.sub(r'[^A-Za-z0-9_.-]+', '_', s)[:60] or 'data'
+  return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)[:60] or "data"
 
 
 class _Converter:
@@ -447,16 +447,16 @@ class _Converter:
 
   def _items(self) -> Iterator[tuple[int, str, Any]]:
     """(entry index, display name, path or bytes), in the cheapest read order."""
-    if self.kind == 'dir':
+    if self.kind == "dir":
       for i, (rel, _) in enumerate(self.entries):
         yield i, str(self.location / rel), str(self.location / rel)
       return
     index = {name: i for i, (name, _) in enumerate(self.entries)}
-    with tarfile.open(self.location, 'r|*') as tf:
+    with tarfile.open(self.location, "r|*") as tf:
       for m in tf:
         i = index.get(m.name) if m.isfile() else None
         if i is not None:
-          yield i, f'{self.location}:{m.name}', tf.extractfile(m).read()
+          yield i, f"{self.location}:{m.name}", tf.extractfile(m).read()
 
   def run(self, out_dir: Path, fp: str):
     n = len(self.entries)
@@ -466,7 +466,7 @@ class _Converter:
     order = np.random.default_rng(0).permutation(n)
     row_of = np.empty(n, np.int64)
     row_of[order] = np.arange(n)
-    images_path = out_dir / f'images-{fp}.npy'
+    images_path = out_dir / f"images-{fp}.npy"
     tmp = _npy_tmp(images_path)
     images = rows_out = None
     first = None  # (name, shape) of the first decoded image
@@ -488,32 +488,32 @@ class _Converter:
             break
           for idx, name, arr, err in pending.pop(0).result():
             if err is not None:
-              if self.on_bad_image == 'error':
+              if self.on_bad_image == "error":
                 raise ValueError(
-                    f'cannot decode image {name}: {err}; fix or remove the file, or'
+                    f"cannot decode image {name}: {err}; fix or remove the file, or"
                     " set data.on_bad_image='skip'")
               skipped.append(name)
               continue
             if first is None:
               first = (name, arr.shape)
               images = np.lib.format.open_memmap(
-                  tmp, mode='w+', dtype=np.uint8, shape=(n,) + arr.shape)
+                  tmp, mode="w+", dtype=np.uint8, shape=(n,) + arr.shape)
               rows_out = images.view(np.ndarray)  # plain view: no memmap per-row overhead
             elif arr.shape != first[1]:
               raise ValueError(
-                  f'image {name} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is'
-                  f' {first[1][1]}x{first[1][0]}: set data.cache_image_size=<int> to'
-                  ' resize all images while caching')
+                  f"image {name} is {arr.shape[1]}x{arr.shape[0]} but {first[0]} is"
+                  f" {first[1][1]}x{first[1][0]}: set data.cache_image_size=<int> to"
+                  " resize all images while caching")
             rows_out[row_of[idx]] = arr
             ok[idx] = True
       if images is None:
-        raise ValueError(f'no decodable images in {self.display} (split {self.split!r})')
+        raise ValueError(f"no decodable images in {self.display} (split {self.split!r})")
       keep = ok[order]  # per row
       labels = entry_labels[order][keep]
       if not keep.all():  # compact the rows of skipped files (rare path)
         tmp2 = _npy_tmp(images_path)
         compact = np.lib.format.open_memmap(
-            tmp2, mode='w+', dtype=np.uint8, shape=(int(keep.sum()),) + first[1])
+            tmp2, mode="w+", dtype=np.uint8, shape=(int(keep.sum()),) + first[1])
         rows = np.flatnonzero(keep)
         for s in range(0, len(rows), 4096):
           compact[s:s + 4096] = images[rows[s:s + 4096]]
@@ -523,96 +523,96 @@ class _Converter:
       else:
         images.flush()
         del images, rows_out
-      labels_path = out_dir / f'labels-{fp}.npy'
+      labels_path = out_dir / f"labels-{fp}.npy"
       ltmp = _npy_tmp(labels_path)
-      with open(ltmp, 'wb') as f:
+      with open(ltmp, "wb") as f:
         np.save(f, labels)
       os.replace(ltmp, labels_path)
       os.replace(tmp, images_path)
     finally:
-      for t in out_dir.glob(f'*.tmp-{os.getpid()}-*'):
+      for t in out_dir.glob(f"*.tmp-{os.getpid()}-*"):
         t.unlink(missing_ok=True)
     if skipped:
-      log.warning('skipped %d unreadable image(s) in %s: %s', len(skipped),
-                  self.display, ', '.join(skipped))
+      log.warning("skipped %d unreadable image(s) in %s: %s", len(skipped),
+                  self.display, ", ".join(skipped))
     return images_path.name, labels_path.name, skipped
 
 
 def _cache_dir_for(data_cfg, kind, location: Path, split: str) -> Path:
-  size = data_field(data_cfg, 'cache_image_size')
-  key = hashlib.sha1(f'{kind}\0{location}\0{split}\0{size}\0{_CACHE_FORMAT}'.encode())
-  label = _safe(str(data_field(data_cfg, 'name')))
-  return cache_root(data_cfg) / 'folder' / f'{label}-{_safe(split)}-{key.hexdigest()[:12]}'
+  size = data_field(data_cfg, "cache_image_size")
+  key = hashlib.sha1(f"{kind}\0{location}\0{split}\0{size}\0{_CACHE_FORMAT}".encode())
+  label = _safe(str(data_field(data_cfg, "name")))
+  return cache_root(data_cfg) / "folder" / f"{label}-{_safe(split)}-{key.hexdigest()[:12]}"
 
 
 def _read_meta(out_dir: Path):
   try:
-    return json.loads((out_dir / 'meta.json').read_text())
+    return json.loads((out_dir / "meta.json").read_text())
   except (OSError, ValueError):
     return None
 
 
 def _folder_source(data_cfg, split: str) -> ArraySource:
-  path = data_field(data_cfg, 'path')
+  path = data_field(data_cfg, "path")
   kind, location = _find_split_input(path, split)
   # A single archive holding every split versus one archive per split.
-  per_split_tar = kind == 'tar' and not (Path(path).expanduser().is_file())
-  size = data_field(data_cfg, 'cache_image_size')
+  per_split_tar = kind == "tar" and not (Path(path).expanduser().is_file())
+  size = data_field(data_cfg, "cache_image_size")
   size = None if size is None else int(size)
-  on_bad = data_field(data_cfg, 'on_bad_image')
+  on_bad = data_field(data_cfg, "on_bad_image")
   out_dir = _cache_dir_for(data_cfg, kind, location, split)
-  display = f'{location}' if kind == 'dir' else f'{location} ({split})'
+  display = f"{location}" if kind == "dir" else f"{location} ({split})"
 
   entries = classes = None
-  if kind == 'dir':
+  if kind == "dir":
     entries, classes = _list_dir(location)
     fp = _fingerprint_dir(location, entries)
   else:
     fp = _fingerprint_file(location)
   meta = _read_meta(out_dir)
-  if not (meta and meta.get('fingerprint') == fp and meta.get('format') == _CACHE_FORMAT
-          and (out_dir / meta['images']).exists() and (out_dir / meta['labels']).exists()):
+  if not (meta and meta.get("fingerprint") == fp and meta.get("format") == _CACHE_FORMAT
+          and (out_dir / meta["images"]).exists() and (out_dir / meta["labels"]).exists()):
     if entries is None:
       entries, classes = _list_tar(location, split, per_split_tar)
-    log.info('converting %d images of %s into %s', len(entries), display, out_dir)
+    log.info("converting %d images of %s into %s", len(entries), display, out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     conv = _Converter(kind, location, split, entries, classes, size, on_bad, display)
     images_name, labels_name, skipped = conv.run(out_dir, fp)
-    meta = {'format': _CACHE_FORMAT, 'source': str(location), 'split': split,
-            'fingerprint': fp, 'cache_image_size': size, 'class_names': classes,
-            'num_examples': len(entries) - len(skipped), 'skipped': skipped,
-            'images': images_name, 'labels': labels_name}
-    tmp = _npy_tmp(out_dir / 'meta.json')
+    meta = {"format": _CACHE_FORMAT, "source": str(location), "split": split,
+            "fingerprint": fp, "cache_image_size": size, "class_names": classes,
+            "num_examples": len(entries) - len(skipped), "skipped": skipped,
+            "images": images_name, "labels": labels_name}
+    tmp = _npy_tmp(out_dir / "meta.json")
     tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out_dir / 'meta.json')  # commit point
-    for stale in out_dir.glob('*.npy'):  # previous versions of a changed source
+    os.replace(tmp, out_dir / "meta.json")  # commit point
+    for stale in out_dir.glob("*.npy"):  # previous versions of a changed source
       if stale.name not in (images_name, labels_name):
         stale.unlink(missing_ok=True)
-  elif meta.get('skipped') and on_bad == 'error':
+  elif meta.get("skipped") and on_bad == "error":
     raise ValueError(
         f"cached {display} was built with on_bad_image='skip' and lacks"
         f" {len(meta['skipped'])} unreadable file(s) (first: {meta['skipped'][0]}); fix"
         " them or set data.on_bad_image='skip'")
-  labels = np.load(out_dir / meta['labels'])
-  src = ArraySource(out_dir / meta['images'], labels, meta['class_names'])
-  folders = [str(location / c) if kind == 'dir' else f'{location} class folder {c!r}'
-             for c in meta['class_names']]
-  _check_labels(labels, data_field(data_cfg, 'num_classes'), display, folders)
+  labels = np.load(out_dir / meta["labels"])
+  src = ArraySource(out_dir / meta["images"], labels, meta["class_names"])
+  folders = [str(location / c) if kind == "dir" else f"{location} class folder {c!r}"
+             for c in meta["class_names"]]
+  _check_labels(labels, data_field(data_cfg, "num_classes"), display, folders)
   return src
 
 
 def _check_class_consistency(data_cfg, split_src, split: str, train_split: str):
   """Folder splits map class names to indices independently; they must agree."""
   try:
-    kind, location = _find_split_input(data_field(data_cfg, 'path'), train_split)
+    kind, location = _find_split_input(data_field(data_cfg, "path"), train_split)
   except (FileNotFoundError, ValueError):
     return
   meta = _read_meta(_cache_dir_for(data_cfg, kind, location, train_split))
-  if meta and meta.get('class_names') and split_src.class_names != meta['class_names']:
+  if meta and meta.get("class_names") and split_src.class_names != meta["class_names"]:
     raise ValueError(
-        f'class folders of split {split!r} {split_src.class_names} differ from'
+        f"class folders of split {split!r} {split_src.class_names} differ from"
         f" those of {train_split!r} {meta['class_names']}: every split needs the same"
-        ' class folders so that label indices agree')
+        " class folders so that label indices agree")
 
 
 # ----------------------------------------------------------------------------- public
@@ -620,23 +620,23 @@ def _check_class_consistency(data_cfg, split_src, split: str, train_split: str):
 
 def _raw_split(data_cfg, which: str):
   """The full underlying split: which is 'train' (train_split) or 'test'."""
-  source = data_field(data_cfg, 'source')
-  split_name = data_field(data_cfg, f'{which}_split')
-  if source == 'synthetic':
-    n = data_field(data_cfg, 'synthetic_train_size' if which == 'train'
-              else 'synthetic_test_size')
-    seed = int(data_field(data_cfg, 'synthetic_seed'))
-    num_classes = data_field(data_cfg, 'num_classes')
+  source = data_field(data_cfg, "source")
+  split_name = data_field(data_cfg, f"{which}_split")
+  if source == "synthetic":
+    n = data_field(data_cfg, "synthetic_train_size" if which == "train"
+              else "synthetic_test_size")
+    seed = int(data_field(data_cfg, "synthetic_seed"))
+    num_classes = data_field(data_cfg, "num_classes")
     if num_classes is None:
       raise ValueError("data.source='synthetic' needs data.num_classes")
     # Different seeds for the two splits: same class templates, new examples.
-    return SyntheticSource(n, data_field(data_cfg, 'image_size'), num_classes,
-                           seed=2 * seed + (0 if which == 'train' else 1))
-  if source == 'folder':
+    return SyntheticSource(n, data_field(data_cfg, "image_size"), num_classes,
+                           seed=2 * seed + (0 if which == "train" else 1))
+  if source == "folder":
     src = _folder_source(data_cfg, split_name)
-    if which == 'test':
+    if which == "test":
       _check_class_consistency(data_cfg, src, split_name,
-                               data_field(data_cfg, 'train_split'))
+                               data_field(data_cfg, "train_split"))
     return src
   return _tfds_source(data_cfg, split_name)
 
@@ -646,17 +646,17 @@ def _limit(n: int, limit, field: str, available_desc: str) -> int:
     return n
   limit = int(limit)
   if limit > n:
-    raise ValueError(f'data.{field}={limit} exceeds the {n} examples {available_desc};'
-                     f' lower it or set it to None')
+    raise ValueError(f"data.{field}={limit} exceeds the {n} examples {available_desc};"
+                     f" lower it or set it to None")
   return limit
 
 
 def _train_val_indices(data_cfg, n: int):
-  val_size = int(data_field(data_cfg, 'val_size') or 0)
+  val_size = int(data_field(data_cfg, "val_size") or 0)
   if val_size >= n and val_size > 0:
-    raise ValueError(f'data.val_size={val_size} must be smaller than the {n} examples'
-                     ' of the train split')
-  perm = np.random.default_rng(int(data_field(data_cfg, 'split_seed'))).permutation(n)
+    raise ValueError(f"data.val_size={val_size} must be smaller than the {n} examples"
+                     " of the train split")
+  perm = np.random.default_rng(int(data_field(data_cfg, "split_seed"))).permutation(n)
   return np.sort(perm[val_size:]), np.sort(perm[:val_size])
 
 
@@ -667,43 +667,43 @@ def get_source(data_cfg, split: str):
   `test_size`) are applied. Items: {'image': uint8 [H, W, 3], 'label': int}.
   """
   if split not in SPLITS:
-    raise ValueError(f'split={split!r} is unknown; use one of {SPLITS}')
+    raise ValueError(f"split={split!r} is unknown; use one of {SPLITS}")
   validate_config(data_cfg)
-  if split == 'test':
-    base = _raw_split(data_cfg, 'test')
-    n = _limit(len(base), data_field(data_cfg, 'test_size'), 'test_size',
-               'of the test split')
+  if split == "test":
+    base = _raw_split(data_cfg, "test")
+    n = _limit(len(base), data_field(data_cfg, "test_size"), "test_size",
+               "of the test split")
     return SubsetSource(base, np.arange(n))
-  base = _raw_split(data_cfg, 'train')
+  base = _raw_split(data_cfg, "train")
   train_idx, val_idx = _train_val_indices(data_cfg, len(base))
-  if split == 'val':
+  if split == "val":
     if len(val_idx) == 0:
       raise ValueError("split 'val' is empty: set data.val_size > 0 to hold out"
-                       ' validation examples from the train split')
+                       " validation examples from the train split")
     return SubsetSource(base, val_idx)
-  n = _limit(len(train_idx), data_field(data_cfg, 'train_size'), 'train_size',
-             'left in the train split after holding out data.val_size')
+  n = _limit(len(train_idx), data_field(data_cfg, "train_size"), "train_size",
+             "left in the train split after holding out data.val_size")
   return SubsetSource(base, train_idx[:n])
 
 
 def num_examples(data_cfg, split: str) -> int:
   """Number of examples of a split after holdout and size limits (0 for an empty val)."""
-  if split == 'val' and not data_field(data_cfg, 'val_size'):
+  if split == "val" and not data_field(data_cfg, "val_size"):
     return 0
   return len(get_source(data_cfg, split))
 
 
 def dataset_info(data_cfg) -> dict[str, int]:
   """dict(num_classes, train_size, val_size, test_size) after holdout and limits."""
-  train = get_source(data_cfg, 'train')
-  val_size = int(data_field(data_cfg, 'val_size') or 0)
-  num_classes = data_field(data_cfg, 'num_classes')
+  train = get_source(data_cfg, "train")
+  val_size = int(data_field(data_cfg, "val_size") or 0)
+  num_classes = data_field(data_cfg, "num_classes")
   if num_classes is None and train.class_names is not None:
     num_classes = len(train.class_names)
   return dict(num_classes=num_classes, train_size=len(train), val_size=val_size,
-              test_size=num_examples(data_cfg, 'test'))
+              test_size=num_examples(data_cfg, "test"))
 
 
 def class_names(data_cfg) -> Sequence[str] | None:
   """Class names of folder / synthetic data (None for tfds)."""
-  return get_source(data_cfg, 'train').class_names
+  return get_source(data_cfg, "train").class_names

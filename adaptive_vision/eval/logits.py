@@ -31,22 +31,22 @@ class ExitLogits:
     if logits.ndim == 2:
       logits = logits[None]
     if logits.ndim != 3:
-      raise ValueError(f'exit_logits must be [E, N, K], got shape {logits.shape}')
+      raise ValueError(f"exit_logits must be [E, N, K], got shape {logits.shape}")
     num_exits, n, _ = logits.shape
     labels = np.asarray(self.labels)
     if labels.shape != (n,):
-      raise ValueError(f'labels has shape {labels.shape} but exit_logits {logits.shape} '
-                       f'holds N={n} examples')
+      raise ValueError(f"labels has shape {labels.shape} but exit_logits {logits.shape} "
+                       f"holds N={n} examples")
     if n and not np.issubdtype(labels.dtype, np.integer):
-      raise ValueError(f'labels must be integers, got dtype {labels.dtype}')
+      raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
     macs = np.asarray(self.exit_macs, dtype=np.float64).reshape(-1)
     if macs.shape != (num_exits,):
-      raise ValueError(f'exit_macs has {macs.size} entries for {num_exits} exits')
+      raise ValueError(f"exit_macs has {macs.size} entries for {num_exits} exits")
     if np.any(np.diff(macs) < 0):
-      raise ValueError(f'exit_macs must be non-decreasing (cumulative), got {macs.tolist()}')
-    object.__setattr__(self, 'exit_logits', logits)
-    object.__setattr__(self, 'labels', labels.astype(np.int64))
-    object.__setattr__(self, 'exit_macs', macs)
+      raise ValueError(f"exit_macs must be non-decreasing (cumulative), got {macs.tolist()}")
+    object.__setattr__(self, "exit_logits", logits)
+    object.__setattr__(self, "labels", labels.astype(np.int64))
+    object.__setattr__(self, "exit_macs", macs)
 
   @property
   def num_exits(self) -> int:
@@ -61,7 +61,7 @@ class ExitLogits:
     return self.exit_logits.shape[2]
 
 
-_KEYS = ('exit_logits', 'labels', 'exit_macs')
+_KEYS = ("exit_logits", "labels", "exit_macs")
 
 
 def save_logits(path: str | os.PathLike, exit_logits: Any, labels: Any,
@@ -79,12 +79,12 @@ def load_logits(path: str | os.PathLike) -> ExitLogits:
   with np.load(os.fspath(path)) as z:
     missing = [k for k in _KEYS if k not in z.files]
     if missing:
-      raise ValueError(f'{os.fspath(path)} lacks {missing}; a logits file holds '
-                       f'{list(_KEYS)} (found {z.files})')
+      raise ValueError(f"{os.fspath(path)} lacks {missing}; a logits file holds "
+                       f"{list(_KEYS)} (found {z.files})")
     try:
-      return ExitLogits(z['exit_logits'], z['labels'], z['exit_macs'])
+      return ExitLogits(z["exit_logits"], z["labels"], z["exit_macs"])
     except ValueError as e:
-      raise ValueError(f'{os.fspath(path)}: {e}') from None
+      raise ValueError(f"{os.fspath(path)}: {e}") from None
 
 
 def as_logits(x: Any) -> ExitLogits:
@@ -93,4 +93,4 @@ def as_logits(x: Any) -> ExitLogits:
     return x
   if isinstance(x, (str, os.PathLike)):
     return load_logits(x)
-  raise TypeError(f'expected ExitLogits or a path to a logits npz, got {type(x)}')
+  raise TypeError(f"expected ExitLogits or a path to a logits npz, got {type(x)}")

@@ -9,65 +9,65 @@ from typing import Any, Mapping, Sequence
 
 
 def _pct(x: float | None, digits: int = 2) -> str:
-  return '—' if x is None else f'{100 * x:.{digits}f}'
+  return "—" if x is None else f"{100 * x:.{digits}f}"
 
 
 def _mmacs(x: float | None) -> str:
-  return '—' if x is None else f'{x / 1e6:.2f}'
+  return "—" if x is None else f"{x / 1e6:.2f}"
 
 
 def _fractions(fr: Sequence[float] | None) -> str:
-  return '—' if fr is None else ' / '.join(f'{f:.2f}' for f in fr)
+  return "—" if fr is None else " / ".join(f"{f:.2f}" for f in fr)
 
 
 def _thresholds(t: Sequence[float] | None) -> str:
   if t is None or len(t) == 0:
-    return '—'
+    return "—"
   if all(v == t[0] for v in t):  # shared threshold: show it once
-    return f'{t[0]:.4g}'
-  return ', '.join(f'{v:.4g}' for v in t)
+    return f"{t[0]:.4g}"
+  return ", ".join(f"{v:.4g}" for v in t)
 
 
 def _model_markdown(name: str, r: Mapping[str, Any]) -> list[str]:
-  base = r.get('baseline') or {}
-  b_macs = base.get('macs')
-  lines = [f'## {name}', '',
+  base = r.get("baseline") or {}
+  b_macs = base.get("macs")
+  lines = [f"## {name}", "",
            f"criterion: `{r.get('criterion')}`, {r.get('num_examples')} test examples, "
-           f"{r.get('num_classes')} classes", '',
-           '### Per-exit accuracy', '',
-           '| exit | accuracy (%) | cumulative MMACs |', '|---:|---:|---:|']
-  for p in r['per_exit']:
+           f"{r.get('num_classes')} classes", "",
+           "### Per-exit accuracy", "",
+           "| exit | accuracy (%) | cumulative MMACs |", "|---:|---:|---:|"]
+  for p in r["per_exit"]:
     lines.append(f"| {p['exit']} | {_pct(p['accuracy'])} | {_mmacs(p['macs'])} |")
-  lines.append('')
-  if base.get('accuracy') is not None:
+  lines.append("")
+  if base.get("accuracy") is not None:
     line = (f"**Baseline:** {_pct(base['accuracy'])} % at {_mmacs(b_macs)} MMACs")
-    if 'val_accuracy' in base:
+    if "val_accuracy" in base:
       line += f" (val {_pct(base['val_accuracy'])} %)"
-    at = base.get('macs_at_target')
+    at = base.get("macs_at_target")
     line += (f"; the test curve reaches {_pct(base['target_accuracy'])} % "
              f"(baseline - 0.5 pts) at "
              + (f"{_mmacs(at)} MMACs ({_pct(base['relative_macs_at_target'], 1)} % of "
-                'baseline MACs)' if at is not None else 'no point of the sweep'))
-    lines += [line, '']
-  o = r['oracle']
+                "baseline MACs)" if at is not None else "no point of the sweep"))
+    lines += [line, ""]
+  o = r["oracle"]
   lines += [f"**Oracle** (first correct exit): {_pct(o['accuracy'])} % at "
             f"{_mmacs(o['mean_macs'])} MMACs, exit fractions {_fractions(o['exit_fractions'])}",
-            '', '### Threshold sweep (test)', '',
-            '| threshold | accuracy (%) | mean MMACs | % of baseline MACs | exit fractions |',
-            '|---:|---:|---:|---:|:---|']
-  for p in r['sweep']:
-    rel = p.get('relative_macs')
+            "", "### Threshold sweep (test)", "",
+            "| threshold | accuracy (%) | mean MMACs | % of baseline MACs | exit fractions |",
+            "|---:|---:|---:|---:|:---|"]
+  for p in r["sweep"]:
+    rel = p.get("relative_macs")
     lines.append(f"| {_thresholds(p['thresholds'])} | {_pct(p['accuracy'])} | "
                  f"{_mmacs(p['mean_macs'])} | {_pct(rel, 1)} | "
                  f"{_fractions(p['exit_fractions'])} |")
-  lines.append('')
-  if r.get('calibrated'):
-    lines += ['### Calibrated on val, evaluated on test', '',
-              '| target | thresholds | val acc (%) | val MMACs | test acc (%) | test MMACs '
-              '| % of baseline MACs | exit fractions |',
-              '|:---|---:|---:|---:|---:|---:|---:|:---|']
-    for c in r['calibrated']:
-      if 'error' in c:
+  lines.append("")
+  if r.get("calibrated"):
+    lines += ["### Calibrated on val, evaluated on test", "",
+              "| target | thresholds | val acc (%) | val MMACs | test acc (%) | test MMACs "
+              "| % of baseline MACs | exit fractions |",
+              "|:---|---:|---:|---:|---:|---:|---:|:---|"]
+    for c in r["calibrated"]:
+      if "error" in c:
         lines.append(f"| {c['target']} | infeasible: {c['error']} | | | | | | |")
         continue
       lines.append(f"| {c['target']} | {_thresholds(c['thresholds'])} | "
@@ -75,18 +75,18 @@ def _model_markdown(name: str, r: Mapping[str, Any]) -> list[str]:
                    f"{_pct(c['test_accuracy'])} | {_mmacs(c['test_mean_macs'])} | "
                    f"{_pct(c.get('relative_macs'), 1)} | "
                    f"{_fractions(c['test_exit_fractions'])} |")
-    lines.append('')
+    lines.append("")
   return lines
 
 
 def report_markdown(reports: Mapping[str, Mapping[str, Any]],
-                    title: str = 'Early-exit report') -> str:
+                    title: str = "Early-exit report") -> str:
   """Markdown text of several model reports."""
-  lines = [f'# {title}', '',
-           'Accuracy in %, compute in mean MMACs (1e6 multiply-accumulates) per image.', '']
+  lines = [f"# {title}", "",
+           "Accuracy in %, compute in mean MMACs (1e6 multiply-accumulates) per image.", ""]
   for name, r in reports.items():
     lines += _model_markdown(name, r)
-  return '\n'.join(lines)
+  return "\n".join(lines)
 
 
 def compare_markdown(c: Mapping[str, Any]) -> str:

@@ -11,7 +11,7 @@ from adaptive_vision import atomic
 
 
 def plot_accuracy_vs_macs(path: str | os.PathLike, reports: Mapping[str, Mapping[str, Any]],
-                          title: str = 'Early-exit report') -> str:
+                          title: str = "Early-exit report") -> str:
   """PNG with one sweep curve per model, per-exit points, oracle and baseline(s)."""
   # Figure + Agg canvas directly: no pyplot global state, no display needed.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -20,38 +20,38 @@ def plot_accuracy_vs_macs(path: str | os.PathLike, reports: Mapping[str, Mapping
   fig = Figure(figsize=(9.5, 5.5))
   FigureCanvasAgg(fig)
   ax = fig.add_subplot(1, 1, 1)
-  colors = [f'C{i % 10}' for i in range(len(reports))]
+  colors = [f"C{i % 10}" for i in range(len(reports))]
   baselines: list[tuple[float, float]] = []
   for color, (name, r) in zip(colors, reports.items()):
-    sweep = sorted(r['sweep'], key=lambda p: p['mean_macs'])
-    ax.plot([p['mean_macs'] / 1e6 for p in sweep], [100 * p['accuracy'] for p in sweep],
-            '-', color=color, lw=1.5, label=f'{name} (threshold sweep)')
-    ax.plot([p['macs'] / 1e6 for p in r['per_exit']],
-            [100 * p['accuracy'] for p in r['per_exit']],
-            's', color=color, ms=6, mfc='none', label=f'{name} exits alone')
-    o = r['oracle']
-    ax.plot([o['mean_macs'] / 1e6], [100 * o['accuracy']], '*', color=color, ms=13,
-            mec='k', mew=0.5, label=f'{name} oracle')
-    cal = [c for c in r.get('calibrated') or () if 'error' not in c]
+    sweep = sorted(r["sweep"], key=lambda p: p["mean_macs"])
+    ax.plot([p["mean_macs"] / 1e6 for p in sweep], [100 * p["accuracy"] for p in sweep],
+            "-", color=color, lw=1.5, label=f"{name} (threshold sweep)")
+    ax.plot([p["macs"] / 1e6 for p in r["per_exit"]],
+            [100 * p["accuracy"] for p in r["per_exit"]],
+            "s", color=color, ms=6, mfc="none", label=f"{name} exits alone")
+    o = r["oracle"]
+    ax.plot([o["mean_macs"] / 1e6], [100 * o["accuracy"]], "*", color=color, ms=13,
+            mec="k", mew=0.5, label=f"{name} oracle")
+    cal = [c for c in r.get("calibrated") or () if "error" not in c]
     if cal:
-      ax.plot([c['test_mean_macs'] / 1e6 for c in cal],
-              [100 * c['test_accuracy'] for c in cal],
-              'X', color=color, ms=8, mec='k', mew=0.5, label=f'{name} calibrated on val')
-    base = r.get('baseline') or {}
-    if base.get('accuracy') is not None:
-      key = (base['macs'], base['accuracy'])
+      ax.plot([c["test_mean_macs"] / 1e6 for c in cal],
+              [100 * c["test_accuracy"] for c in cal],
+              "X", color=color, ms=8, mec="k", mew=0.5, label=f"{name} calibrated on val")
+    base = r.get("baseline") or {}
+    if base.get("accuracy") is not None:
+      key = (base["macs"], base["accuracy"])
       if not any(np.isclose(key, b).all() for b in baselines):
         baselines.append(key)
   for i, (m, a) in enumerate(baselines):
-    ax.plot([m / 1e6], [100 * a], 'D', color='k', ms=8,
-            label='baseline' if i == 0 else None)
-  ax.set_xlabel('mean MMACs per image')
-  ax.set_ylabel('test accuracy (%)')
+    ax.plot([m / 1e6], [100 * a], "D", color="k", ms=8,
+            label="baseline" if i == 0 else None)
+  ax.set_xlabel("mean MMACs per image")
+  ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
   # Outside the axes: several models' markers would otherwise hide data.
-  ax.legend(fontsize='small', loc='upper left', bbox_to_anchor=(1.02, 1.0))
-  return atomic.save_figure(path, fig, dpi=120, bbox_inches='tight')
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  return atomic.save_figure(path, fig, dpi=120, bbox_inches="tight")
 
 
 def plot_seed_study(path: str | os.PathLike, study: Mapping[str, Any], title: str) -> str:

@@ -38,11 +38,11 @@ def jsonable(x: Any) -> Any:
 
 def _check_same_model(a: ExitLogits, b: ExitLogits, what: str) -> None:
   if a.num_exits != b.num_exits or a.num_classes != b.num_classes:
-    raise ValueError(f'{what}: {a.num_exits} exits x {a.num_classes} classes vs '
-                     f'{b.num_exits} exits x {b.num_classes} classes')
+    raise ValueError(f"{what}: {a.num_exits} exits x {a.num_classes} classes vs "
+                     f"{b.num_exits} exits x {b.num_classes} classes")
   if not np.allclose(a.exit_macs, b.exit_macs, rtol=1e-6):
-    raise ValueError(f'{what}: exit_macs differ ({a.exit_macs.tolist()} vs '
-                     f'{b.exit_macs.tolist()})')
+    raise ValueError(f"{what}: exit_macs differ ({a.exit_macs.tolist()} vs "
+                     f"{b.exit_macs.tolist()})")
 
 
 def _single_exit(x: ExitLogits) -> tuple[float, float]:
@@ -53,8 +53,8 @@ def _single_exit(x: ExitLogits) -> tuple[float, float]:
 
 def early_exit_report(test: Any, *, val: Any = None, baseline: Any = None,
                       baseline_val: Any = None, budgets: Sequence[float] | None = None,
-                      criterion: str = 'entropy', num_points: int = 50,
-                      name: str = 'model') -> dict[str, Any]:
+                      criterion: str = "entropy", num_points: int = 50,
+                      name: str = "model") -> dict[str, Any]:
   """Early-exit report of one model (JSON-serialisable dict).
 
   Args:
@@ -78,17 +78,17 @@ def early_exit_report(test: Any, *, val: Any = None, baseline: Any = None,
   args = (test.exit_logits, test.labels, test.exit_macs)
   per_exit_acc = early_exit.per_exit_accuracy(test.exit_logits, test.labels)
   report: dict[str, Any] = {
-      'name': name,
-      'criterion': criterion,
-      'num_examples': test.num_examples,
-      'num_classes': test.num_classes,
-      'num_exits': test.num_exits,
-      'per_exit': [{'exit': e, 'accuracy': float(per_exit_acc[e]),
-                    'macs': float(test.exit_macs[e])} for e in range(test.num_exits)],
-      'sweep': early_exit.threshold_sweep(*args, criterion=criterion, num_points=num_points),
-      'oracle': early_exit.oracle(*args),
-      'baseline': None,
-      'calibrated': [],
+      "name": name,
+      "criterion": criterion,
+      "num_examples": test.num_examples,
+      "num_classes": test.num_classes,
+      "num_exits": test.num_exits,
+      "per_exit": [{"exit": e, "accuracy": float(per_exit_acc[e]),
+                    "macs": float(test.exit_macs[e])} for e in range(test.num_exits)],
+      "sweep": early_exit.threshold_sweep(*args, criterion=criterion, num_points=num_points),
+      "oracle": early_exit.oracle(*args),
+      "baseline": None,
+      "calibrated": [],
   }
 
   ref_macs = float(test.exit_macs[-1])
@@ -97,44 +97,44 @@ def early_exit_report(test: Any, *, val: Any = None, baseline: Any = None,
     baseline = as_logits(baseline)
     b_acc, b_macs = _single_exit(baseline)
     target = b_acc - ACCURACY_TOLERANCE
-    reaching = [p['mean_macs'] for p in report['sweep'] if p['accuracy'] >= target]
+    reaching = [p["mean_macs"] for p in report["sweep"] if p["accuracy"] >= target]
     at_target = min(reaching) if reaching else None
-    for p in report['sweep']:
-      p['relative_macs'] = p['mean_macs'] / b_macs if b_macs else None
-    report['baseline'] = {
-        'accuracy': b_acc, 'macs': b_macs,
-        'target_accuracy': target,
-        'macs_at_target': at_target,
-        'relative_macs_at_target': (at_target / b_macs if at_target is not None and b_macs
+    for p in report["sweep"]:
+      p["relative_macs"] = p["mean_macs"] / b_macs if b_macs else None
+    report["baseline"] = {
+        "accuracy": b_acc, "macs": b_macs,
+        "target_accuracy": target,
+        "macs_at_target": at_target,
+        "relative_macs_at_target": (at_target / b_macs if at_target is not None and b_macs
                                     else None),
     }
     ref_macs, ref_label = b_macs, "the baseline's MACs"
 
   if val is not None:
     val = as_logits(val)
-    _check_same_model(test, val, 'val and test logits come from different models')
+    _check_same_model(test, val, "val and test logits come from different models")
     targets: list[tuple[str, dict[str, float]]] = []
     if baseline_val is not None:
       baseline_val = as_logits(baseline_val)
       bv_acc, _ = _single_exit(baseline_val)
-      report['baseline'] = report['baseline'] or {}
-      report['baseline']['val_accuracy'] = bv_acc
-      targets.append(('val accuracy >= baseline val accuracy - 0.5 pts',
-                      {'min_accuracy': bv_acc - ACCURACY_TOLERANCE}))
+      report["baseline"] = report["baseline"] or {}
+      report["baseline"]["val_accuracy"] = bv_acc
+      targets.append(("val accuracy >= baseline val accuracy - 0.5 pts",
+                      {"min_accuracy": bv_acc - ACCURACY_TOLERANCE}))
     last_val_acc = float(early_exit.per_exit_accuracy(val.exit_logits, val.labels)[-1])
-    targets.append(('val accuracy >= last-exit val accuracy - 0.5 pts',
-                    {'min_accuracy': last_val_acc - ACCURACY_TOLERANCE}))
+    targets.append(("val accuracy >= last-exit val accuracy - 0.5 pts",
+                    {"min_accuracy": last_val_acc - ACCURACY_TOLERANCE}))
     for f in budgets or ():
-      targets.append((f'mean MACs <= {100 * f:g}% of {ref_label}',
-                      {'max_mean_macs': f * ref_macs}))
+      targets.append((f"mean MACs <= {100 * f:g}% of {ref_label}",
+                      {"max_mean_macs": f * ref_macs}))
     for label, constraint in targets:
-      report['calibrated'].append(
+      report["calibrated"].append(
           _calibrated_point(label, constraint, val, test, criterion,
-                            report['baseline']['macs'] if baseline is not None else None))
+                            report["baseline"]["macs"] if baseline is not None else None))
   return jsonable(report)
 
 
-def calibrated_on_val(val: ExitLogits, test: ExitLogits, criterion: str = 'entropy',
+def calibrated_on_val(val: ExitLogits, test: ExitLogits, criterion: str = "entropy",
                       **constraint: float) -> dict[str, Any]:
   """Per-exit thresholds chosen on `val` under one constraint of
   `early_exit.calibrate` (max_mean_macs= or min_accuracy=), then applied to
@@ -147,22 +147,22 @@ def calibrated_on_val(val: ExitLogits, test: ExitLogits, criterion: str = 'entro
   on_val = early_exit.evaluate_policy(val.exit_logits, val.labels, t, val.exit_macs, criterion)
   on_test = early_exit.evaluate_policy(test.exit_logits, test.labels, t, test.exit_macs,
                                        criterion)
-  return {'thresholds': [float(x) for x in t],
-          'val_accuracy': float(on_val['accuracy']),
-          'val_mean_macs': float(on_val['mean_macs']),
-          'test_accuracy': float(on_test['accuracy']),
-          'test_mean_macs': float(on_test['mean_macs']),
-          'test_exit_fractions': on_test['exit_fractions']}
+  return {"thresholds": [float(x) for x in t],
+          "val_accuracy": float(on_val["accuracy"]),
+          "val_mean_macs": float(on_val["mean_macs"]),
+          "test_accuracy": float(on_test["accuracy"]),
+          "test_mean_macs": float(on_test["mean_macs"]),
+          "test_exit_fractions": on_test["exit_fractions"]}
 
 
 def _calibrated_point(label: str, constraint: dict[str, float], val: ExitLogits,
                       test: ExitLogits, criterion: str,
                       baseline_macs: float | None) -> dict[str, Any]:
-  point: dict[str, Any] = {'target': label, 'constraint': constraint}
+  point: dict[str, Any] = {"target": label, "constraint": constraint}
   try:
     point.update(calibrated_on_val(val, test, criterion, **constraint))
   except ValueError as e:
-    point['error'] = str(e)
+    point["error"] = str(e)
     return point
-  point['relative_macs'] = (point['test_mean_macs'] / baseline_macs if baseline_macs else None)
+  point["relative_macs"] = (point["test_mean_macs"] / baseline_macs if baseline_macs else None)
   return point
