@@ -603,9 +603,8 @@ FULL_DISK = {
     "disk full": ([], lambda rng: rng.choice([2, 4, 6, 8, 10])),
     # 8 steps between checkpoints: metrics.jsonl often needs a new page first
     "disk full, checkpoint every 8": (["--config.checkpoint_every=8"], lambda rng: 8),
-    # A checkpoints folder turned read-only under a running job is not here: the
-    # bind-remount this test used fails with "mount point is busy" while the run
-    # holds files open there. The write-error path it would take is the same.
+    # A folder that becomes unwritable under a running job: see
+    # test_unwritable_folder_stops_in_one_line_and_same_command_resumes.
 }
 
 
@@ -654,6 +653,55 @@ def test_full_disk_stops_in_one_line_and_same_command_resumes(reference, small_d
   record("full_disk", fault=fault, repeat=repeat, fault_after_ckpt=after, failed_file=what.group(4),
          failed_step=step, committed="is complete" in line, resumed_from=kept, line=line)
   assert_same_run(workdir, reference)
+
+
+def _chattr(flag, path):
+  return subprocess.run(["chattr", flag, str(path)], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_unwritable_folder_stops_in_one_line_and_same_command_resumes(reference, tmp_path,
+                                                                      repeat):
+  """The checkpoints folder turns unwritable under the running job (immutable
+  flag: even root cannot create or remove entries, the way a folder remounted
+  read-only behaves; a read-only remount itself is refused while the run holds
+  files there)."""
+  workdir = tmp_path / "run"
+  ckpts = workdir / "checkpoints"
+  after = random.Random().choice([2, 4, 6, 8])
+  proc = start(workdir, log=str(tmp_path / "run1.log"))
+  wait_until(lambda: complete_steps(str(workdir)) and complete_steps(str(workdir))[-1] >= after,
+             proc)
+  out = _chattr("+i", ckpts)
+  if out.returncode:
+    proc.kill()
+    pytest.skip(f"chattr +i is refused here ({out.stderr.strip()})")
+  try:
+    code, log = finish(proc)
+    listing = sorted(os.listdir(ckpts))
+  finally:
+    _chattr("-i", ckpts)
+  errors = [l for l in log.splitlines() if l.startswith("error:")]
+  assert code == 4 and len(errors) == 1, log[-3000:]
+  line = errors[0]
+  what = re.match(rf"error: (?:could not write the checkpoint of step (\d+) to |"
+                  rf"the checkpoint of step (\d+) in ){re.escape(str(ckpts))}[: ]", line)
+  assert what, line
+  assert "Operation not permitted" in line and "run the same command again to resume" in line, line
+  kept = int(re.search(r"the checkpoint of step (\d+) is intact", line).group(1))
+  assert kept == complete_steps(str(workdir))[-1] and kept >= after, (line, listing)
+  params = jax.tree_util.tree_leaves(
+      checkpointing.restore_variables(str(workdir), step=kept)["params"])
+  assert all(np.isfinite(np.asarray(p)).all() for p in params)
+  # The folder is writable again: the same command resumes and ends exactly
+  # like the run that never stopped.
+  code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
+  assert code == 0, log[-3000:]
+  assert f"resuming from checkpoint at step {kept}" in log
+  assert not writing(str(workdir))
+  record("unwritable_folder", repeat=repeat, fault_after_ckpt=after, resumed_from=kept,
+         committed="is complete" in line, line=line)
+  assert_same_run(str(workdir), reference)
 
 
 def test_metrics_line_on_a_full_disk_names_file_and_step(small_disk):
