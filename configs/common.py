@@ -117,7 +117,8 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
 
   role=teacher  ResNet-<teacher_depth> with exits after stages 1 and 2, cross entropy
   role=student  ResNet-<student_depth> with exits after stages 1 and 2, loss ce|kd|erde
-                distilled from the teacher checkpoint in teacher_dir
+                distilled from the teacher in teacher_dir (a run folder, or a
+                parameters file of launch.export)
   epochs=0 means the role's default (teacher_epochs / student_epochs); seed=N
   sets the run's seed (initialization, data order, augmentation, dropout);
   teacher_cache=auto stores the teacher's logits per step in the teacher's

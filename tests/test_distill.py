@@ -120,3 +120,37 @@ def test_teacher_logits_cache_is_shared_by_students_of_one_seed(teacher_dir, tmp
   seed1.teacher_cache, seed1.seed = str(tmp_path / "cache"), 1
   loop.train_and_evaluate(seed1, str(tmp_path / "seed1"))
   assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_teacher_from_a_params_file_trains_the_student_like_its_run(teacher_dir, tmp_path,
+                                                                   monkeypatch):
+  """A trained teacher travels as one launch.export file: a student distilled
+  from it trains exactly like one distilled from the teacher's run; a file of
+  another model is one clear error; the 'auto' logits cache of a file teacher
+  lives in the cache root, not beside the file."""
+  from adaptive_vision.train import teacher_cache
+  from launch import export
+  teacher_cfg = small(erde_cifar10.get_config("role=teacher,runlocal,teacher_depth=8"),
+                      teacher_role=True)
+  params = str(tmp_path / "params" / "teacher.npz")
+  export.export(teacher_cfg, teacher_dir, params, ["0.5"])
+  from_run, from_file = _student("kd", teacher_dir), _student("kd", params)
+  from_run.teacher_cache = from_file.teacher_cache = ""
+  _, run_vars = build.load_teacher(from_run.teacher)
+  _, file_vars = build.load_teacher(from_file.teacher)
+  for a, b in zip(jax.tree_util.tree_leaves(run_vars), jax.tree_util.tree_leaves(file_vars)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  loop.train_and_evaluate(from_run, str(tmp_path / "run"))
+  loop.train_and_evaluate(from_file, str(tmp_path / "file"))
+  assert _losses(str(tmp_path / "file")) == _losses(str(tmp_path / "run"))
+  other = _student("kd", params)
+  other.teacher.model.depth, other.teacher.model.exits = 14, (1, 3)
+  with pytest.raises(ValueError, match=r"^teacher params file .*teacher\.npz holds the parameters"
+                                       r" of another model \(model\.depth is 8 in the file but 14"):
+    build.load_teacher(other.teacher)
+  monkeypatch.setenv("ADAPTIVE_VISION_CACHE", str(tmp_path / "cache"))
+  auto = _student("kd", params)
+  auto.teacher_cache = "auto"
+  assert teacher_cache.cache_root(auto) == str(tmp_path / "cache" / "teacher_logits" / "teacher")
+  assert teacher_cache.cache_root(_student("kd", teacher_dir)) == os.path.join(teacher_dir,
+                                                                               "logits_cache")

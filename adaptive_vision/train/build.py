@@ -12,14 +12,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from adaptive_vision import data as data_lib
+from adaptive_vision import export as export_lib
 from adaptive_vision import losses, models
 from adaptive_vision import sharding as shd
 from adaptive_vision.config import require
@@ -130,12 +133,24 @@ def make_init_fn(model: nn.Module, tx, model_cfg) -> Callable:
   return init
 
 
+def _is_params_file(path: str) -> bool:
+  return str(path).endswith(".npz") and not os.path.isdir(path)
+
+
 def load_teacher(teacher_cfg, variables=None) -> tuple[nn.Module, dict]:
-  """(frozen teacher module, its variables) from teacher.checkpoint, or from
-  `variables` given directly (benchmarks); shapes are checked either way."""
+  """(frozen teacher module, its variables) from teacher.checkpoint (a run's
+  workdir, or a parameters file of launch.export: a trained teacher travels as
+  one file), or from `variables` given directly (benchmarks); shapes are
+  checked either way."""
   teacher = models.build(teacher_cfg.model)
   where = "the given teacher variables"
-  if variables is None:
+  if variables is None and _is_params_file(teacher_cfg.checkpoint):
+    variables, meta = export_lib.read(teacher_cfg.checkpoint)
+    export_lib.check_matches({"model": meta.get("model", {})}, variables,
+                         ml_collections.ConfigDict({"model": teacher_cfg.model}),
+                         f"teacher params file {teacher_cfg.checkpoint}")
+    where = f"teacher params file {teacher_cfg.checkpoint}"
+  elif variables is None:
     variables = checkpointing.restore_variables(teacher_cfg.checkpoint,
                                                 hint=checkpointing.TEACHER_HINT)
     where = f"teacher checkpoint {teacher_cfg.checkpoint}"

@@ -55,11 +55,21 @@ class TeacherLogitsCache:
 
 
 def cache_root(config) -> Optional[str]:
-  """config.teacher_cache: '' (off), 'auto' (<teacher.checkpoint>/logits_cache) or a folder."""
+  """config.teacher_cache: '' (off), 'auto' or a folder. 'auto' is
+  <teacher.checkpoint>/logits_cache for a teacher run, and for a teacher
+  parameters file (.npz) a folder named after it in the data cache root
+  (a results folder is no place for a cache)."""
   value = config.teacher_cache
   if not value or not config.teacher:
     return None
-  return os.path.join(config.teacher.checkpoint, "logits_cache") if value == "auto" else value
+  if value != "auto":
+    return value
+  where = str(config.teacher.checkpoint)
+  if where.endswith(".npz") and not os.path.isdir(where):
+    from adaptive_vision.data import sources  # pylint: disable=import-outside-toplevel
+    name = os.path.splitext(os.path.basename(where))[0]
+    return os.path.join(str(sources.cache_root(config.data)), "teacher_logits", name)
+  return os.path.join(where, "logits_cache")
 
 
 def fingerprint(variables) -> str:
