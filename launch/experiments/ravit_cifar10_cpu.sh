@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The RAViT vs ViT experiment of results/ravit_cifar10_cpu/ (2-core CPU, offline
-# CIFAR-10). Both main runs share one recipe (configs/common.py cifar_vit_recipe,
-# 40 epochs); each run resumes if restarted, so the same script continues it.
+# CIFAR-10). Both main runs share one recipe (configs/common.py cifar_vit_recipe)
+# at 16 epochs, which fit one working day of a 2-core machine; each run resumes
+# if restarted, so the same script continues it.
 # Run from the repository root. On 2 cores, run the two trainings side by side,
 # each pinned to one core (taskset -c 0 / -c 1).
 set -euo pipefail
@@ -12,20 +13,27 @@ for v in "later_width=64,later_depth=3" "later_depth=2"; do
       --workdir "runs/pilot_$(echo "$v" | tr ',=' '__')"
 done
 
-# 2. The main runs (40 epochs) and the report (thresholds calibrated on val).
-python -m launch.train --config configs/vit_cifar10.py --workdir runs/vit_cifar10 --config.eval_every=1755
-python -m launch.train --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 --config.eval_every=1755
+# 2. The main runs (16 epochs) and the report (thresholds calibrated on val),
+#    then the trained parameters, published for launch.predict / launch.evaluate.
+python -m launch.train --config configs/vit_cifar10.py:epochs=16 --workdir runs/vit_cifar10 --config.eval_every=702
+python -m launch.train --config configs/ravit_cifar10.py:epochs=16 --workdir runs/ravit_cifar10 --config.eval_every=702
 python -m launch.report --run ravit=runs/ravit_cifar10 --baseline runs/vit_cifar10 \
     --out results/ravit_cifar10_cpu --budgets 0.55,0.7,0.72 \
-    --title "RAViT 16->32 vs ViT, CIFAR-10, 40 epochs, 2-core CPU"
+    --title "RAViT 16->32 vs ViT, CIFAR-10, 16 epochs, 2-core CPU"
+python -m launch.export --config configs/vit_cifar10.py:epochs=16 --workdir runs/vit_cifar10 \
+    --out results/params/vit_cifar10.npz
+python -m launch.export --config configs/ravit_cifar10.py:epochs=16 --workdir runs/ravit_cifar10 \
+    --out results/params/ravit_cifar10.npz --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py
 
-# 3. Ablations at a shorter schedule (10 epochs for every row).
-python -m launch.train --config configs/vit_cifar10.py:epochs=10 --workdir runs/abl_vit
-for v in "" "reuse=none" "stop_grad" "full"; do
-  python -m launch.train --config "configs/ravit_cifar10.py:epochs=10${v:+,$v}" \
+# 3. Ablations at a shorter schedule (3 epochs for every row). The baseline and
+#    the full-second-branch rows are the runs of short_schedule_3_epochs/.
+python -m launch.train --config configs/vit_cifar10.py:epochs=3 --workdir runs/vit_cifar10_3ep
+python -m launch.train --config configs/ravit_cifar10.py:epochs=3,full --workdir runs/ravit_cifar10_3ep
+for v in "" "reuse=none" "stop_grad"; do
+  python -m launch.train --config "configs/ravit_cifar10.py:epochs=3${v:+,$v}" \
       --workdir "runs/abl_ravit${v:+_$(echo "$v" | tr ',=' '__')}"
 done
 python -m launch.report --run lighter_token=runs/abl_ravit --run no_reuse=runs/abl_ravit_reuse_none \
-    --run stop_grad=runs/abl_ravit_stop_grad --run full_second_branch=runs/abl_ravit_full \
-    --baseline runs/abl_vit --out results/ravit_cifar10_cpu/ablation --budgets 0.55,0.7,0.72 \
-    --title "RAViT ablations, CIFAR-10, 10 epochs, 2-core CPU"
+    --run stop_grad=runs/abl_ravit_stop_grad --run full_second_branch=runs/ravit_cifar10_3ep \
+    --baseline runs/vit_cifar10_3ep --out results/ravit_cifar10_cpu/ablation --budgets 0.55,0.7,0.72 \
+    --title "RAViT ablations, CIFAR-10, 3 epochs, 2-core CPU"
