@@ -35,6 +35,13 @@ def test_unknown_config_argument_is_named():
     vit_cifar10.get_config("epohcs=3")
 
 
+
+def test_unknown_loss_name_is_refused_before_anything_runs(tmp_path):
+  from configs import erde_cifar10
+  with pytest.raises(ValueError, match=r"unknown loss.name='kdd'; valid names: \('ce', 'kd', 'erde'\)"):
+    loop.validate_config(erde_cifar10.get_config("loss=kdd"), str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists()
+
 def test_ravit_and_baseline_share_the_recipe():
   from configs import ravit_cifar10, vit_cifar10
   r, v = ravit_cifar10.get_config(), vit_cifar10.get_config()

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import atomic, data as data_lib
-from adaptive_vision import models
+from adaptive_vision import losses, models
 from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.eval import predict
 from adaptive_vision.config import require
@@ -70,6 +70,8 @@ def validate_config(config, workdir: str) -> None:
   if config.model.num_classes != config.data.num_classes:
     raise ValueError(f"model.num_classes={config.model.num_classes} but "
                      f"data.num_classes={config.data.num_classes}")
+  if config.loss.name not in losses.LOSS_NAMES:
+    raise ValueError(f"unknown loss.name={config.loss.name!r}; valid names: {losses.LOSS_NAMES}")
   if config.loss.name in ("kd", "erde") and not require(config, "teacher"):
     raise ValueError(f"loss.name={config.loss.name!r} needs a teacher: set "
                      "teacher.model and teacher.checkpoint")

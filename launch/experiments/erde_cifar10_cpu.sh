@@ -8,26 +8,33 @@
 # script continues the study. On 2 cores, run two trainings side by side,
 # each pinned to one core (taskset -c 0 / -c 1). The results README lists
 # these commands line for line.
+# The trained teacher travels as one exported file (results/params/), so the
+# students can be trained in a later session on another machine.
 set -euo pipefail
 TEACHER=runs/erde_teacher_e30
+TEACHER_PARAMS=results/params/erde_teacher.npz
 
 python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=30 --workdir $TEACHER
+python -m launch.export --config configs/erde_cifar10.py:role=teacher,epochs=30 --workdir $TEACHER \
+    --out $TEACHER_PARAMS
+python -m launch.evaluate --config configs/erde_cifar10.py:role=teacher,epochs=30 \
+    --params $TEACHER_PARAMS --out runs/erde_teacher_params
 for seed in 0 1 2; do
   for loss in ce kd erde; do
-    python -m launch.train --config configs/erde_cifar10.py:loss=$loss,epochs=15,seed=$seed,teacher_dir=$TEACHER \
+    python -m launch.train --config configs/erde_cifar10.py:loss=$loss,epochs=15,seed=$seed,teacher_dir=$TEACHER_PARAMS \
         --workdir runs/erde_${loss}_s$seed
   done
   for mode in minimize off; do
-    python -m launch.train --config configs/erde_cifar10.py:loss=erde,entropy_mode=$mode,epochs=15,seed=$seed,teacher_dir=$TEACHER \
+    python -m launch.train --config configs/erde_cifar10.py:loss=erde,entropy_mode=$mode,epochs=15,seed=$seed,teacher_dir=$TEACHER_PARAMS \
         --workdir runs/erde_entropy_${mode}_s$seed
   done
 done
-python -m launch.report --run teacher=$TEACHER --out results/erde_cifar10_cpu/teacher \
+python -m launch.report --run teacher=runs/erde_teacher_params --out results/erde_cifar10_cpu/teacher \
     --title "ERDE teacher: early-exit ResNet-20, CIFAR-10, 30 epochs, 2-core CPU"
 python -m launch.report --seeds 0,1,2 --run ce=runs/erde_ce_s{seed} --run kd=runs/erde_kd_s{seed} \
-    --run erde=runs/erde_erde_s{seed} --teacher $TEACHER --reference erde --out results/erde_cifar10_cpu \
+    --run erde=runs/erde_erde_s{seed} --teacher runs/erde_teacher_params --reference erde --out results/erde_cifar10_cpu \
     --title "ERDE vs KD vs CE: ResNet-8 students of a ResNet-20 teacher, CIFAR-10, 15 epochs, 2-core CPU"
 python -m launch.report --seeds 0,1,2 --run erde=runs/erde_erde_s{seed} --run erde_minimize=runs/erde_entropy_minimize_s{seed} \
-    --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher $TEACHER --reference erde \
+    --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher runs/erde_teacher_params --reference erde \
     --out results/erde_cifar10_cpu/ablation \
     --title "ERDE entropy-term ablation (maximize / minimize / off), CIFAR-10, 15 epochs, 2-core CPU"

@@ -1,0 +1,80 @@
+"""The experiment scripts: every config argument they use builds, and a
+results README that promises the script's commands line for line has them."""
+
+import importlib
+import itertools
+import pathlib
+import re
+import shlex
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+SCRIPTS = sorted((ROOT / "launch" / "experiments").glob("*.sh"))
+
+
+def commands(text: str, variables: dict[str, str] | None = None) -> list[str]:
+  """The `python -m ...` commands of a shell text, continuation lines joined,
+  whitespace collapsed, `$NAME` variables substituted."""
+  joined = re.sub(r"\\\n\s*", " ", text)
+  out = []
+  for line in joined.splitlines():
+    line = " ".join(line.split())
+    if line.startswith("python -m "):
+      for name, value in (variables or {}).items():
+        line = re.sub(rf"\${name}\b", value, line)
+      out.append(line)
+  return out
+
+
+def assignments(text: str) -> dict[str, str]:
+  return dict(re.findall(r"^([A-Z_]+)=(\S+)$", text, flags=re.M))
+
+
+def config_args(script: pathlib.Path) -> set[tuple[str, str]]:
+  """(config module, argument) of every --config in the script, each command
+  expanded over the values of the `for NAME in ...; do` loops around it."""
+  text = script.read_text()
+  variables = assignments(text)
+  loops: dict[str, list[str]] = {}
+  found = set()
+  for line in re.sub(r"\\\n\s*", " ", text).splitlines():
+    loop = re.match(r"\s*for (\w+) in (.+?); do", line)
+    if loop:
+      loops[loop.group(1)] = shlex.split(loop.group(2))
+    for cmd in commands(line, variables):
+      for module, arg in re.findall(r"--config[ =]\"?(configs/\w+\.py)(?::([^\s\"]*))?", cmd):
+        names = [n for n in loops if f"${n}" in arg or f"${{{n}" in arg]
+        for values in itertools.product(*(loops[n] for n in names)):
+          a = arg
+          for n, v in zip(names, values):
+            a = a.replace(f"${{{n}:+,${n}}}", f",{v}" if v else "")
+            a = re.sub(rf"\$\{{?{n}\}}?", v, a)
+          found.add((module, a))
+  return found
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_every_config_argument_of_the_script_builds(script, tmp_path):
+  """A typo in an argument would otherwise surface hours into the study."""
+  from adaptive_vision.train import loop
+  specs = config_args(script)
+  assert specs, f"{script.name} has no --config"
+  for module, arg in sorted(specs):
+    assert "$" not in arg, (script.name, arg)
+    config = importlib.import_module(f"configs.{pathlib.Path(module).stem}").get_config(arg or None)
+    loop.validate_config(config, str(tmp_path / "w"))
+    epochs = re.search(r"epochs=(\d+)", arg)
+    if epochs:
+      assert config.num_epochs == int(epochs.group(1)), (module, arg)
+    teacher = re.search(r"teacher_dir=([^,]+)", arg)
+    if teacher and config.teacher is not None:  # cross-entropy students have none
+      assert config.teacher.checkpoint == teacher.group(1), (module, arg)
+
+
+def test_erde_results_readme_has_the_script_line_for_line():
+  script = (ROOT / "launch" / "experiments" / "erde_cifar10_cpu.sh").read_text()
+  readme = (ROOT / "results" / "erde_cifar10_cpu" / "README.md").read_text()
+  want = commands(script, assignments(script))
+  assert len(want) >= 8
+  assert commands(readme) == want
