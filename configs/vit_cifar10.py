@@ -11,16 +11,16 @@ Arguments after ':' (comma separated):
   size=N        train on the first N training images (quick runs)
 
 The default is the CPU recipe shared with configs/ravit_cifar10.py (Nano/4 ViT:
-width 96, depth 4, 3 heads, 4x4 patches; AdamW lr 1e-3, wd 0.05, cosine, 3 epochs,
-batch 128, pad-4 crop + flip). Its measured result is in
-results/vit_cifar10_cpu.md, with the exact command.
+width 96, depth 4, 3 heads, 4x4 patches; AdamW lr 1e-3, wd 0.05, cosine, 16 epochs,
+batch 128, pad-4 crop + flip): 70.83% test accuracy on the offline copy, 97 min on
+one core of a 2-core Xeon (results/ravit_cifar10_cpu/, with the exact command).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="Nano/4", epochs=40, size=0, batch=128, lr=1e-3, sd=0.0)
+  a = common.parse_arg(arg, variant="Nano/4", epochs=16, size=0, batch=128, lr=1e-3, sd=0.0)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
   c.model = dict(name="vit", variant=a.variant, num_classes=10, image_size=32,
