@@ -25,8 +25,8 @@ python -m launch.export --config configs/vit_cifar10.py:epochs=16 --workdir runs
 python -m launch.export --config configs/ravit_cifar10.py:epochs=16 --workdir runs/ravit_cifar10 \
     --out results/params/ravit_cifar10.npz --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py
 
-# 3. Ablations at a shorter schedule (3 epochs for every row). The baseline and
-#    the full-second-branch rows are the runs of short_schedule_3_epochs/.
+# 3. Ablations at a shorter schedule (3 epochs for every row). The published
+#    full-second-branch row reuses the logits of short_schedule_3_epochs/.
 python -m launch.train --config configs/vit_cifar10.py:epochs=3 --workdir runs/vit_cifar10_3ep
 python -m launch.train --config configs/ravit_cifar10.py:epochs=3,full --workdir runs/ravit_cifar10_3ep
 for v in "" "reuse=none" "stop_grad"; do
