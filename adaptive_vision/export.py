@@ -200,6 +200,11 @@ def save(path: str, variables: Mapping[str, Any], meta: Mapping[str, Any]) -> in
   return os.path.getsize(path)
 
 
+def is_params_file(path) -> bool:
+  """Whether `path` names a parameters file (as opposed to a run's workdir)."""
+  return str(path).endswith(".npz") and not os.path.isdir(path)
+
+
 def read(path: str) -> tuple[dict, dict]:
   """(variables, meta) of a file written by `save`; one-line ValueError otherwise."""
   if not os.path.exists(path):

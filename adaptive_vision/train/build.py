@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -133,10 +132,6 @@ def make_init_fn(model: nn.Module, tx, model_cfg) -> Callable:
   return init
 
 
-def _is_params_file(path: str) -> bool:
-  return str(path).endswith(".npz") and not os.path.isdir(path)
-
-
 def load_teacher(teacher_cfg, variables=None) -> tuple[nn.Module, dict]:
   """(frozen teacher module, its variables) from teacher.checkpoint (a run's
   workdir, or a parameters file of launch.export: a trained teacher travels as
@@ -144,12 +139,12 @@ def load_teacher(teacher_cfg, variables=None) -> tuple[nn.Module, dict]:
   checked either way."""
   teacher = models.build(teacher_cfg.model)
   where = "the given teacher variables"
-  if variables is None and _is_params_file(teacher_cfg.checkpoint):
-    variables, meta = export_lib.read(teacher_cfg.checkpoint)
-    export_lib.check_matches({"model": meta.get("model", {})}, variables,
-                         ml_collections.ConfigDict({"model": teacher_cfg.model}),
-                         f"teacher params file {teacher_cfg.checkpoint}")
+  if variables is None and export_lib.is_params_file(teacher_cfg.checkpoint):
     where = f"teacher params file {teacher_cfg.checkpoint}"
+    variables, meta = export_lib.read(teacher_cfg.checkpoint)
+    # The model only: a teacher's eval preprocessing is not the student's concern.
+    export_lib.check_matches({"model": meta.get("model", {})}, variables,
+                             ml_collections.ConfigDict({"model": teacher_cfg.model}), where)
   elif variables is None:
     variables = checkpointing.restore_variables(teacher_cfg.checkpoint,
                                                 hint=checkpointing.TEACHER_HINT)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from adaptive_vision import atomic
+from adaptive_vision import atomic, export
 
 
 class TeacherLogitsCache:
@@ -65,7 +65,7 @@ def cache_root(config) -> Optional[str]:
   if value != "auto":
     return value
   where = str(config.teacher.checkpoint)
-  if where.endswith(".npz") and not os.path.isdir(where):
+  if export.is_params_file(where):
     from adaptive_vision.data import sources  # pylint: disable=import-outside-toplevel
     name = os.path.splitext(os.path.basename(where))[0]
     return os.path.join(str(sources.cache_root(config.data)), "teacher_logits", name)
