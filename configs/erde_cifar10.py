@@ -12,7 +12,7 @@ epochs, same recipe), then the report and the comparisons:
       --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
       --teacher runs/erde_teacher --reference erde --out results/erde_cifar10
   (launch/experiments/erde_cifar10_cpu.sh runs the 2-core CPU study of
-  results/erde_cifar10_cpu/ with explicit, shorter epochs: teacher 30, students 15.)
+  results/erde_cifar10_cpu/ with explicit, shorter epochs: teacher 20, students 15.)
 
 Arguments (comma separated after ':'): role=teacher|student, loss=ce|kd|erde,
 seed=N, teacher_dir=DIR, teacher_depth=20, student_depth=8,
