@@ -19,6 +19,8 @@ python -m launch.export --config configs/erde_cifar10.py:role=teacher,epochs=20 
     --out $TEACHER_PARAMS
 python -m launch.evaluate --config configs/erde_cifar10.py:role=teacher,epochs=20 \
     --params $TEACHER_PARAMS --out runs/erde_teacher_params
+python -m launch.report --summarize $TEACHER --out results/erde_cifar10_cpu/teacher/training_run \
+    --command "python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=20 --workdir $TEACHER"
 for seed in 0 1 2; do
   for loss in ce kd erde; do
     python -m launch.train --config configs/erde_cifar10.py:loss=$loss,epochs=15,seed=$seed,teacher_dir=$TEACHER_PARAMS \
