@@ -25,9 +25,10 @@ Models: ResNet-20 teacher (40.87 MMACs at its final exit) and ResNet-8 student
 Recipe: SGD + Nesterov 0.9, lr 0.1, wd 5e-4, batch 128, 10% warmup + cosine,
 clipping 2.0, pad-4 crop + flip. Reads the offline CIFAR-10 folder by default.
 Expected: the teacher at >= 88% final-exit test accuracy (ResNet-20 reaches
-~91% on the original CIFAR-10 with long schedules). On a 2-core CPU the
-teacher step runs at ~144 images/s (results/bench_cnn.json): about 5 hours
-for the teacher on both cores. Results: results/erde_cifar10_cpu/.
+~91% on the original CIFAR-10 with long schedules); 20 epochs gave 84.14%
+(it underfits there). On a 2-core AMD EPYC the teacher run trains at ~108
+images/s (results/erde_cifar10_cpu/teacher/training_run.md): about 7 hours
+for 60 epochs on both cores. Results: results/erde_cifar10_cpu/.
 """
 
 from configs import common
