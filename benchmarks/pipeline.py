@@ -1,9 +1,10 @@
 r"""Does the input pipeline keep up with the train step, and what does it cost?
 
-  python -m benchmarks.run pipeline [--model vit|ravit] [--batches 40] [--rounds 6]
+  python -m benchmarks.run pipeline [--model vit|ravit|erde_teacher] [--batches 40] [--rounds 6]
       [--cpu-devices N] [--out results/bench_pipeline.json]
 
-Uses the real CIFAR-10 configs (the offline copy in ../shared/data/cifar10,
+Uses the real CIFAR-10 configs (`erde_teacher`: configs/erde_cifar10.py:role=teacher,
+the early-exit ResNet-20; the offline copy in ../shared/data/cifar10,
 decoded once into the array cache; augmentation, normalization and, for
 RAViT, the per-example resize to each branch's view run on the host in
 grain's prefetch thread, as in training). Measures:
@@ -30,7 +31,7 @@ from benchmarks import common  # no jax import: XLA_FLAGS can still be set
 def parse_args(argv=None):
   p = argparse.ArgumentParser(prog="python -m benchmarks.run pipeline", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--model", default="vit", choices=("vit", "ravit"))
+  p.add_argument("--model", default="vit", choices=("vit", "ravit", "erde_teacher"))
   p.add_argument("--batches", type=int, default=40, help="batches timed for the pipeline alone")
   p.add_argument("--rounds", type=int, default=6)
   p.add_argument("--steps", type=int, default=5, help="train steps per round and kind")
@@ -52,8 +53,12 @@ def main(argv=None) -> dict:
   from adaptive_vision.train import build
   from benchmarks import jax_bench, suites
   common.setup_jax()
-  suite = suites.get("cifar")
-  config = suite.vit if args.model == "vit" else suite.ravit
+  if args.model == "erde_teacher":
+    from configs import erde_cifar10
+    config = erde_cifar10.get_config("role=teacher")
+  else:
+    suite = suites.get("cifar")
+    config = suite.vit if args.model == "vit" else suite.ravit
   if args.train_size:
     config.data.train_size = args.train_size
   if config.data.source == "folder" and not os.path.exists(config.data.path):
@@ -91,7 +96,7 @@ def main(argv=None) -> dict:
       x = shd.global_batch(next(it), mesh) if real else batch
       s, m = compiled(s, x, None)
       if pending is not None:
-        jax.device_get(pending["loss"])  # the trainer checks metrics one step late
+        jax.device_get(pending)  # the trainer checks all metrics one step late
       pending = m
     jax.block_until_ready((s, pending))
     holder["state"] = s

@@ -166,6 +166,35 @@ def test_global_batches_do_not_depend_on_process_count(tmp_path):
         np.testing.assert_array_equal(old[b][k], one[b][k])
 
 
+@pytest.mark.parametrize("views", [None, (4, SIZE)])
+def test_whole_batch_augmentation_equals_the_per_example_path(tmp_path, folders, views):
+  """CIFAR-augmented train batches are read and augmented as arrays; they are
+  the numbers of the per-example pipeline (random_map of Preprocess, then
+  batch) on a folder source with a holdout, also with multi-resolution views."""
+  import grain
+  from adaptive_vision.data import pipeline
+  cfg = cfg_for(tmp_path, source="folder", name="tiny", path=str(folders["dir"]),
+                num_classes=3, image_size=SIZE, augment="cifar", val_size=2)
+  pre = pipeline.preprocess(cfg, train=True, views=views)
+  assert pre.batchable
+  src = sources.get_source(cfg, "train")
+  assert hasattr(src, "read_many")  # the array gather, not the item-by-item fallback
+  ref = grain.MapDataset.source(src).shuffle(seed=pipeline._derive_seed(7, 0)).repeat(None)
+  ref = ref.random_map(pre, seed=pipeline._derive_seed(7, 1, 0)).batch(4, drop_remainder=True)
+  new = data.make_train_dataset(cfg, global_batch_size=4, seed=7, views=views)
+  key = "image" if views is None else "views"
+  for b in range(8):  # > 2 epochs of 10 examples
+    got, want = new[b], ref[b]
+    assert set(got) == set(want) == {key, "label"}
+    np.testing.assert_array_equal(got["label"], want["label"])
+    assert got["label"].dtype == want["label"].dtype == np.int32
+    pairs = [(got[key], want[key])] if views is None else list(zip(got[key], want[key]))
+    assert len(pairs) == (1 if views is None else len(views))
+    for g, w in pairs:
+      assert g.dtype == w.dtype == np.float32 and g.shape == w.shape
+      np.testing.assert_array_equal(g, w)
+
+
 def test_iterator_state_moves_between_process_counts(tmp_path):
   cfg = cfg_for(tmp_path, augment="cifar", synthetic_train_size=40)
   two = [data.make_train_iterator(cfg, global_batch_size=8, seed=1, process_index=p,
@@ -303,6 +332,25 @@ def test_synthetic_splits_share_classes_not_examples(tmp_path):
 
 
 # ----------------------------------------------------------------------------- augmentation
+
+
+def test_pad_crop_flip_is_a_crop_of_the_zero_padded_image():
+  """The crop is written without np.pad; it must equal the definition (pad by
+  4 with zeros, crop at the drawn offset, flip on the drawn coin), with the same
+  random draws in the same order, also for images smaller than the padding."""
+  src = np.random.default_rng(0)
+  for shape in [(32, 32, 3), (9, 7, 3), (3, 3, 1)]:
+    for seed in range(40):
+      img = src.integers(1, 256, shape, dtype=np.uint8)
+      draws = np.random.default_rng(seed)
+      y, x = draws.integers(0, 9, size=2)
+      flip = draws.random() < 0.5
+      padded = np.pad(img, ((4, 4), (4, 4), (0, 0)))
+      want = padded[y:y + shape[0], x:x + shape[1]]
+      want = want[:, ::-1] if flip else want
+      got = augment.pad_crop_flip(img, np.random.default_rng(seed))
+      assert got.dtype == img.dtype
+      np.testing.assert_array_equal(got, want, err_msg=f"{shape} seed {seed}")
 
 
 def test_augmentations_shapes_and_normalization():

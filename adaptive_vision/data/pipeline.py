@@ -2,7 +2,9 @@
 
 Train: source -> per-epoch shuffle -> repeat forever -> per-example augmentation
 (random_map: rng from (seed, global position)) -> global batches, of which each
-process reads its own rows. All of it is index-based (grain MapDataset), so the
+process reads its own rows. With CIFAR augmentation only the random draws are
+per example and each batch is read and augmented as whole arrays (the same
+numbers, at a fraction of the host CPU). All of it is index-based (grain MapDataset), so the
 stream of global batches is a pure function of (data config, seed, global batch
 size): the same for any number of processes or workers. The iterator state is
 the number of global batches read (`{'next_index': k}`, equal on every process),
@@ -86,16 +88,46 @@ def make_train_dataset(data_cfg, *, global_batch_size: int, seed: int, views=Non
   src = sources.get_source(data_cfg, "train")
   if len(src) == 0:
     raise ValueError("the training split has no examples: use more data")
-  ds = grain.MapDataset.source(src)
-  # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch).
+  pre = preprocess(data_cfg, train=True, views=views)
+  # shuffle before repeat: each epoch gets its own permutation (seed folded with epoch;
+  # it depends on the length only, so shuffling indices gives the same order).
+  ds = (grain.MapDataset.range(len(src)) if pre.batchable else grain.MapDataset.source(src))
   ds = ds.shuffle(seed=_derive_seed(seed, 0)).repeat(None)
   # Per-example rng from (seed, global position): reproducible with any worker or
   # process count (the 0 is the process index of the one-stream layout it keeps).
-  ds = ds.random_map(preprocess(data_cfg, train=True, views=views),
-                     seed=_derive_seed(seed, 1, 0))
-  # Batches of L consecutive examples; every process_count-th one from p is
-  # process p's part of each global batch.
-  return ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  rng_seed = _derive_seed(seed, 1, 0)
+  if not pre.batchable:
+    ds = ds.random_map(pre, seed=rng_seed)
+    # Batches of L consecutive examples; every process_count-th one from p is
+    # process p's part of each global batch.
+    return ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  # The same stream, cheaper: per example only its index and random draws (from
+  # the same rng), then each batch read and augmented in whole-array operations.
+  ds = ds.random_map(_Draws(pre), seed=rng_seed)
+  ds = ds.batch(batch, drop_remainder=True)[process_index::process_count]
+  return ds.map(_AugmentBatch(src, pre))
+
+
+class _Draws:
+  """index -> {'index', and the example's random choices} (picklable for workers)."""
+
+  def __init__(self, pre: augment_lib.Preprocess):
+    self.pre = pre
+
+  def __call__(self, index, rng: np.random.Generator) -> dict:
+    return dict(self.pre.draw(rng), index=np.int64(index))
+
+
+class _AugmentBatch:
+  """A batch of {'index', draws} -> the augmented train batch."""
+
+  def __init__(self, src, pre: augment_lib.Preprocess):
+    self.src, self.pre = src, pre
+
+  def __call__(self, draws: dict) -> dict:
+    draws = dict(draws)
+    images, labels = sources.read_batch(self.src, draws.pop("index"))
+    return self.pre.apply_batch(images, labels, draws)
 
 
 def make_train_iterator(data_cfg, *, global_batch_size: int, seed: int, views=None,

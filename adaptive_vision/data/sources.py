@@ -129,6 +129,12 @@ class ArraySource:
   def __getitem__(self, i) -> dict[str, Any]:
     return {"image": np.asarray(self.images[i]), "label": int(self.labels[i])}
 
+  def read_many(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [B, H, W, 3], int32 labels [B]) of items `indices`, in
+    one gather from the mapped array."""
+    idx = np.asarray(indices, np.int64)
+    return augment_lib.to_rgb_batch(np.asarray(self.images[idx])), self.labels[idx].astype(np.int32)
+
   def __getstate__(self):
     # Pickle the path, not the (possibly huge) mapped array.
     state = dict(self.__dict__)
@@ -208,6 +214,17 @@ class TfdsSource:
     return {"image": augment_lib.to_rgb(ex["image"]), "label": label}
 
 
+def read_batch(src, indices) -> tuple[np.ndarray, np.ndarray]:
+  """(uint8 images [B, H, W, 3], int32 labels [B]) of the items `indices` of
+  `src`: one gather where the source keeps arrays (read_many), else item by item."""
+  many = getattr(src, "read_many", None)
+  if many is not None:
+    return many(indices)
+  items = [src[int(i)] for i in indices]
+  return (np.stack([augment_lib.to_rgb(it["image"]) for it in items]),
+          np.asarray([it["label"] for it in items], np.int32))
+
+
 class SubsetSource:
   """A view of `base` restricted to `indices` (holdout / size limits)."""
 
@@ -221,6 +238,9 @@ class SubsetSource:
 
   def __getitem__(self, i) -> dict[str, Any]:
     return self.base[int(self.indices[i])]
+
+  def read_many(self, indices) -> tuple[np.ndarray, np.ndarray]:
+    return read_batch(self.base, self.indices[np.asarray(indices, np.int64)])
 
   @property
   def labels(self) -> np.ndarray | None:
