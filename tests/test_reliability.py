@@ -707,6 +707,30 @@ def test_unwritable_folder_stops_in_one_line_and_same_command_resumes(reference,
   assert_same_run(str(workdir), reference)
 
 
+def test_a_save_past_orbax_time_limit_is_named_so_not_a_disk_problem(tmp_path, monkeypatch):
+  """Orbax measures its async-save limit in wall time, so a paused process
+  trips it; the error says that, and the advice is to resume (not to free
+  space)."""
+  from adaptive_vision import atomic
+  ckpt = checkpointing.Checkpointer(str(tmp_path / "checkpoints"))
+  ckpt._writing = 1800  # a save in flight
+
+  def timed_out():
+    raise TimeoutError("ChainedFuture completed 0/1 futures but timed out after 1450.98 seconds.")
+  monkeypatch.setattr(ckpt.manager, "wait_until_finished", timed_out)
+  with pytest.raises(checkpointing.SaveTimeoutError) as err:
+    ckpt.wait()
+  message = str(err.value)
+  assert isinstance(err.value, atomic.WriteError)  # launch.train's one-line error path
+  assert "step 1800" in message and "did not finish within" in message, message
+  assert "paused" in message and "timed out after 1450.98 seconds" in message, message
+  monkeypatch.undo()
+  advice = loop._intact(ckpt, err.value)
+  assert advice == "no checkpoint was written yet; run the same command again to resume", advice
+  assert "free space" in loop._intact(ckpt, atomic.WriteError("No space left on device"))
+  ckpt.close()
+
+
 def test_metrics_line_on_a_full_disk_names_file_and_step(small_disk):
   from adaptive_vision import atomic
   from adaptive_vision.train.metrics import MetricWriter

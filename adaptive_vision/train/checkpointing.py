@@ -47,6 +47,17 @@ class DataOrderError(ValueError):
 DATA_LAYOUT = "global-batches"  # make_train_dataset: the global batches do not depend on processes
 
 
+# Orbax gives up on an async save after this many seconds of wall time, and the
+# run then stops with an error. Its default (20 minutes) killed a healthy run
+# whose process had been paused (SIGSTOP) for 25 minutes during a save: the
+# pause counts as waiting. A save that truly hangs then surfaces later.
+SAVE_TIMEOUT_S = 6 * 3600
+
+
+class SaveTimeoutError(WriteError):
+  """An async save did not finish within SAVE_TIMEOUT_S of wall time."""
+
+
 class Checkpointer:
 
   def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
@@ -61,7 +72,8 @@ class Checkpointer:
         # The step's temporary directory is made in save() itself: made in a
         # background thread, a read-only folder there left save() waiting forever
         # for a signal that thread never sent (orbax 0.12.8); here it raises.
-        async_options=ocp.AsyncOptions(create_directories_asynchronously=False))
+        async_options=ocp.AsyncOptions(create_directories_asynchronously=False,
+                                       timeout_secs=SAVE_TIMEOUT_S))
     try:
       self.manager = ocp.CheckpointManager(self.directory, options=self._options)
     except OSError as e:
@@ -112,6 +124,11 @@ class Checkpointer:
       committed = step is not None and step in self.manager.all_steps()
     except Exception:  # pylint: disable=broad-except
       committed = False
+    if isinstance(error, TimeoutError) and not committed:
+      return SaveTimeoutError(
+          f"the checkpoint of step {step} to {self.directory} did not finish within "
+          f"Orbax's limit of {SAVE_TIMEOUT_S} s (time the process spent paused or "
+          f"suspended counts): {reason(error)}")
     if committed:
       return WriteError(f"the checkpoint of step {step} in {self.directory} is complete, but "
                         f"saving failed after it was committed: {reason(error)}")

@@ -283,7 +283,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   except BaseException as e:
     failed = True
     if isinstance(e, atomic.WriteError):  # disk full, read-only: what stands, how to go on
-      raise atomic.WriteError(f"{e}; {_intact(ckpt)}") from e
+      raise type(e)(f"{e}; {_intact(ckpt, e)}") from e
     raise
   finally:
     if previous_handler is not None:
@@ -297,7 +297,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
         log.warning("while stopping, %s failed too: %s", close.__qualname__, atomic.reason(e))
 
 
-def _intact(ckpt) -> str:
+def _intact(ckpt, error: BaseException) -> str:
   """What a stopped run keeps and how to go on, after a write failed."""
   try:
     ckpt.wait()
@@ -306,6 +306,8 @@ def _intact(ckpt) -> str:
   steps = ckpt.all_steps()
   kept = (f"the checkpoint of step {steps[-1]} is intact" if steps
           else "no checkpoint was written yet")
+  if isinstance(error, checkpointing.SaveTimeoutError):
+    return f"{kept}; run the same command again to resume"
   return (f"{kept}; free space (or make the folder writable) and run the same command "
           "again to resume")
 
