@@ -130,17 +130,8 @@ def random_flip(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def pad_crop_flip(image: np.ndarray, rng: np.random.Generator,
                   pad: int = 4) -> np.ndarray:
   """CIFAR augmentation: zero-pad by `pad`, random crop back to HxW, random flip."""
-  h, w = image.shape[:2]
-  y, x = rng.integers(0, 2 * pad + 1, size=2)
-  # The crop of the zero-padded image, written directly: np.pad's generic path
-  # was ~40% of the pipeline's CPU time, which it takes from the train step.
-  dy, dx = int(y) - pad, int(x) - pad  # offset of the window in the unpadded image
-  out = np.zeros_like(image)
-  rows, cols = min(h, h - dy) - max(0, -dy), min(w, w - dx) - max(0, -dx)
-  if rows > 0 and cols > 0:  # else the window holds only padding
-    out[max(0, -dy):max(0, -dy) + rows, max(0, -dx):max(0, -dx) + cols] = \
-        image[max(0, dy):max(0, dy) + rows, max(0, dx):max(0, dx) + cols]
-  return random_flip(out, rng)
+  d = pad_crop_flip_draws(rng, pad)
+  return pad_crop_flip_batch(image[None], [d["crop_y"]], [d["crop_x"]], [d["flip"]], pad)[0]
 
 
 def pad_crop_flip_draws(rng: np.random.Generator, pad: int = 4) -> dict[str, Any]:
@@ -309,10 +300,9 @@ class Preprocess:
     out: dict[str, Any] = {"label": np.asarray(labels, np.int32)}
     if self.resolutions is None:
       out["image"] = x * self.scale + self.offset
-    else:
+    else:  # resize_float per image, as finish() does
       out["views"] = tuple(
           np.stack([resize_float(e, r) for e in x]) * self.scale + self.offset
-          if x.shape[1] != r else x * self.scale + self.offset
           for r in self.resolutions)
     return out
 
