@@ -9,6 +9,8 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher            the ERDE teacher step (configs/erde_cifar10.py:role=teacher,
                      ResNet-20 with its two exit heads), convolutions 'auto'
   teacher_xla_conv   the same with XLA's own convolution gradients
+  teacher_autodiff_norm  the same with JAX's autodiff BatchNorm gradient
+                     (models.norm 'autodiff' instead of the hand-written one)
   teacher_torch      the same network and SGD step in eager PyTorch (child process)
   student            the ERDE student step: ResNet-8 + the frozen teacher's
                      forward pass, ERDE loss, as the distillation trainer runs it
@@ -51,7 +53,7 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def _configs(batch: int, quick: bool, conv: str):
+def _configs(batch: int, quick: bool, conv: str, norm: str = "auto"):
   from configs import erde_cifar10
   teacher = erde_cifar10.get_config("role=teacher")
   # The student step with the teacher's forward inside it: the first student of
@@ -63,6 +65,7 @@ def _configs(batch: int, quick: bool, conv: str):
     c.data.source = "synthetic"
     for m in [c.model] + ([c.teacher.model] if c.get("teacher") else []):
       m.conv = conv
+      m.norm = norm
       if quick:
         m.width_multiplier = 0.25
   return teacher, student
@@ -98,11 +101,15 @@ def main(argv=None) -> dict:
   from benchmarks.paired import _TorchPeer
 
   built, peers = {}, {}
-  for conv in ("auto", "xla"):
-    teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv)
-    names = [("teacher", teacher_cfg), ("student", student_cfg)] if conv == "auto" else [
-        ("teacher_xla_conv", teacher_cfg)]
-    if conv == "auto" and args.cpu_devices > 1:
+  for conv, norm in (("auto", "auto"), ("xla", "auto"), ("auto", "autodiff")):
+    teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv, norm)
+    if norm != "auto":
+      names = [("teacher_autodiff_norm", teacher_cfg)]
+    elif conv == "auto":
+      names = [("teacher", teacher_cfg), ("student", student_cfg)]
+    else:
+      names = [("teacher_xla_conv", teacher_cfg)]
+    if conv == "auto" and norm == "auto" and args.cpu_devices > 1:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
@@ -146,7 +153,8 @@ def main(argv=None) -> dict:
   rows = {n: {"median_step_s": float(np.median(t)),
               "images_per_s": float(args.batch / np.median(t)), "step_times_s": t}
           for n, t in times.items()}
-  ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher")}
+  ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
+            "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
   if args.cpu_devices > 1:
     sharded = f"teacher_devices{args.cpu_devices}"
     ratios[f"{sharded}_vs_teacher"] = paired("teacher", sharded)

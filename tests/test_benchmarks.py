@@ -259,7 +259,8 @@ def test_cnn_benchmark_reports_paired_ratios(tmp_path):
   proc = _bench("cnn", *args)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
-  assert set(result["variants"]) >= {"teacher", "student", "teacher_xla_conv"}
+  assert set(result["variants"]) >= {"teacher", "student", "teacher_xla_conv",
+                                     "teacher_autodiff_norm"}
   for v in result["variants"].values():
     assert v["images_per_s"] > 0 and len(v["step_times_s"]) == 1
   assert result["paired_speedups"]["teacher_vs_teacher_xla_conv"]["median"] > 0

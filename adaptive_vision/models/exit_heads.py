@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adaptive_vision import flops
+from adaptive_vision.models.norm import BatchNorm
 
 
 def _pool_window(size: int) -> int:
@@ -52,13 +53,14 @@ class ExitHead(nn.Module):
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
+  norm: str = "auto"  # models.norm implementation
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     if x.ndim != 4:
       raise ValueError(f"ExitHead expects an NHWC feature map, got shape {x.shape}")
-    x = nn.BatchNorm(use_running_average=not train, momentum=self.momentum,
-                     epsilon=self.epsilon, dtype=self.dtype, name="norm")(x)
+    x = BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+                  dtype=self.dtype, implementation=self.norm, name="norm")(x)
     x = nn.relu(x)
     window = (_pool_window(x.shape[1]), _pool_window(x.shape[2]))
     if window != (1, 1):

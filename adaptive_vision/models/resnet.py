@@ -41,6 +41,7 @@ from adaptive_vision import flops
 from adaptive_vision.models import module_kwargs
 from adaptive_vision.models.conv import Conv
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
+from adaptive_vision.models.norm import BatchNorm
 
 STANDARD_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 BN_MOMENTUM = 0.9
@@ -90,6 +91,7 @@ class BasicBlock(nn.Module):
   strides: int = 1
   dtype: Any = jnp.float32
   conv: str = "auto"
+  norm: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -98,8 +100,8 @@ class BasicBlock(nn.Module):
     # No axis_name: under jit with the batch sharded over a mesh, the batch
     # mean/variance are global reductions, so the statistics are already
     # averaged across devices.
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train,
-                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
+    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                             epsilon=BN_EPSILON, dtype=self.dtype, implementation=self.norm)
     s = (self.strides, self.strides)
     # Explicit padding 1 (as the PyTorch reference implementations) rather
     # than 'SAME', which pads (0, 1) for stride 2 on even sizes.
@@ -129,6 +131,7 @@ class ResNet(nn.Module):
   exit_dropout: float = 0.5
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
   conv: str = "auto"             # models.conv: 'auto' | 'gemm' | 'xla'
+  norm: str = "auto"             # models.norm: 'auto' | 'fused' | 'autodiff'
 
   @property
   def num_blocks(self) -> int:
@@ -145,11 +148,14 @@ class ResNet(nn.Module):
     self.stem_conv = Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
                           dtype=self.dtype, kernel_init=_CONV_INIT, implementation=self.conv)
     # Cross-device statistics: see BasicBlock.
-    self.stem_norm = nn.BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
+    self.stem_norm = BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
+                               implementation=self.norm)
     self.blocks = [BasicBlock(widths[i // n], stride, dtype=self.dtype, conv=self.conv,
-                              name=f"block{i}") for i, stride in enumerate(_block_strides(n))]
+                              norm=self.norm, name=f"block{i}")
+                   for i, stride in enumerate(_block_strides(n))]
     self.exit_heads = [ExitHead(self.num_classes, self.exit_dropout, momentum=BN_MOMENTUM,
-                                epsilon=BN_EPSILON, dtype=self.dtype, name=f"exit_block{i}")
+                                epsilon=BN_EPSILON, dtype=self.dtype, norm=self.norm,
+                                name=f"exit_block{i}")
                        for i in self.exit_blocks]
     self.head = nn.Dense(self.num_classes)
 
