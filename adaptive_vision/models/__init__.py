@@ -147,6 +147,17 @@ def module_kwargs(model_cfg, module_cls, *, config_only=("name", "image_size"),
   return kw
 
 
+def resolve_implementation(implementation: str, choices: Sequence[str], what: str, *,
+                           cpu: str, elsewhere: str) -> str:
+  """An op's implementation by name; 'auto' is `cpu` on the CPU backend and
+  `elsewhere` on GPU/TPU (models.conv, models.norm)."""
+  if implementation not in choices:
+    raise ValueError(f"{what} implementation {implementation!r}; use one of {tuple(choices)}")
+  if implementation == "auto":
+    return cpu if jax.default_backend() == "cpu" else elsewhere
+  return implementation
+
+
 def _check_image_size(image_size: int, patch_size: int, where: str = "model") -> None:
   if image_size % patch_size:
     raise ValueError(

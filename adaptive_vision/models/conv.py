@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from adaptive_vision import models
+
 CONV_IMPLEMENTATIONS = ("auto", "xla", "gemm")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -140,12 +142,8 @@ conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def resolve_implementation(implementation: str) -> str:
-  if implementation not in CONV_IMPLEMENTATIONS:
-    raise ValueError(f"convolution implementation {implementation!r}; use one of "
-                     f"{CONV_IMPLEMENTATIONS}")
-  if implementation == "auto":
-    return "gemm" if jax.default_backend() == "cpu" else "xla"
-  return implementation
+  return models.resolve_implementation(implementation, CONV_IMPLEMENTATIONS, "convolution",
+                                       cpu="gemm", elsewhere="xla")
 
 
 def _explicit_padding(padding, kernel_size, strides, in_shape):

@@ -30,16 +30,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from adaptive_vision import models
+
 NORM_IMPLEMENTATIONS = ("auto", "autodiff", "fused")
 
 
 def resolve_implementation(implementation: str) -> str:
-  if implementation not in NORM_IMPLEMENTATIONS:
-    raise ValueError(f"BatchNorm implementation {implementation!r}; use one of "
-                     f"{NORM_IMPLEMENTATIONS}")
-  if implementation == "auto":
-    return "fused" if jax.default_backend() == "cpu" else "autodiff"
-  return implementation
+  return models.resolve_implementation(implementation, NORM_IMPLEMENTATIONS, "BatchNorm",
+                                       cpu="fused", elsewhere="autodiff")
 
 
 def _stats(x2):
