@@ -266,6 +266,10 @@ def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_pat
   code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
   assert code == 0, log
   assert f"resuming from checkpoint at step {step}" in log
+  # The final record says the finishing process started at `step`, so its
+  # wall clock is not mistaken for the run's (the reference started at 0).
+  assert read_metrics(workdir, "final")[-1]["start_step"] == step
+  assert read_metrics(reference, "final")[-1]["start_step"] == 0
   record("sigterm", repeat=repeat, signal_after_logged_steps=after, saved_step=step,
          steps=STEPS)
   assert_same_run(workdir, reference)

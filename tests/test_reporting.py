@@ -181,14 +181,27 @@ def test_summarize_run_reads_config_and_metrics(tmp_path):
              {"step": 4, "kind": "train", "loss": 1.5, "images_per_sec": 120.0},
              {"step": 4, "kind": "eval", "split": "test", "accuracy": 0.5,
               "accuracy/exit0": 0.5},
-             {"step": 4, "kind": "final", "train_seconds": 60.0}]
+             {"step": 4, "kind": "final", "train_seconds": 60.0, "start_step": 0}]
   (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
   s = files.summarize_run(str(workdir), str(tmp_path / "out" / "run"), command="cmd")
   assert s["median_train_images_per_sec"] == 110.0 and s["test"] == {
       "accuracy": 0.5, "accuracy/exit0": 0.5}
+  # 2 steps of 8 at 100 images/s, then 2 at 120.
+  assert s["train_seconds_from_throughput"] == pytest.approx(16 / 100 + 16 / 120)
   md = open(tmp_path / "out" / "run.md").read()
   assert "Command: `cmd`" in md and "| test accuracy | 50.00% |" in md
   assert "| training wall time | 1.0 min |" in md
+
+  # A resumed run: the finishing process's clock is not the run's training time.
+  records[0:3] = [records[0], {"step": 2, "kind": "train", "loss": 2.0, "images_per_sec": 0.4},
+                  {"step": 4, "kind": "train", "loss": 1.5, "images_per_sec": 0.8}]
+  records[-1] = {"step": 4, "kind": "final", "train_seconds": 60.0, "start_step": 2}
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  files.summarize_run(str(workdir), str(tmp_path / "out" / "run"), command="cmd")
+  md = open(tmp_path / "out" / "run.md").read()
+  assert "training wall time" not in md
+  assert ("| training time | 1.0 min from the logged images/s, every segment; "
+          "the last process 1.0 min (from step 2) |") in md
 
 
 @pytest.mark.slow

@@ -129,12 +129,29 @@ def compare_markdown(c: Mapping[str, Any]) -> str:
   return "\n".join(lines)
 
 
+def _training_time_row(s: Mapping[str, Any]) -> str:
+  """The wall clock of one process is the run's training time only when that
+  process started at step 0; otherwise say so and give the throughput estimate."""
+  wall, start = s.get("train_seconds"), s.get("final_segment_start_step")
+  estimate = s.get("train_seconds_from_throughput")
+  if wall and start == 0:
+    return f"| training wall time | {wall / 60:.1f} min |"
+  parts = []
+  if estimate:
+    parts.append(f"{estimate / 60:.1f} min from the logged images/s, every segment")
+  if wall:
+    where = f"from step {start}" if start else "resumed or not: not recorded"
+    parts.append(f"the last process {wall / 60:.1f} min ({where})")
+  return f"| training time | {'; '.join(parts)} |" if parts else ""
+
+
 def summary_markdown(s: Mapping[str, Any], command: str, note: str = "") -> str:
   """Markdown of an `eval.summary.summarize` dict."""
   macs = s["exit_macs"] if isinstance(s["exit_macs"], list) else [s["exit_macs"]]
   lines = [f"# {os.path.basename(os.path.normpath(s['workdir']))}", "",
            f"Command: `{command}`" if command else "", "",
-           f"Machine: {s['machine']}", "",
+           f"Summarized on: {s['summarized_on']} (a resumed run may have trained on "
+           "other machines too)", "",
            "| metric | value |", "| --- | --- |"]
   for split in ("test", "val"):
     for k, v in sorted(s.get(split, {}).items()):
@@ -144,8 +161,7 @@ def summary_markdown(s: Mapping[str, Any], command: str, note: str = "") -> str:
             f"| parameters | {s['params']:,} |",
             f"| epochs x batch | {s['epochs']} x {s['batch_size']} ({s['total_steps']} steps) |",
             f"| median training images/s | {s['median_train_images_per_sec']:.1f} |",
-            f"| training wall time | {s['train_seconds'] / 60:.1f} min |"
-            if s["train_seconds"] else "",
+            _training_time_row(s),
             f"| final train loss | {s['final_train_loss']:.4f} |", ""]
   if note:
     lines += [note, ""]

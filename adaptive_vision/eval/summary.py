@@ -1,5 +1,6 @@
 """A training run's summary from its workdir (config.json, metrics.jsonl):
-accuracy per exit, MACs, parameters, median images/s, wall time, machine."""
+accuracy per exit, MACs, parameters, median images/s, training time, and the
+machine that wrote the summary (a resumed run may have trained on several)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,18 @@ def _records(workdir: str) -> dict[str, list[dict]]:
   return out
 
 
+def throughput_seconds(train: list[dict], batch_size: int) -> float | None:
+  """Training time implied by the logged images/s: each train record covers the
+  steps since the previous one. Unlike a process's wall clock it spans every
+  resumed segment of a run (compilation and checkpoint pauses left out)."""
+  total, prev = 0.0, 0
+  for r in sorted(train, key=lambda r: r["step"]):
+    if r.get("images_per_sec"):
+      total += (r["step"] - prev) * batch_size / r["images_per_sec"]
+    prev = r["step"]
+  return total or None
+
+
 def summarize(workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
@@ -49,8 +62,11 @@ def summarize(workdir: str) -> dict:
       "median_train_images_per_sec": statistics.median(
           [r["images_per_sec"] for r in train if r.get("images_per_sec")] or [0.0]),
       "train_seconds": final[-1]["train_seconds"] if final else None,
+      # None: written before runs recorded it (resumed or not, unknown).
+      "final_segment_start_step": final[-1].get("start_step") if final else None,
+      "train_seconds_from_throughput": throughput_seconds(train, config.get("batch_size") or 0),
       "final_train_loss": train[-1]["loss"] if train else None,
-      "machine": machine(),
+      "summarized_on": machine(),
   }
   for r in evals:
     if r["step"] == last_step:

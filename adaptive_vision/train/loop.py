@@ -278,7 +278,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
       if primary:
         logits_lib.save_logits(os.path.join(workdir, f"{split}_logits.npz"), logits, labels,
                               np.asarray(summary["exit_macs"]))
-    writer.write(step, "final", {"train_seconds": summary["train_seconds"]})
+    # start_step > 0: a resumed run; train_seconds is then this process's share.
+    writer.write(step, "final", {"train_seconds": summary["train_seconds"], "start_step": start})
     return summary
   except BaseException as e:
     failed = True

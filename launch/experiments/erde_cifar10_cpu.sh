@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The ERDE study of results/erde_cifar10_cpu/ (2-core CPU, offline CIFAR-10):
-# the early-exit ResNet-20 teacher (20 epochs), ResNet-8 students trained with
+# the early-exit ResNet-20 teacher (60 epochs), ResNet-8 students trained with
 # cross entropy, KD and ERDE, 3 seeds each (15 epochs, one recipe), and the
 # entropy-term ablation (minimize / off, 3 seeds), then the reports (budgets
 # calibrated on each run's validation split, reported on test).
@@ -11,16 +11,16 @@
 # The trained teacher travels as one exported file (results/params/), so the
 # students can be trained in a later session on another machine.
 set -euo pipefail
-TEACHER=runs/erde_teacher_e20
+TEACHER=runs/erde_teacher_e60
 TEACHER_PARAMS=results/params/erde_teacher.npz
 
-python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=20 --workdir $TEACHER
-python -m launch.export --config configs/erde_cifar10.py:role=teacher,epochs=20 --workdir $TEACHER \
+python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=60 --workdir $TEACHER
+python -m launch.export --config configs/erde_cifar10.py:role=teacher,epochs=60 --workdir $TEACHER \
     --out $TEACHER_PARAMS
-python -m launch.evaluate --config configs/erde_cifar10.py:role=teacher,epochs=20 \
+python -m launch.evaluate --config configs/erde_cifar10.py:role=teacher,epochs=60 \
     --params $TEACHER_PARAMS --out runs/erde_teacher_params
 python -m launch.report --summarize $TEACHER --out results/erde_cifar10_cpu/teacher/training_run \
-    --command "python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=20 --workdir $TEACHER"
+    --command "python -m launch.train --config configs/erde_cifar10.py:role=teacher,epochs=60 --workdir $TEACHER"
 for seed in 0 1 2; do
   for loss in ce kd erde; do
     python -m launch.train --config configs/erde_cifar10.py:loss=$loss,epochs=15,seed=$seed,teacher_dir=$TEACHER_PARAMS \
@@ -32,7 +32,7 @@ for seed in 0 1 2; do
   done
 done
 python -m launch.report --run teacher=runs/erde_teacher_params --out results/erde_cifar10_cpu/teacher \
-    --title "ERDE teacher: early-exit ResNet-20, CIFAR-10, 20 epochs, 2-core CPU"
+    --title "ERDE teacher: early-exit ResNet-20, CIFAR-10, 60 epochs, 2-core CPU"
 python -m launch.report --seeds 0,1,2 --run ce=runs/erde_ce_s{seed} --run kd=runs/erde_kd_s{seed} \
     --run erde=runs/erde_erde_s{seed} --teacher runs/erde_teacher_params --reference erde --out results/erde_cifar10_cpu \
     --title "ERDE vs KD vs CE: ResNet-8 students of a ResNet-20 teacher, CIFAR-10, 15 epochs, 2-core CPU"
