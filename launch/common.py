@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 
 from absl import app
 
-from adaptive_vision.atomic import WriteError  # noqa: F401  (the launchers catch it)
+from adaptive_vision.atomic import WriteError
 
 
 def setup(distributed: bool = False, *, coordinator_address: Optional[str] = None,
@@ -79,6 +80,20 @@ def _nothing_but_cpu() -> bool:
 def fail(message: str, code: int = 2):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+@contextlib.contextmanager
+def clear_errors():
+  """A user's mistake (a bad value, a missing file) ends the program with one
+  line and exit code 2; a failed write (disk full, read-only folder) with code
+  4, the previous files standing."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError) as e:
+    fail(str(e))
+  except WriteError as e:
+    fail(f"{e}; free space (or make the folder writable) and run the same command again",
+         code=4)
 
 
 def _one_line(error: BaseException) -> str:

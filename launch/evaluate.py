@@ -69,7 +69,7 @@ def main(argv):
     common.fail("--params needs --out: where the logits and the report go")
   common.setup()
   workdir = FLAGS.workdir or FLAGS.out
-  try:
+  with common.clear_errors():
     variables = None
     if FLAGS.params:
       from adaptive_vision import export
@@ -85,11 +85,6 @@ def main(argv):
                         budgets=[float(b) for b in FLAGS.budgets],
                         title=f"{name} early exits")
       print(f"wrote the report to {FLAGS.out}", file=sys.stderr)
-  except (ValueError, FileNotFoundError) as e:
-    common.fail(str(e))
-  except common.WriteError as e:  # disk full, read-only folder: the previous files stand
-    common.fail(f"{e}; free space (or make the folder writable) and run the same command again",
-                code=4)
 
 
 if __name__ == "__main__":

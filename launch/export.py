@@ -81,11 +81,9 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
 def main(argv):
   del argv
   common.setup()
-  try:
+  with common.clear_errors():
     meta = export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.budgets, FLAGS.baseline_config,
                   config_flags.get_config_filename(FLAGS["config"]))
-  except (ValueError, FileNotFoundError) as e:
-    common.fail(str(e))
   cal = meta["calibration"]
   print(f"wrote {FLAGS.out} ({meta['size'] / 2 ** 20:.1f} MiB, step {meta['source']['step']}); "
         f"validation ({cal['num_examples']} images) accuracy per exit "

@@ -50,7 +50,7 @@ def main(argv):
   common.setup()
   from adaptive_vision import data as data_lib
   from adaptive_vision import classify, export, models
-  try:
+  with common.clear_errors():
     files = data_lib.image_files(paths)
     variables, meta = export.load(FLAGS.params, FLAGS.config)
     num_exits = models.num_exits(FLAGS.config.model)
@@ -66,8 +66,6 @@ def main(argv):
       print(classify.format_row(row), flush=True)
       spent += row["macs"]
       exits[row["exit"]] += 1
-  except (ValueError, FileNotFoundError) as e:
-    common.fail(str(e))
   n = max(len(files), 1)
   print(f"exits taken: {', '.join(f'{100 * c / n:.0f}%' for c in exits)}; mean "
         f"{spent / n / 1e6:.2f} MMACs per image", file=sys.stderr)

@@ -82,7 +82,7 @@ def main(argv):
   if FLAGS.seeds and not (FLAGS.run and FLAGS.teacher):
     common.fail("a seed study needs --run name=folder_with_{seed} and --teacher workdir")
   from adaptive_vision.eval import files
-  try:
+  with common.clear_errors():
     if FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
       files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
@@ -104,11 +104,6 @@ def main(argv):
                          teacher=FLAGS.teacher, budget=FLAGS.budget)
       written = f"{FLAGS.out}.md and .json"
     print(f"wrote {written}", file=sys.stderr)
-  except (ValueError, FileNotFoundError) as e:
-    common.fail(str(e))
-  except common.WriteError as e:  # disk full, read-only folder: the previous files stand
-    common.fail(f"{e}; free space (or make the folder writable) and run the same command again",
-                code=4)
 
 
 if __name__ == "__main__":

@@ -158,6 +158,14 @@ def resolve_implementation(implementation: str, choices: Sequence[str], what: st
   return implementation
 
 
+def one_image_input(model_cfg) -> tuple[int]:
+  """`input_sizes` of a family that reads one image batch of model.image_size."""
+  if "image_size" not in model_cfg:
+    raise ValueError(f"model.image_size is missing: the {model_cfg.name} family needs "
+                     "its input resolution")
+  return (int(model_cfg.image_size),)
+
+
 def _check_image_size(image_size: int, patch_size: int, where: str = "model") -> None:
   if image_size % patch_size:
     raise ValueError(

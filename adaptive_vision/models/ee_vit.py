@@ -22,7 +22,7 @@ from typing import Sequence
 import flax.linen as nn
 
 from adaptive_vision import flops
-from adaptive_vision.models import _check_image_size, module_kwargs
+from adaptive_vision.models import _check_image_size, module_kwargs, one_image_input
 from adaptive_vision.models.exit_heads import TokenExitHead, check_exits, token_exit_head_macs
 from adaptive_vision.models.vit import ViT
 
@@ -63,12 +63,7 @@ def build(model_cfg) -> EarlyExitViT:
   return model.clone(exits=check_exits(model.exits, dims["depth"], "EarlyExitViT"))
 
 
-def input_sizes(model_cfg) -> tuple[int]:
-  """One image batch of model.image_size."""
-  if "image_size" not in model_cfg:
-    raise ValueError(f"model.image_size is missing: the {model_cfg.name} family needs "
-                     "its input resolution")
-  return (int(model_cfg.image_size),)
+input_sizes = one_image_input  # one image batch of model.image_size
 
 
 def exit_macs(model_cfg) -> list[float]:

@@ -38,7 +38,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from adaptive_vision import flops
-from adaptive_vision.models import module_kwargs
+from adaptive_vision.models import module_kwargs, one_image_input
 from adaptive_vision.models.conv import Conv
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
 from adaptive_vision.models.norm import BatchNorm
@@ -268,12 +268,7 @@ def build(model_cfg) -> ResNet:
   return resnet.clone(exits=check_exits(resnet.exits, 3 * n, f"ResNet-{resnet.depth}"))
 
 
-def input_sizes(model_cfg) -> tuple[int]:
-  """One image batch of model.image_size."""
-  if "image_size" not in model_cfg:
-    raise ValueError(f"model.image_size is missing: the {model_cfg.name} family needs "
-                     "its input resolution")
-  return (int(model_cfg.image_size),)
+input_sizes = one_image_input  # one image batch of model.image_size
 
 
 def exit_macs(model_cfg) -> list[float]:

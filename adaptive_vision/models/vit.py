@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import flops
-from adaptive_vision.models import _check_image_size, module_kwargs
+from adaptive_vision.models import _check_image_size, module_kwargs, one_image_input
 
 # width, depth, heads, mlp: the standard sizes (Dosovitskiy et al.; Touvron et
 # al. for Ti/S) plus two small ones sized for CPU experiments on CIFAR.
@@ -312,12 +312,7 @@ def build(model_cfg) -> SingleExitViT:
   return vit
 
 
-def input_sizes(model_cfg) -> tuple[int]:
-  """One image batch of model.image_size."""
-  if "image_size" not in model_cfg:
-    raise ValueError(f"model.image_size is missing: the {model_cfg.name} family needs "
-                     "its input resolution")
-  return (int(model_cfg.image_size),)
+input_sizes = one_image_input  # one image batch of model.image_size
 
 
 def exit_macs(model_cfg) -> list[float]:
