@@ -15,6 +15,9 @@ import sys
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from adaptive_vision import machine
+from adaptive_vision.machine import cpu_flags, cpu_model
+
 RESULT_TAG = "BENCH_RESULT "
 _START = time.perf_counter()
 
@@ -65,28 +68,6 @@ def log(message: str) -> None:
   print(f"[bench {time.perf_counter() - _START:7.1f}s] {message}", flush=True)
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def cpu_flags() -> set[str]:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
-
-
 def native_bf16_cpu() -> bool:
   """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
   flags = cpu_flags()
@@ -108,6 +89,8 @@ def machine_info() -> dict[str, Any]:
   flags = cpu_flags()
   info = {
       "cpu_model": cpu_model(),
+      "cpu_family": machine.cpu_family(),
+      "cpu_vector_extension": machine.vector_extension(flags),
       "cpu_count": os.cpu_count(),
       "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
       "cpu_simd": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),

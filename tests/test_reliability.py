@@ -270,6 +270,9 @@ def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_pat
   # wall clock is not mistaken for the run's (the reference started at 0).
   assert read_metrics(workdir, "final")[-1]["start_step"] == step
   assert read_metrics(reference, "final")[-1]["start_step"] == 0
+  # One machine record per process start: which machine trained which steps.
+  assert [r["step"] for r in read_metrics(workdir, "machine")] == [0, step]
+  assert all(r["machine"] and r["device_kind"] for r in read_metrics(workdir, "machine"))
   record("sigterm", repeat=repeat, signal_after_logged_steps=after, saved_step=step,
          steps=STEPS)
   assert_same_run(workdir, reference)

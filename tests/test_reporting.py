@@ -191,6 +191,18 @@ def test_summarize_run_reads_config_and_metrics(tmp_path):
   md = open(tmp_path / "out" / "run.md").read()
   assert "Command: `cmd`" in md and "| test accuracy | 50.00% |" in md
   assert "| training wall time | 1.0 min |" in md
+  assert "Summarized on: " in md and "did not record its machines" in md
+
+  # Runs record their machine at every process start; a restart on the same
+  # machine is not listed again, another machine is, with its first step.
+  a, b = "CPU A (family 25, AVX-512), 2 cores", "CPU B (family 26, AVX2), 2 cores"
+  with_machines = records + [{"step": s, "kind": "machine", "machine": m, "device_kind": "cpu"}
+                             for s, m in ((0, a), (2, a), (3, b))]
+  (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in with_machines))
+  s = files.summarize_run(str(workdir), str(tmp_path / "out" / "run"), command="cmd")
+  assert [m["from_step"] for m in s["trained_on"]] == [0, 3]
+  md = open(tmp_path / "out" / "run.md").read()
+  assert f"Trained on: {a} from step 0; {b} from step 3" in md
 
   # A resumed run: the finishing process's clock is not the run's training time.
   records[0:3] = [records[0], {"step": 2, "kind": "train", "loss": 2.0, "images_per_sec": 0.4},
@@ -202,6 +214,16 @@ def test_summarize_run_reads_config_and_metrics(tmp_path):
   assert "training wall time" not in md
   assert ("| training time | 1.0 min from the logged images/s, every segment; "
           "the last process 1.0 min (from step 2) |") in md
+
+
+def test_machine_names_the_widest_vector_extension():
+  from adaptive_vision import machine
+  assert machine.vector_extension({"avx", "avx2", "avx512f"}) == "AVX-512"
+  assert machine.vector_extension({"avx", "avx2", "fma"}) == "AVX2"
+  assert machine.vector_extension({"avx512f", "amx_tile"}) == "AMX"
+  assert machine.vector_extension({"neon"}) is None
+  line = machine.describe()
+  assert f"{os.cpu_count()} cores" in line and machine.cpu_model() in line
 
 
 @pytest.mark.slow

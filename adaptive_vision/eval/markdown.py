@@ -145,13 +145,25 @@ def _training_time_row(s: Mapping[str, Any]) -> str:
   return f"| training time | {'; '.join(parts)} |" if parts else ""
 
 
+def _machines_line(s: Mapping[str, Any]) -> str:
+  trained = s.get("trained_on") or []
+  if not trained:
+    return (f"Summarized on: {s['summarized_on']} (the run did not record its machines; "
+            "a resumed run may have trained on others)")
+  def one(m):
+    kind = m.get("device_kind")
+    return f"{m['machine']}" + (f", {kind}" if kind and kind.lower() != "cpu" else "")
+  if len(trained) == 1:
+    return f"Trained on: {one(trained[0])}"
+  return "Trained on: " + "; ".join(f"{one(m)} from step {m['from_step']}" for m in trained)
+
+
 def summary_markdown(s: Mapping[str, Any], command: str, note: str = "") -> str:
   """Markdown of an `eval.summary.summarize` dict."""
   macs = s["exit_macs"] if isinstance(s["exit_macs"], list) else [s["exit_macs"]]
   lines = [f"# {os.path.basename(os.path.normpath(s['workdir']))}", "",
            f"Command: `{command}`" if command else "", "",
-           f"Summarized on: {s['summarized_on']} (a resumed run may have trained on "
-           "other machines too)", "",
+           _machines_line(s), "",
            "| metric | value |", "| --- | --- |"]
   for split in ("test", "val"):
     for k, v in sorted(s.get(split, {}).items()):

@@ -1,27 +1,15 @@
 """A training run's summary from its workdir (config.json, metrics.jsonl):
 accuracy per exit, MACs, parameters, median images/s, training time, and the
-machine that wrote the summary (a resumed run may have trained on several)."""
+machines that trained it (one 'machine' record per process start; runs that
+predate those records name only the machine that wrote the summary)."""
 
 from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 
-
-def machine() -> str:
-  """CPU model, core count and OS of this machine (for every recorded figure)."""
-  cpu = platform.processor() or "cpu"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"
+from adaptive_vision import machine
 
 
 def _records(workdir: str) -> dict[str, list[dict]]:
@@ -48,6 +36,19 @@ def throughput_seconds(train: list[dict], batch_size: int) -> float | None:
   return total or None
 
 
+def machines(records: list[dict]) -> list[dict]:
+  """[{'from_step', 'machine', 'device_kind'}] in step order, a machine listed
+  again only when it differs from the one before (a restart on the same one)."""
+  out = []
+  for r in sorted(records, key=lambda r: r["step"]):
+    entry = {"from_step": r["step"], "machine": r.get("machine"),
+             "device_kind": r.get("device_kind")}
+    if not out or (out[-1]["machine"], out[-1]["device_kind"]) != (entry["machine"],
+                                                                    entry["device_kind"]):
+      out.append(entry)
+  return out
+
+
 def summarize(workdir: str) -> dict:
   with open(os.path.join(workdir, "config.json")) as f:
     config = json.load(f)
@@ -66,7 +67,8 @@ def summarize(workdir: str) -> dict:
       "final_segment_start_step": final[-1].get("start_step") if final else None,
       "train_seconds_from_throughput": throughput_seconds(train, config.get("batch_size") or 0),
       "final_train_loss": train[-1]["loss"] if train else None,
-      "summarized_on": machine(),
+      "trained_on": machines(records.get("machine", [])),
+      "summarized_on": machine.describe(),
   }
   for r in evals:
     if r["step"] == last_step:

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import atomic, data as data_lib
-from adaptive_vision import losses, models
+from adaptive_vision import losses, machine, models
 from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.eval import predict
 from adaptive_vision.config import require
@@ -178,6 +178,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
                              "exit_macs": models.exit_macs(config.model),
                              "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
                              "devices": jax.device_count(), "processes": jax.process_count()})
+  if primary:  # every process start: a resumed run says which machine trained which steps
+    writer.write(start, "machine", {"machine": machine.describe(),
+                                    "device_kind": jax.devices()[0].device_kind,
+                                    "devices": jax.device_count()})
   progress = Progress(total_steps, config.batch_size, start, enabled=primary)
   log_every = int(require(config, "log_every"))
   ckpt_every = int(require(config, "checkpoint_every"))
