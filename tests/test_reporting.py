@@ -262,7 +262,7 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   out = tmp_path / "study"
   study = files.seed_report(str(out), {m: str(tmp_path / f"{m}_s{{seed}}") for m in ("kd", "erde")},
                             [0, 1, 2], str(teacher), reference="erde",
-                            budgets=[0.1, 0.2, 0.3], title="toy")
+                            budgets=[0.05, 0.1, 0.2, 0.3], title="toy")
   # Hand check of one cell: the mean and sample std over seeds of the final exit.
   finals = []
   for s in (0, 1, 2):
@@ -276,7 +276,11 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   a = study["shared_thresholds"]["erde"][5]["accuracy"]["values"]
   b = study["shared_thresholds"]["kd"][5]["accuracy"]["values"]
   np.testing.assert_allclose(d, np.subtract(a, b))
-  assert len(study["paired"]["erde-kd"]["budgets"]) == 3
+  assert len(study["paired"]["erde-kd"]["budgets"]) == 4
+  # 5% of the teacher (0.6 MMACs) is below both students' cheapest exit (1 MMAC):
+  # no method reaches it, so it is listed and left out of the claims.
+  assert study["claims"]["budgets_unreachable"] == [0.05]
+  assert study["claims"]["erde >= kd everywhere"]["budgets_points"] == 3
   # ERDE is the stronger student here at every point: the claims say so.
   assert study["claims"]["erde >= kd everywhere"]["met"]
   assert study["claims"]["erde better than kd on average"]["met"]
@@ -290,5 +294,16 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
          for split in ("val", "test")] + ["teacher_val_logits.npz", "teacher_test_logits.npz"])
   md = open(out / "seeds_report.md").read()
   assert "**erde >= kd everywhere**" in md and " ± " in md
+  assert "(the 5% budget, below every method's cheapest exit, left out)" in md
+  # A budget that another method reaches and the reference does not is a miss.
+  import dataclasses
+  pairs = {m: [tuple(logits_lib.load_logits(tmp_path / f"{m}_s{s}" / f"{split}_logits.npz")
+                     for split in ("val", "test")) for s in (0, 1, 2)] for m in ("kd", "erde")}
+  pairs["cheap_kd"] = [tuple(dataclasses.replace(x, exit_macs=x.exit_macs / 2) for x in pair)
+                       for pair in pairs.pop("kd")]
+  other = seeds.seed_study(pairs, logits_lib.load_logits(teacher / "test_logits.npz"),
+                           reference="erde", budgets=[0.05, 0.1, 0.2, 0.3])
+  assert other["claims"]["budgets_unreachable"] == []
+  assert not other["claims"]["erde >= cheap_kd everywhere"]["met"]
   with pytest.raises(ValueError, match="same number"):
     seeds.seed_study({"a": [], "b": []}, logits_lib.load_logits(teacher / "test_logits.npz"))

@@ -212,7 +212,7 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
                  + f" | {sum(beats)} of {len(beats)} |")
   lines += ["", "## Claims", ""]
   for name, c in study["claims"].items():
-    if name in ("reference", "teacher"):
+    if name in ("reference", "teacher", "budgets_unreachable"):
       continue
     verdict = "met" if c["met"] else "missed"
     if "everywhere" in name:
@@ -220,7 +220,8 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
                    f"**{verdict}**: at least as accurate at {c['shared_thresholds_at_least']} "
                    f"of {c['shared_thresholds_points']} thresholds and "
                    f"{c['budgets_at_least']} of {c['budgets_points']} budgets; worst mean "
-                   f"difference {_signed(c['worst_mean_difference'])} points.")
+                   f"difference {_signed(c['worst_mean_difference'])} points"
+                   + _unreachable(study["claims"]) + ".")
     else:
       lines.append(f"- **{name}**: **{verdict}**: mean difference "
                    f"{_signed(c['mean_difference_shared_thresholds'])} points over the shared "
@@ -262,8 +263,20 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
     cells += [_ms(study["paired"][f"{ref}-{o}"]["budgets"][j]["difference"]) for o in others]
     lines.append(f"| {100 * row['fraction']:.0f} | {row['budget_macs'] / 1e6:.2f} | "
                  + " | ".join(cells) + " |")
+  if study["claims"].get("budgets_unreachable"):
+    cheapest = min(study["per_exit"][m][0]["macs"] for m in methods)
+    lines += ["", f"—: no seed of any method has a policy within the budget on validation "
+              f"(the cheapest exit costs {cheapest / 1e6:.2f} MMACs)."]
   lines.append("")
   return "\n".join(lines)
+
+
+def _unreachable(claims: Mapping[str, Any]) -> str:
+  fractions = claims.get("budgets_unreachable") or []
+  if not fractions:
+    return ""
+  return (f" (the {', '.join(f'{100 * f:.0f}%' for f in fractions)} budget"
+          f"{'s' if len(fractions) > 1 else ''}, below every method's cheapest exit, left out)")
 
 
 def _signed(x: float | None) -> str:

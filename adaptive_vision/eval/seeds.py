@@ -116,7 +116,14 @@ def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
          "thresholds": [p[j] and p[j]["thresholds"] for p in points]}
         for j, f in enumerate(budgets)]
 
-  paired, claims = {}, {"reference": reference}
+  # A budget that no seed of any method can meet on validation (below every
+  # cheapest exit) says nothing about one method against another: it is left
+  # out of the claims and listed.
+  reachable = [any(p[j] is not None for pts in raw_budget.values() for p in pts)
+               for j in range(len(budgets))]
+  paired, claims = {}, {"reference": reference,
+                        "budgets_unreachable": [float(f) for f, r in zip(budgets, reachable)
+                                                if not r]}
   for other in runs:
     if other == reference:
       continue
@@ -131,7 +138,8 @@ def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
         "budgets": [{"fraction": float(f), "difference": stats([d[j] for d in d_budget])}
                     for j, f in enumerate(budgets)]}
     shared_means = [r["difference"]["mean"] for r in paired[key]["shared_thresholds"]]
-    budget_means = [r["difference"]["mean"] for r in paired[key]["budgets"]]
+    budget_means = [r["difference"]["mean"] for r, ok in zip(paired[key]["budgets"], reachable)
+                    if ok]
     known = [m for m in shared_means + budget_means if m is not None]
     claims[f"{reference} >= {other} everywhere"] = {
         "met": bool(known) and all(m >= 0 for m in known)
