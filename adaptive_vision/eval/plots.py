@@ -88,5 +88,6 @@ def plot_seed_study(path: str | os.PathLike, study: Mapping[str, Any], title: st
   left.set_title("one shared entropy threshold, swept")
   right.set_xlabel("budget (% of the teacher's final-exit MACs)")
   right.set_title("per-exit thresholds calibrated on validation")
-  fig.suptitle(f"{title} (mean ± std over {len(study['seeds'])} seeds)")
+  n = len(study["seeds"])
+  fig.suptitle(f"{title} (mean ± std over {n} seeds)" if n > 1 else f"{title} (one seed)")
   return atomic.save_figure(path, fig, dpi=110, bbox_inches="tight")
