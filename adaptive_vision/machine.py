@@ -8,21 +8,31 @@ benchmarks. Reads /proc/cpuinfo; elsewhere falls back to `platform`.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Optional
 
 
-def _cpuinfo_field(name: str) -> Optional[str]:
+@functools.lru_cache(maxsize=None)
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields of /proc/cpuinfo, read once; {} elsewhere."""
+  fields: dict[str, str] = {}
   try:
     with open("/proc/cpuinfo") as f:
       for line in f:
+        if not line.strip():
+          break  # the end of the first processor's block
         key, sep, value = line.partition(":")
-        if sep and key.strip() == name:
-          return value.strip()
+        if sep:
+          fields.setdefault(key.strip(), value.strip())
   except OSError:
     pass
-  return None
+  return fields
+
+
+def _cpuinfo_field(name: str) -> Optional[str]:
+  return _cpuinfo().get(name)
 
 
 def cpu_model() -> str:
@@ -49,8 +59,8 @@ def vector_extension(flags: set[str]) -> Optional[str]:
 
 def describe() -> str:
   """One line, e.g. 'AMD EPYC (family 25, AVX-512), 2 cores, Linux x86_64'."""
-  details = [f"family {cpu_family()}" if cpu_family() is not None else None,
-             vector_extension(cpu_flags())]
-  details = [d for d in details if d]
+  family = cpu_family()
+  details = [d for d in (family is not None and f"family {family}",
+                         vector_extension(cpu_flags())) if d]
   cpu = cpu_model() + (f" ({', '.join(details)})" if details else "")
   return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}"

@@ -16,7 +16,6 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 from adaptive_vision import machine
-from adaptive_vision.machine import cpu_flags, cpu_model
 
 RESULT_TAG = "BENCH_RESULT "
 _START = time.perf_counter()
@@ -70,7 +69,7 @@ def log(message: str) -> None:
 
 def native_bf16_cpu() -> bool:
   """Whether the CPU has bf16 matrix instructions (AVX512-BF16 or AMX-BF16)."""
-  flags = cpu_flags()
+  flags = machine.cpu_flags()
   return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
@@ -86,9 +85,9 @@ def machine_info() -> dict[str, Any]:
   """What the figures were measured on (jax is imported here)."""
   import jax
   devices = jax.devices()
-  flags = cpu_flags()
+  flags = machine.cpu_flags()
   info = {
-      "cpu_model": cpu_model(),
+      "cpu_model": machine.cpu_model(),
       "cpu_family": machine.cpu_family(),
       "cpu_vector_extension": machine.vector_extension(flags),
       "cpu_count": os.cpu_count(),
