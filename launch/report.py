@@ -24,8 +24,9 @@ seed's validation logits):
       --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
       --teacher runs/erde_teacher --reference erde --out results/erde_cifar10_cpu
 
-  -> seeds_report.json, seeds_report.md, seeds_accuracy_vs_macs.png and copies
-     of the npz files (<method>_s<seed>_<split>_logits.npz).
+  -> seeds_report.json, seeds_report.md, seeds_accuracy_vs_macs.png,
+     seeds_paired_differences.png and copies of the npz files
+     (<method>_s<seed>_<split>_logits.npz).
 
 A training run's summary (accuracy per exit, MACs, images/s, wall time, machine):
 
@@ -88,7 +89,8 @@ def main(argv):
       files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
                         reference=FLAGS.reference,
                         budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
-      written = f"{FLAGS.out}/seeds_report.md, seeds_report.json, seeds_accuracy_vs_macs.png"
+      written = (f"{FLAGS.out}/seeds_report.md, seeds_report.json, seeds_accuracy_vs_macs.png"
+                 + (", seeds_paired_differences.png" if len(runs) > 1 else ""))
     elif FLAGS.run:
       runs = dict(_named("run", item) for item in FLAGS.run)
       files.report_runs(FLAGS.out, runs, baseline=FLAGS.baseline,

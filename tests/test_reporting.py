@@ -289,7 +289,8 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   assert tc["budget_fraction"] == 0.25 and tc["seed"] in (0, 1, 2)
   assert tc["met"] == (tc["gap_points"] <= 1.0)
   assert sorted(os.listdir(out)) == sorted(
-      ["seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png"]
+      ["seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png",
+       "seeds_paired_differences.png"]
       + [f"{m}_s{s}_{split}_logits.npz" for m in ("kd", "erde") for s in (0, 1, 2)
          for split in ("val", "test")] + ["teacher_val_logits.npz", "teacher_test_logits.npz"])
   md = open(out / "seeds_report.md").read()

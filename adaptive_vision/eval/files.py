@@ -104,6 +104,7 @@ def summarize_run(workdir: str, out: str, *, command: str = "", note: str = "") 
 
 
 SEEDS_JSON, SEEDS_MD, SEEDS_PNG = "seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png"
+SEEDS_DIFF_PNG = "seeds_paired_differences.png"
 
 
 def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], teacher: str, *,
@@ -112,7 +113,8 @@ def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], tea
   """The seed study of run folders `runs[method]`, a pattern with `{seed}`
   (e.g. runs/erde_kd_s{seed}), each holding {val,test}_logits.npz.
 
-  Writes seeds_report.{json,md}, seeds_accuracy_vs_macs.png and copies of
+  Writes seeds_report.{json,md}, seeds_accuracy_vs_macs.png,
+  seeds_paired_differences.png (with two or more methods) and copies of
   every npz used (`<method>_s<seed>_<split>_logits.npz`,
   `teacher_<split>_logits.npz`), so `out_dir` is self-contained.
   """
@@ -142,4 +144,6 @@ def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], tea
                     allow_nan=False)
   atomic.write_text(os.path.join(out_dir, SEEDS_MD), markdown.seeds_markdown(study, title))
   plots.plot_seed_study(os.path.join(out_dir, SEEDS_PNG), study, title)
+  if study["paired"]:
+    plots.plot_paired_differences(os.path.join(out_dir, SEEDS_DIFF_PNG), study, title)
   return study

@@ -91,3 +91,46 @@ def plot_seed_study(path: str | os.PathLike, study: Mapping[str, Any], title: st
   n = len(study["seeds"])
   fig.suptitle(f"{title} (mean ± std over {n} seeds)" if n > 1 else f"{title} (one seed)")
   return atomic.save_figure(path, fig, dpi=110, bbox_inches="tight")
+
+
+def plot_paired_differences(path: str | os.PathLike, study: Mapping[str, Any],
+                            title: str) -> str:
+  """The paired per-seed differences reference - other (points), mean with a
+  band of ± one standard deviation over seeds, against zero: the shared
+  thresholds (placed at the reference's mean MACs) and the calibrated budgets.
+  A band that straddles zero is a difference the seeds do not separate."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  ref = study["claims"]["reference"]
+  fig = Figure(figsize=(13, 5))
+  FigureCanvasAgg(fig)
+  left, right = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+  ref_macs = [r["mean_macs"]["mean"] for r in study["shared_thresholds"][ref]]
+  others = [m for m in study["methods"] if m != ref]
+  for other in others:
+    color = f"C{study['methods'].index(other) % 10}"
+    d = study["paired"][f"{ref}-{other}"]
+    for ax, rows, xs, style in (
+        (left, d["shared_thresholds"], np.asarray(ref_macs) / 1e6, "-"),
+        (right, d["budgets"], [100 * r["fraction"] for r in d["budgets"]], "o-")):
+      keep = [j for j, r in enumerate(rows) if r["difference"]["mean"] is not None]
+      order = sorted(keep, key=lambda j: xs[j])
+      x = np.array([xs[j] for j in order])
+      y = 100 * np.array([rows[j]["difference"]["mean"] for j in order])
+      s = 100 * np.array([rows[j]["difference"]["std"] or 0.0 for j in order])
+      ax.plot(x, y, style, color=color, label=f"{ref} - {other}")
+      ax.fill_between(x, y - s, y + s, color=color, alpha=0.2, lw=0)
+  for ax in (left, right):
+    ax.axhline(0.0, color="k", lw=1)
+    ax.set_ylabel("paired difference (accuracy points, test)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+  left.set_xlabel(f"mean MMACs per image ({ref})")
+  left.set_title("one shared entropy threshold, swept")
+  right.set_xlabel("budget (% of the teacher's final-exit MACs)")
+  right.set_title("per-exit thresholds calibrated on validation")
+  n = len(study["seeds"])
+  fig.suptitle(f"{title}: paired differences (mean ± std over {n} seeds)" if n > 1
+               else f"{title}: paired differences (one seed)")
+  return atomic.save_figure(path, fig, dpi=110, bbox_inches="tight")
