@@ -21,11 +21,12 @@ def _curve(points: Sequence[dict]) -> tuple[np.ndarray, np.ndarray]:
   acc = np.array([p["accuracy"] for p in points], dtype=np.float64)
   order = np.argsort(macs, kind="stable")
   macs, acc = macs[order], acc[order]
-  # Several thresholds can land on the same compute; keep the best accuracy there.
+  # Several thresholds can land on the same compute; average their accuracies
+  # there (taking the best would select on the split being reported).
   uniq, idx = np.unique(macs, return_inverse=True)
-  best = np.full(len(uniq), -np.inf)
-  np.maximum.at(best, idx, acc)
-  return uniq, best
+  total = np.zeros(len(uniq))
+  np.add.at(total, idx, acc)
+  return uniq, total / np.bincount(idx, minlength=len(uniq))
 
 
 def default_thresholds(num_classes: int, points: int = 20) -> np.ndarray:
