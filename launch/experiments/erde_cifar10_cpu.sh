@@ -40,7 +40,11 @@ python -m launch.report --seeds 0,1,2 --run erde=runs/erde_erde_s{seed} --run er
     --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher runs/erde_teacher_params --reference erde \
     --out results/erde_cifar10_cpu/ablation \
     --title "ERDE entropy-term ablation (maximize / minimize / off), CIFAR-10, 15 epochs, 2-core CPU"
-# The interim KD vs ERDE report over the first two seeds (kept beside the full one).
+# The interim reports: KD vs ERDE over the first two seeds, the ablation over seed 0.
 python -m launch.report --seeds 0,1 --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
     --teacher runs/erde_teacher_params --reference erde --out results/erde_cifar10_cpu/interim_seeds_0_1_kd_erde \
     --title "Interim: ERDE vs KD, seeds 0 and 1, ResNet-8 students of a ResNet-20 teacher, CIFAR-10, 15 epochs, 2-core CPU"
+python -m launch.report --seeds 0 --run erde=runs/erde_erde_s{seed} --run erde_minimize=runs/erde_entropy_minimize_s{seed} \
+    --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher runs/erde_teacher_params --reference erde \
+    --out results/erde_cifar10_cpu/ablation/interim_seed_0 \
+    --title "Interim: ERDE entropy-term ablation, seed 0 only, CIFAR-10, 15 epochs, 2-core CPU"
