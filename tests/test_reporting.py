@@ -308,3 +308,10 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   assert not other["claims"]["erde >= cheap_kd everywhere"]["met"]
   with pytest.raises(ValueError, match="same number"):
     seeds.seed_study({"a": [], "b": []}, logits_lib.load_logits(teacher / "test_logits.npz"))
+  # One seed has no spread: its report shows values, never "± 0.00".
+  from adaptive_vision.eval import markdown
+  one = seeds.seed_study({m: pairs_[:1] for m, pairs_ in pairs.items()},
+                         logits_lib.load_logits(teacher / "test_logits.npz"), seeds=[0],
+                         reference="erde", budgets=[0.2, 0.3])
+  md = markdown.seeds_markdown(one, "one seed")
+  assert " ± " not in md and "One seed (0) per method, so no spread" in md

@@ -182,10 +182,13 @@ def summary_markdown(s: Mapping[str, Any], command: str, note: str = "") -> str:
 
 
 def _ms(s: Mapping[str, Any] | None, scale: float = 100.0, digits: int = 2) -> str:
-  """'mean ± std' of a seeds.stats dict (percent by default)."""
+  """'mean ± std' of a seeds.stats dict (percent by default); the value alone
+  for one seed, which has no spread to show."""
   if not s or s.get("mean") is None:
     return "—"
-  text = f"{scale * s['mean']:.{digits}f} ± {scale * s['std']:.{digits}f}"
+  text = f"{scale * s['mean']:.{digits}f}"
+  if s.get("n", 2) > 1:
+    text += f" ± {scale * s['std']:.{digits}f}"
   return text + (f" ({s['missing']} infeasible)" if s.get("missing") else "")
 
 
@@ -196,8 +199,11 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
   others = [m for m in methods if m != ref]
   t = study["teacher"]
   lines = [f"# {title}", "",
-           f"Seeds {', '.join(map(str, study['seeds']))} per method; every cell is the mean ± "
-           "sample standard deviation over seeds (accuracy in %, compute in MMACs per "
+           (f"Seeds {', '.join(map(str, study['seeds']))} per method; every cell is the mean ± "
+            "sample standard deviation over seeds" if len(study["seeds"]) > 1 else
+            f"One seed ({study['seeds'][0]}) per method, so no spread: every cell is that "
+            "seed's value and no difference below is separated from seed noise")
+           + " (accuracy in %, compute in MMACs per "
            "image, test split). Paired differences compare seed s of one method with seed s "
            "of the other. Teacher final exit: "
            f"{100 * t['final_accuracy']:.2f}% at {t['final_macs'] / 1e6:.2f} MMACs.", "",
