@@ -86,11 +86,12 @@ def main(argv):
   with common.clear_errors():
     if FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
-      files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
-                        reference=FLAGS.reference,
-                        budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
-      written = (f"{FLAGS.out}/seeds_report.md, seeds_report.json, seeds_accuracy_vs_macs.png"
-                 + (", seeds_paired_differences.png" if len(runs) > 1 else ""))
+      study = files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
+                                reference=FLAGS.reference,
+                                budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
+      names = [files.SEEDS_MD, files.SEEDS_JSON, files.SEEDS_PNG]
+      written = f"{FLAGS.out}/" + ", ".join(names + ([files.SEEDS_DIFF_PNG] if study["paired"]
+                                                     else []))
     elif FLAGS.run:
       runs = dict(_named("run", item) for item in FLAGS.run)
       files.report_runs(FLAGS.out, runs, baseline=FLAGS.baseline,
