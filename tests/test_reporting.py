@@ -294,7 +294,7 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
       + [f"{m}_s{s}_{split}_logits.npz" for m in ("kd", "erde") for s in (0, 1, 2)
          for split in ("val", "test")] + ["teacher_val_logits.npz", "teacher_test_logits.npz"])
   md = open(out / "seeds_report.md").read()
-  assert "**erde >= kd everywhere**" in md and " ± " in md
+  assert "**erde >= kd everywhere**" in md and " ± " in md and "seed bands" in md
   assert "(the 5% budget, below every method's cheapest exit, left out)" in md
   # A budget that another method reaches and the reference does not is a miss.
   import dataclasses
@@ -315,3 +315,4 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
                          reference="erde", budgets=[0.2, 0.3])
   md = markdown.seeds_markdown(one, "one seed")
   assert " ± " not in md and "One seed (0) per method, so no spread" in md
+  assert "seed bands" not in md

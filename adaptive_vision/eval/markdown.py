@@ -207,7 +207,8 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
            "image, test split). Paired differences compare seed s of one method with seed s "
            "of the other. Teacher final exit: "
            f"{100 * t['final_accuracy']:.2f}% at {t['final_macs'] / 1e6:.2f} MMACs.", "",
-           "Plots: `seeds_accuracy_vs_macs.png` (accuracy, seed bands)"
+           "Plots: `seeds_accuracy_vs_macs.png` (accuracy"
+           + (", seed bands)" if len(study["seeds"]) > 1 else ")")
            + (", `seeds_paired_differences.png` (paired differences against zero)"
               if others else "") + ".", "",
            "## Per-exit accuracy", "",
