@@ -187,7 +187,7 @@ def _ms(s: Mapping[str, Any] | None, scale: float = 100.0, digits: int = 2) -> s
   if not s or s.get("mean") is None:
     return "—"
   text = f"{scale * s['mean']:.{digits}f}"
-  if s.get("n", 2) > 1:
+  if s["n"] > 1:
     text += f" ± {scale * s['std']:.{digits}f}"
   return text + (f" ({s['missing']} infeasible)" if s.get("missing") else "")
 
@@ -198,9 +198,10 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
   methods, ref = study["methods"], study["claims"]["reference"]
   others = [m for m in methods if m != ref]
   t = study["teacher"]
+  several = len(study["seeds"]) > 1
   lines = [f"# {title}", "",
            (f"Seeds {', '.join(map(str, study['seeds']))} per method; every cell is the mean ± "
-            "sample standard deviation over seeds" if len(study["seeds"]) > 1 else
+            "sample standard deviation over seeds" if several else
             f"One seed ({study['seeds'][0]}) per method, so no spread: every cell is that "
             "seed's value and no difference below is separated from seed noise")
            + " (accuracy in %, compute in MMACs per "
@@ -208,7 +209,7 @@ def seeds_markdown(study: Mapping[str, Any], title: str) -> str:
            "of the other. Teacher final exit: "
            f"{100 * t['final_accuracy']:.2f}% at {t['final_macs'] / 1e6:.2f} MMACs.", "",
            "Plots: `seeds_accuracy_vs_macs.png` (accuracy"
-           + (", seed bands)" if len(study["seeds"]) > 1 else ")")
+           + (", seed bands)" if several else ")")
            + (", `seeds_paired_differences.png` (paired differences against zero)"
               if others else "") + ".", "",
            "## Per-exit accuracy", "",
