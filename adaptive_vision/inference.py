@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import early_exit
+from adaptive_vision import compiler, early_exit
 
 
 def default_buckets(n: int, min_bucket: int = 8) -> tuple[int, ...]:
@@ -145,7 +145,7 @@ class DynamicCascade(_Thresholds):
     self.thresholds = thresholds
     self.num_compiled = 0          # traces of the branch programs
     self.programs: set = set()     # keys (branch, bucket, N, view shape/dtype, gather)
-    self._step = jax.jit(self._step_impl, static_argnames=("k", "gather"))
+    self._step = compiler.jit(self._step_impl, static_argnames=("k", "gather"))
 
   # -- configuration ---------------------------------------------------------
 
@@ -261,7 +261,7 @@ def full_cascade_predict(model, variables, views, thresholds,
   (without counts) plus `exit_logits` [E, N, K].
   """
   inputs = tuple(views) if isinstance(views, (tuple, list)) else views
-  exit_logits, _ = jax.jit(lambda v, x: model.apply(v, x))(variables, inputs)
+  exit_logits, _ = compiler.jit(lambda v, x: model.apply(v, x))(variables, inputs)
   stacked = jnp.stack(exit_logits).astype(jnp.float32)
   exit_index = np.asarray(early_exit.exit_policy(stacked, thresholds, criterion))
   stacked = np.asarray(stacked)
@@ -365,10 +365,10 @@ class SingleDispatchCascade(_Thresholds):
 
     if self.embed_params:
       self.variables = jax.device_get(variables)  # numpy: XLA constants
-      self._run = jax.jit(lambda x, t: packed(self.variables, x, t))
+      self._run = compiler.jit(lambda x, t: packed(self.variables, x, t))
     else:
       self.variables = variables
-      run = jax.jit(packed)
+      run = compiler.jit(packed)
       self._run = lambda x, t: run(self.variables, x, t)
     self.thresholds = thresholds
 

@@ -11,6 +11,9 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher_xla_conv   the same with XLA's own convolution gradients
   teacher_autodiff_norm  the same with JAX's autodiff BatchNorm gradient
                      (models.norm 'autodiff' instead of the hand-written one)
+  teacher_ynn_conv   (CPU) the same compiled with XLA's default options, which
+                     hand the convolutions to YNNPACK (adaptive_vision.compiler
+                     leaves them to XLA); student_ynn_conv likewise
   teacher_torch      the same network and SGD step in eager PyTorch (child process)
   student            the ERDE student step: ResNet-8 + the frozen teacher's
                      forward pass, ERDE loss, as the distillation trainer runs it
@@ -71,8 +74,9 @@ def _configs(batch: int, quick: bool, conv: str, norm: str = "auto"):
   return teacher, student
 
 
-def _jax_step(config):
-  """A compiled train step built as the trainer builds it (teacher included)."""
+def _jax_step(config, compiler_options=None):
+  """A compiled train step built as the trainer builds it (teacher included);
+  `compiler_options` replace the library's (adaptive_vision.compiler)."""
   import jax
   from adaptive_vision import models
   from adaptive_vision import sharding as shd
@@ -86,7 +90,8 @@ def _jax_step(config):
   trainer = build.build(config, total_steps=10_000, teacher_variables=t_vars)
   state, t_vars = trainer.init_state(rng), trainer.teacher_variables
   batch = shd.global_batch(jax_bench.synthetic_batch(config, config.batch_size), trainer.mesh)
-  compiled = trainer.train_step.lower(state, batch, t_vars).compile()
+  lowered = trainer.train_step.lower(state, batch, t_vars)
+  compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
   params = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(state.params))
   return [compiled, state, batch, t_vars, params]
 
@@ -97,6 +102,7 @@ def main(argv=None) -> dict:
     common.add_xla_flags(common.cpu_devices_flag(args.cpu_devices))
   import jax
   common.setup_jax()
+  from adaptive_vision import compiler
   from benchmarks import torch_resnet
   from benchmarks.paired import _TorchPeer
 
@@ -113,9 +119,12 @@ def main(argv=None) -> dict:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
+    if conv == "auto" and norm == "auto" and jax.default_backend() == "cpu":
+      names += [("teacher_ynn_conv", teacher_cfg), ("student_ynn_conv", student_cfg)]
     for name, cfg in names:
       start = time.perf_counter()
-      built[name] = _jax_step(cfg)
+      options = compiler.XLA_DEFAULT_CPU_OPTIONS if name.endswith("_ynn_conv") else None
+      built[name] = _jax_step(cfg, options)
       common.log(f"{name}: compiled in {time.perf_counter() - start:.1f} s")
   if not args.no_torch:
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, "auto")
@@ -155,6 +164,9 @@ def main(argv=None) -> dict:
           for n, t in times.items()}
   ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
             "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
+  if "teacher_ynn_conv" in times:
+    ratios["teacher_vs_teacher_ynn_conv"] = paired("teacher_ynn_conv", "teacher")
+    ratios["student_vs_student_ynn_conv"] = paired("student_ynn_conv", "student")
   if args.cpu_devices > 1:
     sharded = f"teacher_devices{args.cpu_devices}"
     ratios[f"{sharded}_vs_teacher"] = paired("teacher", sharded)

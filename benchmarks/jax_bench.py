@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import early_exit, models
+from adaptive_vision import compiler, early_exit, models
 from adaptive_vision import sharding as shd
 from adaptive_vision.inference import DynamicCascade, SingleDispatchCascade
 from adaptive_vision.train import build as build_lib
@@ -251,7 +251,7 @@ def train_memory(config, steps_count: int) -> dict:
 
 
 def _forward(model):
-  return jax.jit(lambda v, x: model.apply(v, x, train=False)[0])
+  return compiler.jit(lambda v, x: model.apply(v, x, train=False)[0])
 
 
 def _throughput(fn, n: int, *, reps: int, warmup: int) -> dict:
@@ -442,7 +442,7 @@ def inference(vit_config, ravit_config, *, batch: int, latency_images: int, reps
   base["macs_per_image"] = vit_macs
   # Batch 1 as `SingleDispatchCascade` runs it: weights compiled in, answer fetched.
   host_vit = jax.device_get(vit_variables)
-  vit_single = jax.jit(lambda x: vit.apply(host_vit, x, train=False)[0])
+  vit_single = compiler.jit(lambda x: vit.apply(host_vit, x, train=False)[0])
   base["latency"] = _latency(lambda x: jax.device_get(vit_single(x)), vit_singles, reps=reps)
   out["vit"] = base
   common.log(f"  inference ViT: {base['images_per_s']:.0f} img/s at batch {batch}, "

@@ -112,14 +112,16 @@ def _static(model, variables) -> Callable:
   The variables are compiled in as constants, as `SingleDispatchCascade`
   does by default, so baselines and cascades are built alike."""
   import jax
+  from adaptive_vision import compiler
   variables = jax.device_get(variables)
-  return _fetching(jax.jit(lambda x: model.apply(variables, x)[0][-1]))
+  return _fetching(compiler.jit(lambda x: model.apply(variables, x)[0][-1]))
 
 
 def _prefix(model, variables, k: int) -> Callable:
   """Segments 0..k chained in one plain program (no conditionals): what an
   image exiting at k costs with no executor at all; weights compiled in."""
   import jax
+  from adaptive_vision import compiler
   variables = jax.device_get(variables)
 
   def run(x):
@@ -127,7 +129,7 @@ def _prefix(model, variables, k: int) -> Callable:
     for j in range(k + 1):
       logits, carry = model.apply(variables, j, x, carry, method=type(model).segment)
     return logits
-  return _fetching(jax.jit(run))
+  return _fetching(compiler.jit(run))
 
 
 def _singles(inputs, n: int) -> list:

@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 
+from adaptive_vision import compiler  # imports jax only when called
 from benchmarks import common  # no jax import: XLA_FLAGS can still be set
 
 NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -33,7 +34,10 @@ NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
 YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
 # name -> (compiler options, attention implementation or None, devices, what)
 VARIANTS = {
-    "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU)"),
+    "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU), "
+                "compiled with adaptive_vision.compiler's options"),
+    "ynn_conv": (compiler.XLA_DEFAULT_CPU_OPTIONS, None, 1,
+                 "XLA's default CPU options: YNNPACK also runs the convolutions"),
     "attention_fused": ({}, "fused", 1, "jax.nn.dot_product_attention (previous default)"),
     "no_ynn": (NO_YNN, None, 1, "no YNNPACK fusions: XLA's own dot/elementwise code"),
     "fast_math": ({"xla_cpu_enable_fast_math": True}, None, 1, "fast-math approximations"),

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from adaptive_vision import compiler
 from adaptive_vision import data as data_lib
 from adaptive_vision import export as export_lib
 from adaptive_vision import losses, models
@@ -195,7 +196,7 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
                          "(empty) to run the teacher inside the step")
       cache = teacher_cache_lib.TeacherLogitsCache(root, teacher_cache_lib.cache_key(
           config, t_vars, views, jax.process_index(), jax.process_count()))
-      forward = jax.jit(
+      forward = compiler.jit(
           lambda tv, b: jnp.stack(teacher.apply(tv, teacher_inputs(b), train=False)[0], 1),
           in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
           out_shardings=shd.batch_sharding(mesh))

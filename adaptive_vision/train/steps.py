@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from adaptive_vision import compiler
 from adaptive_vision import sharding as shd
 from adaptive_vision.train.state import TrainState
 
@@ -100,13 +101,13 @@ def make_eval_step(model: nn.Module, *, inputs: Callable[[dict], Any]):
 
 def jit_train_step(step, mesh, state_sharding, teacher_sharding=None):
   batch = shd.batch_sharding(mesh)
-  return jax.jit(step, in_shardings=(state_sharding, batch, teacher_sharding),
-                 out_shardings=(state_sharding, shd.replicated(mesh)),
-                 donate_argnums=(0,))
+  return compiler.jit(step, in_shardings=(state_sharding, batch, teacher_sharding),
+                      out_shardings=(state_sharding, shd.replicated(mesh)),
+                      donate_argnums=(0,))
 
 
 def jit_eval_step(step, mesh, params_sharding, stats_sharding):
-  return jax.jit(step, in_shardings=(params_sharding, stats_sharding,
-                                     shd.batch_sharding(mesh)),
-                 out_shardings=jax.sharding.NamedSharding(
-                     mesh, jax.sharding.PartitionSpec(None, shd.DATA)))
+  return compiler.jit(step, in_shardings=(params_sharding, stats_sharding,
+                                          shd.batch_sharding(mesh)),
+                      out_shardings=jax.sharding.NamedSharding(
+                          mesh, jax.sharding.PartitionSpec(None, shd.DATA)))
