@@ -22,10 +22,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 def _bench(command, *args, timeout=600):
   """`python -m benchmarks.run [command] args` from the repository root, without
-  the test session's XLA_FLAGS (conftest's 8 fake devices). `micro` is an
-  investigation, run as its own module."""
+  the test session's XLA_FLAGS (conftest's 8 fake devices). `micro`
+  and `conv` are investigations, run as their own modules."""
   from benchmarks import common
-  cmd = (["-m", "benchmarks.investigations.micro"] if command == "micro" else
+  cmd = (["-m", f"benchmarks.investigations.{command}"] if command in ("micro", "conv") else
          ["-m", "benchmarks.run"] + ([] if command == "run" else [command]))
   return subprocess.run([sys.executable, *cmd, *map(str, args)],
                         cwd=ROOT, env=common.child_env(drop=("XLA_FLAGS",)),
@@ -210,6 +210,22 @@ def test_micro_benchmark_times_every_shape(tmp_path):
   for r in rows[:len(micro.MATMULS)]:
     assert r["jax_gflops"] > 0 and r["torch_gflops"] > 0
   assert all((r["jax_ms"] or r["torch_ms"]) > 0 for r in rows)
+
+
+def test_conv_investigation_times_both_compilations_and_torch(tmp_path):
+  if not HAS_TORCH:
+    pytest.skip("torch not installed (pip install -e '.[bench]')")
+  out = tmp_path / "conv.json"
+  proc = _bench("conv", "--threads", "1", "--batch", "2", "--reps", "2", "--out", out)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  from benchmarks.investigations import conv
+  assert [r["shape"] for r in result["rows"]] == [
+      f"2x{s}x{s}x{ci} -> {co}" for s, ci, co in conv.SHAPES]
+  for r in result["rows"]:
+    for side in ("jax_xla_default", "jax_library", "torch"):
+      assert r[f"{side}_forward_ms"] > 0 and r[f"{side}_train_ms"] > 0
+  assert result["compiler_options"]["xla_default"] != result["compiler_options"]["library"]
 
 
 def test_pipeline_benchmark_feeds_the_real_train_step(tmp_path):
