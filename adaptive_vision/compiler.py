@@ -3,9 +3,10 @@
 On CPU, XLA hands dots, reductions and convolutions to YNNPACK by default.
 For the convolutions of the CIFAR ResNets XLA's own convolution is faster:
 the 3x3 convolution at 16x16x32 and 8x8x64, batch 128, takes 3.5-3.9 ms
-against 6.0-6.4 ms through YNNPACK on a Zen 4 EPYC, and the ERDE steps gain
-5-10% (results/bench_notes.md). So on CPU our programs keep YNNPACK for dots
-and reductions and leave convolutions to XLA. Elsewhere nothing is set.
+against 6.0-7.1 ms through YNNPACK on a Zen 4 EPYC, and the ERDE train steps
+run 1.07-1.10x faster, paired (results/bench_notes.md); the ViT step is level.
+So on CPU our programs keep YNNPACK for dots and reductions and leave
+convolutions to XLA. Elsewhere nothing is set.
 
 `options()` probes once that this jaxlib knows the option (its name is
 experimental) and falls back to XLA's defaults with a warning if not.
