@@ -28,10 +28,10 @@ import numpy as np
 from adaptive_vision import compiler  # imports jax only when called
 from benchmarks import common  # no jax import: XLA_FLAGS can still be set
 
-NO_YNN = {"xla_cpu_experimental_ynn_fusion_type": ""}
+NO_YNN = {compiler.YNN_FUSION_TYPE: ""}
 # YNNPACK for dots only: no YNN reductions, whose operands XLA materializes as
 # full-size broadcasts (112 `wrapped_broadcast` copies in the ViT step, 15 without).
-YNN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+YNN_DOTS = {compiler.YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_DOT"}
 # name -> (compiler options, attention implementation or None, devices, what)
 VARIANTS = {
     "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU), "

@@ -50,3 +50,20 @@ def test_jit_leaves_convolutions_to_xla_and_keeps_the_values():
 def test_jit_passes_its_arguments_through():
   f = compiler.jit(lambda x, k: x * k, static_argnames="k")
   assert float(f(jnp.float32(2.0), k=3)) == 6.0
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="CPU compiler options")
+def test_the_trainer_compiles_its_step_with_the_options():
+  """The train step the trainer builds (configs/erde_cifar10.py, ResNet-20) has
+  no YNNPACK convolution, while the same step under XLA's default has some:
+  this fails if the trainer's jit stops passing the options."""
+  if compiler.options() is None:
+    pytest.skip("this jaxlib does not know the YNNPACK fusion option")
+  from benchmarks import jax_bench
+  from configs import erde_cifar10
+  config = erde_cifar10.get_config("role=teacher")
+  config.batch_size, config.mesh.data, config.data.source = 4, 1, "synthetic"
+  _, state, step, batch, _, _ = jax_bench.build_train(config)
+  lowered = step.lower(state, batch, None)
+  assert _ynn_convolutions(lowered.compile()) == 0
+  assert _ynn_convolutions(lowered.compile(dict(compiler.XLA_DEFAULT_CPU_OPTIONS))) > 0

@@ -22,22 +22,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
 
+from benchmarks.investigations import median_ms
+
 SHAPES = ((32, 16, 16), (16, 32, 32), (8, 64, 64))  # (size, C in, C out)
 _SAME = ((1, 1), (1, 1))
-
-
-def _median_ms(fn, reps: int) -> float:
-  fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> dict:
@@ -78,20 +69,20 @@ def main(argv=None) -> dict:
     for name, opts in options.items():
       fwd = jax.jit(forward).lower(jx, jw).compile(opts)
       step = jax.jit(train).lower(jx, jw, jg).compile(opts)
-      row[f"jax_{name}_forward_ms"] = _median_ms(lambda: fwd(jx, jw).block_until_ready(), reps)
-      row[f"jax_{name}_train_ms"] = _median_ms(lambda: jax.block_until_ready(step(jx, jw, jg)), reps)
+      row[f"jax_{name}_forward_ms"] = median_ms(lambda: fwd(jx, jw).block_until_ready(), reps)
+      row[f"jax_{name}_train_ms"] = median_ms(lambda: jax.block_until_ready(step(jx, jw, jg)), reps)
     tx = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     tw = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
     tg = torch.from_numpy(g).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
-      row["torch_forward_ms"] = _median_ms(lambda: torch.nn.functional.conv2d(tx, tw, padding=1), reps)
+      row["torch_forward_ms"] = median_ms(lambda: torch.nn.functional.conv2d(tx, tw, padding=1), reps)
     tx.requires_grad_()
     tw.requires_grad_()
 
     def torch_train():
       y = torch.nn.functional.conv2d(tx, tw, padding=1)
       torch.autograd.grad(y, (tx, tw), tg)
-    row["torch_train_ms"] = _median_ms(torch_train, reps)
+    row["torch_train_ms"] = median_ms(torch_train, reps)
     rows.append(row)
 
   result = {"command": " ".join(["python -m benchmarks.investigations.conv"]

@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import numpy as np
+
+from benchmarks.investigations import median_ms
 
 TOKENS, WIDTH, MLP, HEADS, SEQ, BATCH = 128 * 65, 96, 384, 3, 65, 128
 # (M, K, N): forward x @ W, then the backward dX = dY @ W^T and dW = X^T @ dY shapes.
@@ -29,15 +30,6 @@ MATMULS = {
     "mlp1 dW": (WIDTH, TOKENS, MLP), "mlp2 dW": (MLP, TOKENS, WIDTH),
 }
 
-
-def _median_ms(fn, reps: int = 20) -> float:
-  fn()
-  times = []
-  for _ in range(reps):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return 1e3 * float(np.median(times))
 
 
 def main(argv=None) -> dict:
@@ -58,8 +50,8 @@ def main(argv=None) -> dict:
     a, b = (rng.standard_normal(s).astype(np.float32) for s in ((m, k), (k, n)))
     ja, jb, ta, tb = jnp.asarray(a), jnp.asarray(b), torch.from_numpy(a), torch.from_numpy(b)
     f = jax.jit(jnp.matmul)
-    j_ms = _median_ms(lambda: f(ja, jb).block_until_ready())
-    t_ms = _median_ms(lambda: ta @ tb)
+    j_ms = median_ms(lambda: f(ja, jb).block_until_ready())
+    t_ms = median_ms(lambda: ta @ tb)
     gflop = 2e-9 * m * k * n
     rows.append({"op": f"matmul {name} {m}x{k}x{n}", "jax_ms": j_ms, "torch_ms": t_ms,
                  "jax_gflops": gflop / j_ms * 1e3, "torch_gflops": gflop / t_ms * 1e3})
@@ -81,7 +73,7 @@ def main(argv=None) -> dict:
   for label, core in (("attention fwd+bwd, ours 'xla'", xla_core),
                       ("attention fwd+bwd, ours 'fused'", fused_core)):
     f = jax.jit(lambda q, k, v, g, core=core: jax.vjp(core, q, k, v)[1](g))
-    rows.append({"op": label, "jax_ms": _median_ms(lambda: jax.block_until_ready(
+    rows.append({"op": label, "jax_ms": median_ms(lambda: jax.block_until_ready(
         f(jq, jk, jv, jg))), "torch_ms": None})
   tq, tk, tv = (torch.from_numpy(x).requires_grad_() for x in (q, k, v))
   tg = torch.from_numpy(g)
@@ -91,7 +83,7 @@ def main(argv=None) -> dict:
     torch.autograd.grad(y, (tq, tk, tv), tg)
 
   rows.append({"op": "attention fwd+bwd, torch SDPA", "jax_ms": None,
-               "torch_ms": _median_ms(torch_attention)})
+               "torch_ms": median_ms(torch_attention)})
 
   result = {"command": " ".join(["python -m benchmarks.investigations.micro"] + list(argv or sys.argv[1:])),
             "machine": common.machine_info(), "torch_threads": args.threads, "rows": rows}
