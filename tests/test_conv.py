@@ -8,6 +8,7 @@ import pytest
 
 from adaptive_vision.models import conv as conv_lib
 from adaptive_vision.models import resnet as resnet_lib
+from adaptive_vision.native import conv as native_conv
 
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))
@@ -73,24 +74,31 @@ def test_conv_module_has_nn_conv_parameters():
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="convolution implementation"):
     conv_lib.resolve_implementation("cudnn")
-  assert conv_lib.resolve_implementation("auto") == (
-      "gemm" if jax.default_backend() == "cpu" else "xla")
+  if jax.default_backend() != "cpu":
+    assert conv_lib.resolve_implementation("auto") == "xla"
+  elif jax.device_count() == 1 and native_conv.available():
+    assert conv_lib.resolve_implementation("auto") == "native"
+  else:
+    assert conv_lib.resolve_implementation("auto") == "gemm"
 
 
-@pytest.mark.parametrize("field,ours,reference", [
-    ("conv", "gemm", "xla"),         # hand-written convolution gradients vs XLA's
-    ("norm", "fused", "autodiff"),   # hand-written BatchNorm gradient vs JAX's
+@pytest.mark.parametrize("field,ours,reference,width", [
+    ("conv", "gemm", "xla", 0.5),        # hand-written convolution gradients vs XLA's
+    ("norm", "fused", "autodiff", 0.5),  # hand-written BatchNorm gradient vs JAX's
+    # the native kernels (CPU); full width so that every stage has 16k channels
+    pytest.param("conv", "native", "xla", 1.0, marks=pytest.mark.skipif(
+        not native_conv.available(), reason="native CPU kernels not built here")),
 ])
-def test_resnet_train_step_equals_the_reference_path(field, ours, reference):
+def test_resnet_train_step_equals_the_reference_path(field, ours, reference, width):
   """One SGD step of an early-exit ResNet-8 (exit heads included): same loss,
-  gradients and batch statistics with the hand-written gradients as with the
-  reference ones."""
+  gradients and batch statistics with the hand-written gradients or kernels as
+  with the reference ones."""
   import optax
   x = jax.random.normal(jax.random.PRNGKey(0), (8, 32, 32, 3))
   y = jnp.arange(8) % 10
   results = []
   for impl in (ours, reference):
-    model = resnet_lib.ResNet(depth=8, width_multiplier=0.5, exits=(0, 1), **{field: impl})
+    model = resnet_lib.ResNet(depth=8, width_multiplier=width, exits=(0, 1), **{field: impl})
     v = model.init({"params": jax.random.PRNGKey(1), "dropout": jax.random.PRNGKey(2)}, x)
 
     def loss(p):

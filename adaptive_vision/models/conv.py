@@ -14,10 +14,19 @@ backward is written by hand:
   back with interior padding and summed (col2im).
 
 `conv2d(x, w, strides, padding)` equals `lax.conv_general_dilated` on NHWC /
-HWIO in value and in gradient (tests/test_conv.py). `Conv` is a drop-in for
-the `nn.Conv` calls of the ResNets (same parameter names, shapes and
-initialization, so checkpoints restore), with `implementation='auto'`
-choosing this path on CPU and XLA's own convolution on GPU/TPU.
+HWIO in value and in gradient (tests/test_conv.py).
+
+`native_conv2d` goes further on CPU: forward, weight gradient and (stride 1)
+input gradient are direct convolution kernels written in C++ and called
+through XLA's FFI (adaptive_vision/native), built for the machine on first
+use. It covers float32 convolutions with output channels in multiples of 16;
+others take the GEMM path.
+
+`Conv` is a drop-in for the `nn.Conv` calls of the ResNets (same parameter
+names, shapes and initialization, so checkpoints restore). Its
+`implementation='auto'` is 'native' on CPU when the kernels build and the
+program runs on one device (a custom call is not split across devices), else
+'gemm' on CPU, and XLA's own convolution on GPU/TPU.
 """
 
 from __future__ import annotations
@@ -31,8 +40,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from adaptive_vision import models
+from adaptive_vision.native import conv as native_conv
 
-CONV_IMPLEMENTATIONS = ("auto", "xla", "gemm")
+CONV_IMPLEMENTATIONS = ("auto", "xla", "gemm", "native")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -141,7 +151,51 @@ def _conv2d_bwd(strides, padding, res, dy):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def native_conv2d(x, w, strides: tuple[int, int], padding: tuple[tuple[int, int], ...]):
+  """`conv2d` through the native CPU kernels; needs `native_supports(...)`."""
+  return native_conv.forward(x, w, strides, padding)
+
+
+def _native_fwd(x, w, strides, padding):
+  return native_conv.forward(x, w, strides, padding), (x, w)
+
+
+def _native_bwd(strides, padding, res, dy):
+  x, w = res
+  kh, kw, cin, cout = w.shape
+  dw = native_conv.weight_grad(x, dy, w.shape, strides, padding)
+  if cin % native_conv.LANES:
+    # Few input channels (the stem, whose input gradient is usually dead code).
+    return jax.vjp(lambda x: _xla_conv(x, w, strides, padding), x)[1](dy)[0], dw
+  if strides == (1, 1):
+    # The transposed convolution is a forward one of dy with the flipped,
+    # in/out-swapped kernel (as in _conv2d_bwd); the forward kernel is a
+    # little faster than the scattering one at 8x8x64 (results/bench_notes.md).
+    wt = jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2)
+    pad = ((kh - 1 - padding[0][0], x.shape[1] - dy.shape[1] + padding[0][0]),
+           (kw - 1 - padding[1][0], x.shape[2] - dy.shape[2] + padding[1][0]))
+    if native_conv.supports(dy.dtype, wt.shape, pad):
+      return native_conv.forward(dy, wt, (1, 1), pad), dw
+  return native_conv.input_grad(dy, w, x.shape, strides, padding), dw
+
+
+native_conv2d.defvjp(_native_fwd, _native_bwd)
+
+
+def native_supports(x_dtype, kernel_shape, strides, padding) -> bool:
+  """Whether native_conv2d runs this convolution (1x1 stride-1 ones are plain
+  matrix products, which the GEMM path already hands to the dot library)."""
+  pointwise = tuple(kernel_shape[:2]) == (1, 1) and tuple(strides) == (1, 1)
+  return native_conv.supports(x_dtype, kernel_shape, padding) and not pointwise
+
+
 def resolve_implementation(implementation: str) -> str:
+  if implementation == "native" and not native_conv.available():
+    raise ValueError(f"convolution implementation 'native' is unavailable: "
+                     f"{native_conv.unavailable_reason()}")
+  if implementation == "auto" and jax.default_backend() == "cpu":
+    return "native" if jax.device_count() == 1 and native_conv.available() else "gemm"
   return models.resolve_implementation(implementation, CONV_IMPLEMENTATIONS, "convolution",
                                        cpu="gemm", elsewhere="xla")
 
@@ -165,9 +219,11 @@ class Conv(nn.Module):
   """`nn.Conv` for NHWC images (2-D, no dilation, no groups), with the same
   parameters ('kernel' [kh, kw, Cin, Cout], optional 'bias') and defaults.
 
-  implementation: 'gemm' (backward as matrix products, see the module
-  docstring), 'xla' (`lax.conv_general_dilated` and XLA's own gradient), or
-  'auto' ('gemm' on CPU, 'xla' elsewhere).
+  implementation: 'native' (the C++ CPU kernels, see the module docstring;
+  convolutions they do not cover take the 'gemm' path), 'gemm' (backward as
+  matrix products), 'xla' (`lax.conv_general_dilated` and XLA's own
+  gradient), or 'auto' ('native' on one CPU device when the kernels build,
+  else 'gemm' on CPU; 'xla' on GPU/TPU).
   """
   features: int
   kernel_size: Sequence[int]
@@ -189,7 +245,10 @@ class Conv(nn.Module):
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    if resolve_implementation(self.implementation) == "gemm":
+    implementation = resolve_implementation(self.implementation)
+    if implementation == "native" and native_supports(dtype, kernel.shape, strides, padding):
+      y = native_conv2d(x, kernel, strides, padding)
+    elif implementation in ("native", "gemm"):
       y = conv2d(x, kernel, strides, padding)
     else:
       y = _xla_conv(x, kernel, strides, padding)

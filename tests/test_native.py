@@ -1,0 +1,98 @@
+"""The native CPU convolution kernels (adaptive_vision/native): they build where a
+C++ compiler is, equal XLA's convolution in value and gradient, and 'auto' uses them."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adaptive_vision.models import conv as conv_lib
+from adaptive_vision.native import build
+from adaptive_vision.native import conv as native_conv
+
+needs_native = pytest.mark.skipif(not native_conv.available(),
+                                  reason="native CPU kernels not built here")
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu" or build.compiler() is None,
+                    reason="needs the CPU backend and a C++ compiler")
+def test_kernels_build_wherever_a_compiler_is():
+  assert native_conv.unavailable_reason() is None
+
+
+def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
+  monkeypatch.setenv("CXX", str(tmp_path / "no-such-c++"))
+  monkeypatch.setenv("ADAPTIVE_VISION_CACHE", str(tmp_path))
+  with pytest.raises(build.NativeUnavailable, match="does not run"):
+    build.library.__wrapped__("conv_kernels")
+
+
+def test_explicit_native_says_why_it_is_unavailable(monkeypatch):
+  monkeypatch.setattr(native_conv, "available", lambda: False)
+  monkeypatch.setattr(native_conv, "unavailable_reason", lambda: "no compiler here")
+  with pytest.raises(ValueError, match="no compiler here"):
+    conv_lib.resolve_implementation("native")
+
+
+_PAD1 = ((1, 1), (1, 1))
+
+
+@needs_native
+@pytest.mark.parametrize("kernel,stride,padding,size,cin,cout,batch", [
+    (3, 1, _PAD1, 8, 16, 16, 3),             # ResNet 3x3, first stage
+    (3, 1, _PAD1, 4, 64, 64, 2),             # last stage
+    (3, 2, ((0, 1), (0, 1)), 8, 16, 32, 3),  # first convolution of a stage ('SAME')
+    (3, 2, _PAD1, 7, 32, 32, 2),             # odd size
+    (1, 2, ((0, 0), (0, 0)), 8, 16, 32, 3),  # option-B projection shortcut
+    (3, 1, _PAD1, 9, 3, 16, 2),              # the stem: 3 input channels
+    (3, 1, ((0, 2), (1, 0)), 6, 16, 32, 5),  # asymmetric padding, 32 outputs
+    (5, 1, ((2, 2), (2, 2)), 13, 16, 16, 1),  # wider kernel; 13 pixels: two register tiles
+])
+def test_forward_and_gradients_equal_xla(kernel, stride, padding, size, cin, cout, batch):
+  kx, kw, kc = jax.random.split(jax.random.PRNGKey(kernel * 10 + stride + cin), 3)
+  x = jax.random.normal(kx, (batch, size, size, cin))
+  w = jax.random.normal(kw, (kernel, kernel, cin, cout)) / np.sqrt(kernel * kernel * cin)
+  strides = (stride, stride)
+  ref = conv_lib._xla_conv(x, w, strides, padding)
+  probe = jax.random.normal(kc, ref.shape)
+
+  def loss(fn):
+    return lambda x, w: jnp.sum(fn(x, w, strides, padding) * probe)
+
+  got_y = jax.jit(conv_lib.native_conv2d, static_argnums=(2, 3))(x, w, strides, padding)
+  np.testing.assert_allclose(got_y, ref, rtol=1e-5, atol=1e-5)
+  got = jax.jit(jax.grad(loss(conv_lib.native_conv2d), (0, 1)))(x, w)
+  want = jax.jit(jax.grad(loss(conv_lib._xla_conv), (0, 1)))(x, w)
+  for g, r in zip(got, want):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5 * float(jnp.abs(r).max()))
+
+
+@needs_native
+def test_vmap_over_the_native_call():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 3, 8, 8, 16))
+  w = jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 16))
+  f = lambda fn: jax.vmap(lambda x: fn(x, w, (1, 1), _PAD1))
+  np.testing.assert_allclose(f(conv_lib.native_conv2d)(x), f(conv_lib._xla_conv)(x),
+                             rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_auto_runs_the_kernels_and_leaves_the_rest_to_gemm(monkeypatch):
+  """On one CPU device 'auto' calls the kernels where they apply; 7 output
+  channels (not a multiple of 16) take the GEMM path and still match XLA.
+  With several devices 'auto' is 'gemm' (a custom call is not split over
+  devices: XLA would gather the batch onto each)."""
+  assert jax.device_count() > 1  # the test session's 8 host devices
+  assert conv_lib.resolve_implementation("auto") == "gemm"
+  monkeypatch.setattr(jax, "device_count", lambda *a: 1)
+  assert conv_lib.resolve_implementation("auto") == "native"
+  for features, expect_native in ((16, True), (7, False)):
+    module = conv_lib.Conv(features, (3, 3), padding=_PAD1, implementation="auto")
+    x = jax.random.normal(jax.random.PRNGKey(2), (2, 8, 8, 16))
+    v = module.init(jax.random.PRNGKey(3), x)
+    hlo = jax.jit(jax.grad(lambda v: jnp.sum(module.apply(v, x) ** 2))).lower(v).as_text()
+    assert ("av_conv_forward" in hlo) == expect_native
+    assert ("av_conv_weight_grad" in hlo) == expect_native
+    ref = conv_lib.Conv(features, (3, 3), padding=_PAD1, implementation="xla")
+    np.testing.assert_allclose(module.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
