@@ -8,11 +8,14 @@ Variants, each compiled (or started) once, then timed in alternating rounds
 
   teacher            the ERDE teacher step (configs/erde_cifar10.py:role=teacher,
                      ResNet-20 with its two exit heads), convolutions 'auto'
+                     (on one CPU device: the native C++ kernels)
+  teacher_gemm_conv  the same with the 'gemm' convolutions (XLA's forward,
+                     backward as matrix products); student_gemm_conv likewise
   teacher_xla_conv   the same with XLA's own convolution gradients
   teacher_autodiff_norm  the same with JAX's autodiff BatchNorm gradient
                      (models.norm 'autodiff' instead of the hand-written one)
-  teacher_ynn_conv   (CPU) the same compiled with XLA's default options, which
-                     hand the convolutions to YNNPACK (adaptive_vision.compiler
+  teacher_ynn_conv   (CPU) teacher_gemm_conv compiled with XLA's default options,
+                     which hand the convolutions to YNNPACK (adaptive_vision.compiler
                      leaves them to XLA); student_ynn_conv likewise
   teacher_torch      the same network and SGD step in eager PyTorch (child process)
   student            the ERDE student step: ResNet-8 + the frozen teacher's
@@ -107,20 +110,22 @@ def main(argv=None) -> dict:
   from benchmarks.paired import _TorchPeer
 
   built, peers = {}, {}
-  for conv, norm in (("auto", "auto"), ("xla", "auto"), ("auto", "autodiff")):
+  for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "autodiff")):
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv, norm)
     if norm != "auto":
       names = [("teacher_autodiff_norm", teacher_cfg)]
     elif conv == "auto":
       names = [("teacher", teacher_cfg), ("student", student_cfg)]
+    elif conv == "gemm":
+      names = [("teacher_gemm_conv", teacher_cfg), ("student_gemm_conv", student_cfg)]
+      if jax.default_backend() == "cpu":
+        names += [("teacher_ynn_conv", teacher_cfg), ("student_ynn_conv", student_cfg)]
     else:
       names = [("teacher_xla_conv", teacher_cfg)]
     if conv == "auto" and norm == "auto" and args.cpu_devices > 1:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
-    if conv == "auto" and norm == "auto" and jax.default_backend() == "cpu":
-      names += [("teacher_ynn_conv", teacher_cfg), ("student_ynn_conv", student_cfg)]
     for name, cfg in names:
       start = time.perf_counter()
       options = compiler.XLA_DEFAULT_CPU_OPTIONS if name.endswith("_ynn_conv") else None
@@ -162,11 +167,13 @@ def main(argv=None) -> dict:
   rows = {n: {"median_step_s": float(np.median(t)),
               "images_per_s": float(args.batch / np.median(t)), "step_times_s": t}
           for n, t in times.items()}
-  ratios = {"teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
+  ratios = {"teacher_vs_teacher_gemm_conv": paired("teacher_gemm_conv", "teacher"),
+            "student_vs_student_gemm_conv": paired("student_gemm_conv", "student"),
+            "teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
             "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
   if "teacher_ynn_conv" in times:
-    ratios["teacher_vs_teacher_ynn_conv"] = paired("teacher_ynn_conv", "teacher")
-    ratios["student_vs_student_ynn_conv"] = paired("student_ynn_conv", "student")
+    ratios["teacher_gemm_conv_vs_teacher_ynn_conv"] = paired("teacher_ynn_conv", "teacher_gemm_conv")
+    ratios["student_gemm_conv_vs_student_ynn_conv"] = paired("student_ynn_conv", "student_gemm_conv")
   if args.cpu_devices > 1:
     sharded = f"teacher_devices{args.cpu_devices}"
     ratios[f"{sharded}_vs_teacher"] = paired("teacher", sharded)
