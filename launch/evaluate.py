@@ -25,16 +25,21 @@ from ml_collections import config_flags
 
 from launch import common
 
-config_flags.DEFINE_config_file("config", None, "config file [:args]", lock_config=True)
-flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
-flags.DEFINE_string("params", None, "instead of --workdir: a parameters file of launch.export "
-                    "(logits and report go to --out)")
-flags.DEFINE_string("baseline", None, "workdir of a single-exit baseline with *_logits.npz")
-flags.DEFINE_string("out", None, "where to write the report and copies of the npz files")
-flags.DEFINE_string("name", None, "the model's name in tables and plots")
-flags.DEFINE_list("budgets", ["0.55", "0.7"], "MACs budgets as fractions of the baseline")
-flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of recomputing")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a script only, so that tests
+  and other modules can import this one's functions beside another script's."""
+  config_flags.DEFINE_config_file("config", None, "config file [:args]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+  flags.DEFINE_string("params", None, "instead of --workdir: a parameters file of launch.export "
+                      "(logits and report go to --out)")
+  flags.DEFINE_string("baseline", None, "workdir of a single-exit baseline with *_logits.npz")
+  flags.DEFINE_string("out", None, "where to write the report and copies of the npz files")
+  flags.DEFINE_string("name", None, "the model's name in tables and plots")
+  flags.DEFINE_list("budgets", ["0.55", "0.7"], "MACs budgets as fractions of the baseline")
+  flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of recomputing")
 
 
 def compute_logits(config, workdir: str, config_arg: str = "...", variables=None) -> None:
@@ -88,5 +93,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config"])
   common.run(main)

@@ -25,14 +25,19 @@ from ml_collections import config_flags
 
 from launch import common
 
-config_flags.DEFINE_config_file("config", None, "config file [:args] of the run", lock_config=True)
-config_flags.DEFINE_config_file("baseline_config", None,
-                                "optional: budgets are fractions of this model's MACs")
-flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
-flags.DEFINE_string("out", None, "the file to write (.npz)")
-flags.DEFINE_list("budgets", ["0.55", "0.7"],
-                  "MACs budgets (fractions of the reference MACs) to calibrate thresholds for")
 FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when run as a script only, so that tests
+  and other modules can import this one's functions beside another script's."""
+  config_flags.DEFINE_config_file("config", None, "config file [:args] of the run", lock_config=True)
+  config_flags.DEFINE_config_file("baseline_config", None,
+                                  "optional: budgets are fractions of this model's MACs")
+  flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+  flags.DEFINE_string("out", None, "the file to write (.npz)")
+  flags.DEFINE_list("budgets", ["0.55", "0.7"],
+                    "MACs budgets (fractions of the reference MACs) to calibrate thresholds for")
 
 
 def export(config, workdir: str, out: str, budgets, baseline_config=None,
@@ -99,5 +104,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["config", "workdir", "out"])
   common.run(main)

@@ -73,3 +73,16 @@ def test_readme_commands_on_a_fresh_clone(tmp_path):
     assert "could not be restored" not in output, f"launch.{name}: {output[-2000:]}"
   for split in ("val", "test"):
     assert logits_lib.load_logits(os.path.join(workdir, f"{split}_logits.npz")).labels.shape == (64,)
+
+
+def test_launch_scripts_import_side_by_side_and_keep_their_flags():
+  # Both define --config: importing one for its functions beside the other
+  # (as tests on one pytest worker do) must not define flags twice.
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  both = subprocess.run([sys.executable, "-c", "from launch import export, evaluate"],
+                        cwd=root, capture_output=True, text=True)
+  assert both.returncode == 0, both.stderr[-2000:]
+  for script, flag in (("launch.evaluate", "reuse_logits"), ("launch.export", "baseline_config")):
+    helped = subprocess.run([sys.executable, "-m", script, "--helpfull"], cwd=root,
+                            capture_output=True, text=True)
+    assert flag in helped.stdout + helped.stderr, (script, helped.stderr[-2000:])
