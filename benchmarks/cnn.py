@@ -17,6 +17,9 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher_ynn_conv   (CPU) teacher_gemm_conv compiled with XLA's default options,
                      which hand the convolutions to YNNPACK (adaptive_vision.compiler
                      leaves them to XLA); student_ynn_conv likewise
+  teacher_glibc_malloc  (glibc) the teacher step with glibc's default mmap and
+                     trim settings, switched on around its own steps only; the
+                     others run with adaptive_vision.host_memory.keep_freed_memory
   teacher_torch      the same network and SGD step in eager PyTorch (child process)
   student            the ERDE student step: ResNet-8 + the frozen teacher's
                      forward pass, ERDE loss, as the distillation trainer runs it
@@ -105,7 +108,7 @@ def main(argv=None) -> dict:
     common.add_xla_flags(common.cpu_devices_flag(args.cpu_devices))
   import jax
   common.setup_jax()
-  from adaptive_vision import compiler
+  from adaptive_vision import compiler, host_memory
   from benchmarks import torch_resnet
   from benchmarks.paired import _TorchPeer
 
@@ -126,6 +129,8 @@ def main(argv=None) -> dict:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
+    if conv == "auto" and norm == "auto" and host_memory.keep_freed_memory():
+      names.append(("teacher_glibc_malloc", teacher_cfg))
     for name, cfg in names:
       start = time.perf_counter()
       options = compiler.XLA_DEFAULT_CPU_OPTIONS if name.endswith("_ynn_conv") else None
@@ -141,16 +146,28 @@ def main(argv=None) -> dict:
                          f"parameters, the JAX model {own}: not the same network")
       peers[name] = _TorchPeer(spec, kind="torch_resnet_serve")
 
-  def run(name: str) -> float:
-    if name in peers:
-      return peers[name](args.steps) / args.steps
+  def steps(name: str, n: int) -> float:
     compiled, state, batch, t_vars, _ = built[name]
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(n):
       state, metrics = compiled(state, batch, t_vars)
     jax.block_until_ready((state, metrics))
     built[name][1] = state
-    return (time.perf_counter() - start) / args.steps
+    return (time.perf_counter() - start) / max(n, 1)
+
+  def run(name: str) -> float:
+    if name in peers:
+      return peers[name](args.steps) / args.steps
+    if name != "teacher_glibc_malloc":
+      return steps(name, args.steps)
+    # glibc's defaults for this variant only; one untimed step after each
+    # switch, so that both sides are timed with their allocator warm.
+    host_memory.glibc_defaults()
+    steps(name, 1)
+    took = steps(name, args.steps)
+    host_memory.keep_freed_memory()
+    steps(name, 1)
+    return took
 
   order = list(built) + list(peers)
   try:
@@ -171,6 +188,8 @@ def main(argv=None) -> dict:
             "student_vs_student_gemm_conv": paired("student_gemm_conv", "student"),
             "teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
             "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
+  if "teacher_glibc_malloc" in times:
+    ratios["teacher_vs_teacher_glibc_malloc"] = paired("teacher_glibc_malloc", "teacher")
   if "teacher_ynn_conv" in times:
     ratios["teacher_gemm_conv_vs_teacher_ynn_conv"] = paired("teacher_ynn_conv", "teacher_gemm_conv")
     ratios["student_gemm_conv_vs_student_ynn_conv"] = paired("student_ynn_conv", "student_gemm_conv")

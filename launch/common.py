@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from absl import app
 
+from adaptive_vision import host_memory
 from adaptive_vision.atomic import WriteError
 
 
@@ -34,6 +35,9 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   if _nothing_but_cpu():
     # Else JAX tries to load libtpu.so first and logs that it failed to.
     jax.config.update("jax_platforms", "cpu")
+    # Before the first computation creates XLA's threads: XLA:CPU's per-step
+    # temporaries then reuse the same pages (adaptive_vision/host_memory.py).
+    host_memory.keep_freed_memory()
   if cpu_devices:
     if cpu_devices < 0:
       raise ValueError(f"cpu_devices={cpu_devices}; give a positive count or 0 for JAX's default")
