@@ -125,11 +125,11 @@ def main(argv=None) -> dict:
         names += [("teacher_ynn_conv", teacher_cfg), ("student_ynn_conv", student_cfg)]
     else:
       names = [("teacher_xla_conv", teacher_cfg)]
-    if conv == "auto" and norm == "auto" and args.cpu_devices > 1:
+    if (conv, norm) == ("auto", "auto") and args.cpu_devices > 1:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
-    if conv == "auto" and norm == "auto" and host_memory.keep_freed_memory():
+    if (conv, norm) == ("auto", "auto") and host_memory.keep_freed_memory():
       names.append(("teacher_glibc_malloc", teacher_cfg))
     for name, cfg in names:
       start = time.perf_counter()
@@ -158,16 +158,9 @@ def main(argv=None) -> dict:
   def run(name: str) -> float:
     if name in peers:
       return peers[name](args.steps) / args.steps
-    if name != "teacher_glibc_malloc":
-      return steps(name, args.steps)
-    # glibc's defaults for this variant only; one untimed step after each
-    # switch, so that both sides are timed with their allocator warm.
-    host_memory.glibc_defaults()
-    steps(name, 1)
-    took = steps(name, args.steps)
-    host_memory.keep_freed_memory()
-    steps(name, 1)
-    return took
+    if name == "teacher_glibc_malloc":
+      return common.with_glibc_malloc_defaults(lambda n: steps(name, n), args.steps)
+    return steps(name, args.steps)
 
   order = list(built) + list(peers)
   try:

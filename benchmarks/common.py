@@ -31,6 +31,21 @@ def setup_jax() -> None:
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def with_glibc_malloc_defaults(steps: Callable[[int], float], n: int) -> float:
+  """`steps(n)` (seconds per step) timed with glibc's default mmap and trim
+  settings instead of adaptive_vision.host_memory.keep_freed_memory, which
+  the rest of the process keeps: the allocator side of a paired comparison.
+  One untimed step after each switch, so both sides are timed warm."""
+  from adaptive_vision import host_memory
+  host_memory.glibc_defaults()
+  try:
+    steps(1)
+    return steps(n)
+  finally:
+    host_memory.keep_freed_memory()
+    steps(1)
+
+
 def get_path(d, *keys):
   """d[k0][k1]... or None where a level is missing, None or not a dict."""
   for k in keys:

@@ -36,6 +36,8 @@ YNN_DOTS = {compiler.YNN_FUSION_TYPE: "LIBRARY_FUSION_TYPE_DOT"}
 VARIANTS = {
     "default": ({}, None, 1, "the configs as they are (attention 'auto' = 'xla' on CPU), "
                 "compiled with adaptive_vision.compiler's options"),
+    "glibc_malloc": ({}, None, 1, "glibc's default mmap/trim settings around this variant's "
+                     "steps (the others keep freed memory: adaptive_vision.host_memory)"),
     "ynn_conv": (compiler.XLA_DEFAULT_CPU_OPTIONS, None, 1,
                  "XLA's default CPU options: YNNPACK also runs the convolutions"),
     "attention_fused": ({}, "fused", 1, "jax.nn.dot_product_attention (previous default)"),
@@ -148,13 +150,20 @@ def main(argv=None) -> dict:
   def run_variant(name: str) -> float:
     if name == "torch_eager":
       return peer(args.steps) / args.steps
+    if name == "glibc_malloc":
+      from adaptive_vision import host_memory
+      if host_memory.keep_freed_memory():
+        return common.with_glibc_malloc_defaults(lambda n: steps(name, n), args.steps)
+    return steps(name, args.steps)
+
+  def steps(name: str, n: int) -> float:
     compiled, state, batch = built[name]
     start = time.perf_counter()
-    for _ in range(args.steps):
+    for _ in range(n):
       state, metrics = compiled(state, batch, None)
     jax.block_until_ready((state, metrics))
     built[name][1] = state
-    return (time.perf_counter() - start) / args.steps
+    return (time.perf_counter() - start) / max(n, 1)
 
   order = names + (["torch_eager"] if peer else [])
   try:

@@ -181,12 +181,13 @@ def test_paired_comparison_runs_and_reports_ratios(tmp_path):
   turns; the default is its own reference (ratio exactly 1 in every round)."""
   out = tmp_path / "paired.json"
   proc = _bench("paired", "--quick", "--rounds", "2", "--steps", "1", "--only",
-                "devices2,no_ynn", "--max-devices", "2", "--out", out,
+                "devices2,no_ynn,glibc_malloc", "--max-devices", "2", "--out", out,
                 *(["--torch-eager"] if HAS_TORCH else []))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
   v = result["variants"]
-  assert list(v) == ["default", "devices2", "no_ynn"] + (["torch_eager"] if HAS_TORCH else [])
+  assert list(v) == (["default", "devices2", "no_ynn", "glibc_malloc"]
+                     + (["torch_eager"] if HAS_TORCH else []))
   if HAS_TORCH:  # the peer ran in the same rounds; ours over theirs, paired
     assert v["default"]["speedup_vs_torch_eager"] > 0
     assert v["torch_eager"]["speedup_vs_torch_eager"] == 1.0

@@ -130,7 +130,7 @@ class ResNet(nn.Module):
   exits: Sequence[int] = ()
   exit_dropout: float = 0.5
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
-  conv: str = "auto"             # models.conv: 'auto' | 'gemm' | 'xla'
+  conv: str = "auto"             # models.conv: 'auto' | 'native' | 'gemm' | 'xla'
   norm: str = "auto"             # models.norm: 'auto' | 'fused' | 'autodiff'
 
   @property
