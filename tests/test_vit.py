@@ -105,8 +105,11 @@ def test_bad_input_errors():
     models.build(_cfg(variant="Ti/16", image_size=40))
   with pytest.raises(ValueError, match="unknown ViT config keys"):
     models.build(_cfg(variant="Ti/16", widht=3))
-  with pytest.raises(ValueError, match="unknown model.name"):
+  with pytest.raises(ValueError, match="unknown model.name") as e:
     models.build(mlc.ConfigDict(dict(name="vitt", num_classes=10)))
+  # The families only, not the layer modules beside them.
+  assert models.available() == ["ee_vit", "ravit", "resnet", "vit"]
+  assert "'ravit'" in str(e.value) and "'conv'" not in str(e.value)
 
 
 def test_attention_implementations_share_parameters_and_results():

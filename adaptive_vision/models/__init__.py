@@ -37,9 +37,13 @@ def _family(name: str):
 
 
 def available() -> list[str]:
+  """The model families: modules of this package with the family functions
+  (layer modules such as conv.py and norm.py are not families)."""
   import pkgutil
-  names = [m.name for m in pkgutil.iter_modules(__path__)]
-  return sorted(n for n in names if not n.startswith("_"))
+  names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
+  return [n for n in names
+          if all(hasattr(importlib.import_module(f"adaptive_vision.models.{n}"), f)
+                 for f in ("build", "exit_macs", "input_sizes"))]
 
 
 def build(model_cfg):
