@@ -4,7 +4,7 @@ r"""Batch-1 latency of the early exits: images that arrive one at a time.
       [--ravit-workdir runs/ravit_cifar10 --vit-workdir runs/vit_cifar10
        --ravit-report results/ravit_cifar10_cpu/report.json]
       [--erde-student-workdir runs/erde_erde_s0 --erde-teacher-workdir runs/erde_teacher]
-      [--out results/bench_latency.json] [--update results/bench_cpu.json]
+      [--sync-dispatch] [--out results/bench_latency.json] [--update results/bench_cpu.json]
 
 Each call takes one image from the host and brings its answer back to the
 host, as a real-time or edge application does. Variants:
@@ -79,6 +79,10 @@ def parse_args(argv=None):
   p.add_argument("--erde-student-workdir", default=None,
                  help="trained student (its val_logits.npz calibrates the thresholds)")
   p.add_argument("--erde-teacher-workdir", default=None)
+  p.add_argument("--sync-dispatch", action="store_true",
+                 help="run every call on the calling thread (jax_cpu_enable_async_dispatch="
+                      "False): no hand-off to XLA's dispatch thread and back, which a "
+                      "one-image-at-a-time server does not need (see results/bench_notes.md)")
   p.add_argument("--note", action="append", default=None,
                  help="a note to keep with the figures, e.g. the machine's load (repeatable)")
   p.add_argument("--out", default=None, help="JSON with every variant's timings")
@@ -306,7 +310,9 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
           time_predicted_speedup=rows[base]["median_s"] / ideal,
           measured_over_time_predicted=measured / (rows[base]["median_s"] / ideal))
   worst = min(p["realized_over_predicted"] for p in pairs.values() if p["in_headline"])
-  return {"batch": 1, "images": args.images, "rounds": args.rounds, "budget": args.budget,
+  return {"batch": 1, "images": args.images,
+          "sync_dispatch": bool(getattr(args, "sync_dispatch", False)),
+          "rounds": args.rounds, "budget": args.budget,
           "quick": args.quick, "operating_points": {"ravit": r["point"], "erde_student": e["point"]},
           "variants": rows, "pairs": pairs, HEADLINE: worst, "notes": notes}
 
@@ -327,6 +333,9 @@ def update(path: str, section: dict, command: str) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
+  if args.sync_dispatch:  # read when the CPU client is created: before setup_jax
+    import jax
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   common.setup_jax()
   command = "python -m benchmarks.run latency " + shlex.join(list(argv or sys.argv[1:]))
   section = measure(args)
