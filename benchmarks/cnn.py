@@ -12,8 +12,11 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher_gemm_conv  the same with the 'gemm' convolutions (XLA's forward,
                      backward as matrix products); student_gemm_conv likewise
   teacher_xla_conv   the same with XLA's own convolution gradients
+  teacher_fused_norm the same with BatchNorm (+ residual + ReLU) as XLA fusions
+                     with the hand-written gradient (models.norm 'fused') instead
+                     of the native kernels ('auto' on one CPU device);
+                     student_fused_norm likewise
   teacher_autodiff_norm  the same with JAX's autodiff BatchNorm gradient
-                     (models.norm 'autodiff' instead of the hand-written one)
   teacher_ynn_conv   (CPU) teacher_gemm_conv compiled with XLA's default options,
                      which hand the convolutions to YNNPACK (adaptive_vision.compiler
                      leaves them to XLA); student_ynn_conv likewise
@@ -113,9 +116,12 @@ def main(argv=None) -> dict:
   from benchmarks.paired import _TorchPeer
 
   built, peers = {}, {}
-  for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "autodiff")):
+  for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "fused"),
+                     ("auto", "autodiff")):
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv, norm)
-    if norm != "auto":
+    if norm == "fused":
+      names = [("teacher_fused_norm", teacher_cfg), ("student_fused_norm", student_cfg)]
+    elif norm != "auto":
       names = [("teacher_autodiff_norm", teacher_cfg)]
     elif conv == "auto":
       names = [("teacher", teacher_cfg), ("student", student_cfg)]
@@ -180,6 +186,8 @@ def main(argv=None) -> dict:
   ratios = {"teacher_vs_teacher_gemm_conv": paired("teacher_gemm_conv", "teacher"),
             "student_vs_student_gemm_conv": paired("student_gemm_conv", "student"),
             "teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
+            "teacher_vs_teacher_fused_norm": paired("teacher_fused_norm", "teacher"),
+            "student_vs_student_fused_norm": paired("student_fused_norm", "student"),
             "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
   if "teacher_glibc_malloc" in times:
     ratios["teacher_vs_teacher_glibc_malloc"] = paired("teacher_glibc_malloc", "teacher")

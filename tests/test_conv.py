@@ -9,6 +9,7 @@ import pytest
 from adaptive_vision.models import conv as conv_lib
 from adaptive_vision.models import resnet as resnet_lib
 from adaptive_vision.native import conv as native_conv
+from adaptive_vision.native import norm as native_norm
 
 _PAD1 = ((1, 1), (1, 1))
 _PAD0 = ((0, 0), (0, 0))
@@ -88,6 +89,9 @@ def test_unknown_implementation_is_refused():
     # the native kernels (CPU); full width so that every stage has 16k channels
     pytest.param("conv", "native", "xla", 1.0, marks=pytest.mark.skipif(
         not native_conv.available(), reason="native CPU kernels not built here")),
+    # the native BatchNorm + residual + ReLU kernels (CPU)
+    pytest.param("norm", "native", "autodiff", 0.5, marks=pytest.mark.skipif(
+        not native_norm.available(), reason="native CPU kernels not built here")),
 ])
 def test_resnet_train_step_equals_the_reference_path(field, ours, reference, width):
   """One SGD step of an early-exit ResNet-8 (exit heads included): same loss,

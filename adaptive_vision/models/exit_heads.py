@@ -60,8 +60,7 @@ class ExitHead(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"ExitHead expects an NHWC feature map, got shape {x.shape}")
     x = BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
-                  dtype=self.dtype, implementation=self.norm, name="norm")(x)
-    x = nn.relu(x)
+                  dtype=self.dtype, implementation=self.norm, name="norm")(x, relu=True)
     window = (_pool_window(x.shape[1]), _pool_window(x.shape[2]))
     if window != (1, 1):
       x = nn.avg_pool(x, window, strides=window, padding="VALID")

@@ -17,12 +17,18 @@ approximation (tests/test_norm.py checks values and gradients against
 `BatchNorm` here is a drop-in for the ResNets' `nn.BatchNorm`: the same
 variables ('scale', 'bias' params; 'mean', 'var' batch_stats), defaults,
 fast variance (clipped at 0) and running-average update, so checkpoints
-restore. `implementation='auto'` chooses this gradient on CPU and JAX's
-autodiff of the same forward on GPU/TPU (as `models.conv` does).
+restore. It also takes the ReLU and the residual addition that follow it in
+the ResNets (`relu=True`, `residual=...`), so that one implementation can do
+all three at once: 'native' runs the forward and this gradient as C++ kernels
+on all CPU threads (adaptive_vision/native/norm_kernels.cc), where XLA:CPU
+runs its elementwise fusions on one. `implementation='auto'` is 'native' on
+one CPU device when the kernels build, else this gradient ('fused') on CPU,
+and JAX's autodiff of the same forward on GPU/TPU (as `models.conv` does).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -31,11 +37,18 @@ import jax.numpy as jnp
 from jax import lax
 
 from adaptive_vision import models
+from adaptive_vision.native import norm as native_norm
 
-NORM_IMPLEMENTATIONS = ("auto", "autodiff", "fused")
+NORM_IMPLEMENTATIONS = ("auto", "autodiff", "fused", "native")
 
 
 def resolve_implementation(implementation: str) -> str:
+  if implementation == "native" and not native_norm.available():
+    raise ValueError(f"BatchNorm implementation 'native' is unavailable: "
+                     f"{native_norm.unavailable_reason()}")
+  if implementation == "auto" and jax.default_backend() == "cpu":
+    # A custom call is not split across devices (as models.conv).
+    return "native" if jax.device_count() == 1 and native_norm.available() else "fused"
   return models.resolve_implementation(implementation, NORM_IMPLEMENTATIONS, "BatchNorm",
                                        cpu="fused", elsewhere="autodiff")
 
@@ -80,12 +93,38 @@ def _backward(res, cotangents):
 batch_norm_train.defvjp(_forward, _backward)
 
 
+@functools.cache
+def native_batch_norm_train(epsilon: float, relu: bool, residual: bool):
+  """f(x, scale, bias[, residual]) -> (act(BN(x) [+ residual]), mean, var) through
+  the native kernels, with the gradient above (act: ReLU if `relu`)."""
+
+  def fwd(x, scale, bias, *res):
+    y, mean, var = native_norm.forward(x, scale, bias, res[0] if residual else None, epsilon,
+                                       relu)
+    return (y, mean, var), (x, y, scale, mean, var)
+
+  def bwd(saved, cotangents):
+    x, y, scale, mean, var = saved
+    dy, dmean, dvar = cotangents
+    return tuple(native_norm.backward(x, y, dy, scale, mean, var, dmean, dvar, epsilon, relu,
+                                      residual))
+
+  f = jax.custom_vjp(lambda *args: fwd(*args)[0])
+  f.defvjp(fwd, bwd)
+  return f
+
+
 class BatchNorm(nn.Module):
   """`nn.BatchNorm` over all axes but the last, with the gradient above.
 
   Attributes as `nn.BatchNorm` (use_running_average, momentum, epsilon,
-  dtype, param_dtype) plus implementation: 'fused' (the gradient above),
-  'autodiff' (JAX's gradient of the same forward), or 'auto' ('fused' on CPU).
+  dtype, param_dtype) plus implementation: 'native' (the C++ kernels, float32),
+  'fused' (the gradient above), 'autodiff' (JAX's gradient of the same
+  forward), or 'auto' ('native' on one CPU device when the kernels build, else
+  'fused' on CPU; 'autodiff' on GPU/TPU).
+
+  `__call__(x, residual=None, relu=False)` returns BN(x), plus `residual` when
+  given, then ReLU when `relu`.
   """
   use_running_average: Optional[bool] = None
   momentum: float = 0.99
@@ -95,7 +134,8 @@ class BatchNorm(nn.Module):
   implementation: str = "auto"
 
   @nn.compact
-  def __call__(self, x, use_running_average: Optional[bool] = None):
+  def __call__(self, x, use_running_average: Optional[bool] = None, *, residual=None,
+               relu: bool = False):
     use_ra = nn.merge_param("use_running_average", self.use_running_average,
                             use_running_average)
     c = x.shape[-1]
@@ -104,7 +144,16 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale)
-    if use_ra or resolve_implementation(self.implementation) == "autodiff":
+    implementation = resolve_implementation(self.implementation)
+    if implementation == "native" and not native_norm.supports(x.dtype, dtype):
+      implementation = "fused"
+    if not use_ra and implementation == "native":
+      f = native_batch_norm_train(float(self.epsilon), bool(relu), residual is not None)
+      extra = () if residual is None else (residual.astype(jnp.float32),)
+      y, mean, var = f(x, scale.astype(jnp.float32), bias.astype(jnp.float32), *extra)
+      self._update_averages(ra_mean, ra_var, mean, var)
+      return y.astype(dtype)
+    if use_ra or implementation == "autodiff":
       if use_ra:
         mean, var = ra_mean.value, ra_var.value
       else:
@@ -114,7 +163,15 @@ class BatchNorm(nn.Module):
       y, mean, var = batch_norm_train(x.astype(jnp.float32), scale.astype(jnp.float32),
                                       bias.astype(jnp.float32),
                                       jnp.asarray(self.epsilon, jnp.float32))
-    if not use_ra and not self.is_initializing():
+    if not use_ra:
+      self._update_averages(ra_mean, ra_var, mean, var)
+    if residual is not None:
+      y = y + residual.astype(jnp.float32)
+    if relu:
+      y = nn.relu(y)
+    return y.astype(dtype)
+
+  def _update_averages(self, ra_mean, ra_var, mean, var):
+    if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * lax.stop_gradient(mean)
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * lax.stop_gradient(var)
-    return y.astype(dtype)

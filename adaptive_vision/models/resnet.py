@@ -106,13 +106,13 @@ class BasicBlock(nn.Module):
     # Explicit padding 1 (as the PyTorch reference implementations) rather
     # than 'SAME', which pads (0, 1) for stride 2 on even sizes.
     y = conv(self.filters, (3, 3), strides=s, padding=((1, 1), (1, 1)), name="conv1")(x)
-    y = nn.relu(norm(name="norm1")(y))
+    y = norm(name="norm1")(y, relu=True)
     y = conv(self.filters, (3, 3), padding=((1, 1), (1, 1)), name="conv2")(y)
-    y = norm(name="norm2")(y)
     if self.strides != 1 or x.shape[-1] != self.filters:
       x = conv(self.filters, (1, 1), strides=s, padding="VALID", name="proj_conv")(x)
       x = norm(name="proj_norm")(x)
-    return nn.relu(x + y)
+    # relu(shortcut + BN(y)), in one pass where the norm implementation allows.
+    return norm(name="norm2")(y, residual=x, relu=True)
 
 
 class ResNet(nn.Module):
@@ -161,7 +161,7 @@ class ResNet(nn.Module):
 
   def _stem(self, images, train: bool):
     x = self.stem_conv(images.astype(self.dtype))
-    return nn.relu(self.stem_norm(x, use_running_average=not train))
+    return self.stem_norm(x, use_running_average=not train, relu=True)
 
   def _final(self, x):
     pre_logits = x.astype(jnp.float32).mean(axis=(1, 2))

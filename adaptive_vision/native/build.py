@@ -2,7 +2,7 @@
 
 The shared library is cached under $ADAPTIVE_VISION_CACHE (default
 ~/.cache/adaptive_vision)/native, named by a hash of everything that changes
-the binary: the source, the flags, the compiler's version, the jaxlib whose
+the binary: the source and this folder's headers, the flags, the compiler's version, the jaxlib whose
 FFI headers it includes and the CPU (the code is built with -march=native).
 A build writes to a temporary file and renames it, so concurrent processes
 never load a half-written library.
@@ -76,14 +76,15 @@ def library(name: str = "conv_kernels") -> ctypes.CDLL:
     raise NativeUnavailable("no C++ compiler on PATH (set $CXX or install g++)")
   src = SOURCE_DIR / f"{name}.cc"
   include = jax.ffi.include_dir()
-  key = _key(src.read_text(), cxx, include)
+  headers = "".join(h.read_text() for h in sorted(SOURCE_DIR.glob("*.h")))
+  key = _key(src.read_text() + headers, cxx, include)
   out = cache_dir() / f"{name}-{key}.so"
   if not out.exists():
     out.parent.mkdir(parents=True, exist_ok=True)
     logging.info("compiling %s for this CPU (once per machine): %s", src.name, out)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
-    cmd = [cxx, *FLAGS, f"-I{include}", str(src), "-o", tmp]
+    cmd = [cxx, *FLAGS, f"-I{include}", f"-I{SOURCE_DIR}", str(src), "-o", tmp]
     try:
       done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
       if done.returncode != 0:
@@ -98,3 +99,27 @@ def library(name: str = "conv_kernels") -> ctypes.CDLL:
     return ctypes.CDLL(str(out))
   except OSError as e:
     raise NativeUnavailable(f"cannot load {out}: {e}") from e
+
+
+@functools.cache
+def register(name: str, symbols: tuple[str, ...]) -> None:
+  """Builds `<name>.cc` and registers its FFI handlers `symbols` for the CPU."""
+  import jax
+  lib = library(name)
+  for symbol in symbols:
+    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+
+
+@functools.cache
+def unavailable_reason(name: str, symbols: tuple[str, ...]) -> str | None:
+  """None when `register(name, symbols)` succeeds on this backend, else why not
+  (logged once: the callers then fall back to their XLA implementations)."""
+  import jax
+  if jax.default_backend() != "cpu":
+    return f"the native kernels are CPU code; the backend is {jax.default_backend()}"
+  try:
+    register(name, symbols)
+  except NativeUnavailable as e:
+    logging.warning("native CPU kernels %s unavailable, using XLA's ops: %s", name, e)
+    return str(e)
+  return None

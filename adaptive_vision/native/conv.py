@@ -10,9 +10,6 @@ in multiples of `LANES` (output channels; input channels too for
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,24 +21,13 @@ _TARGETS = {"forward": "av_conv_forward", "weight_grad": "av_conv_weight_grad",
             "input_grad": "av_conv_input_grad"}
 
 
-@functools.cache
 def _registered() -> None:
-  lib = build.library("conv_kernels")
-  for symbol in _TARGETS.values():
-    jax.ffi.register_ffi_target(symbol, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  build.register("conv_kernels", tuple(_TARGETS.values()))
 
 
-@functools.cache
 def unavailable_reason() -> str | None:
   """None when the kernels are built and registered, else why not."""
-  if jax.default_backend() != "cpu":
-    return f"the native kernels are CPU code; the backend is {jax.default_backend()}"
-  try:
-    _registered()
-  except build.NativeUnavailable as e:
-    logging.warning("native CPU convolutions unavailable, using the GEMM path: %s", e)
-    return str(e)
-  return None
+  return build.unavailable_reason("conv_kernels", tuple(_TARGETS.values()))
 
 
 def available() -> bool:

@@ -24,9 +24,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "xla/ffi/api/ffi.h"
+#include "parallel.h"
 
-namespace ffi = xla::ffi;
 using Images = ffi::Buffer<ffi::F32, 4>;  // named: the FFI macros split on commas
 using ImagesOut = ffi::ResultBuffer<ffi::F32, 4>;
 
@@ -100,26 +99,6 @@ static void padded_rows(const float* img, int64_t H, int64_t W, int64_t C, int64
   }
 }
 
-// Runs f(i) for i in [0, n) on the calling thread and the pool's threads.
-// The caller works through the items itself, so it only ever waits for items
-// that another thread is already running (no deadlock when the pool is busy).
-template <typename F>
-static void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& f) {
-  struct State { std::atomic<int64_t> next{0}, done{0}; };
-  auto state = std::make_shared<State>();
-  int64_t helpers = std::min<int64_t>(pool.num_threads(), n) - 1;
-  // A helper that starts after every item is claimed returns without calling f.
-  auto drain = [state, n, fp = &f]() {
-    for (int64_t i; (i = state->next.fetch_add(1)) < n;) {
-      (*fp)(i);
-      state->done.fetch_add(1);
-    }
-  };
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([drain]() { drain(); });
-  drain();
-  while (state->done.load() < n) std::this_thread::yield();
-}
-
 // Forward: y[b, oh, ow, co] = sum_{i, j, c} x[b, oh*sh + i, ow*sw + j, c] w[i, j, c, co].
 // PS: the distance between neighbouring output pixels' inputs (sw * Ci) when
 // it is one of the common ones, else 0 (read at run time). As a constant it
@@ -180,7 +159,7 @@ static ffi::Error Forward(ffi::ThreadPool pool, Images x, Images w, ImagesOut y,
   const float* X = x.typed_data();
   const float* Wt = w.typed_data();
   float* Y = y->typed_data();
-  parallel_for(pool, B * Ho, [&](int64_t r) {
+  av::parallel_for(pool, B * Ho, [&](int64_t r) {
     const int64_t b = r / Ho, oh = r % Ho;
     float* window = scratch(0, KH * Wp * Ci);
     padded_rows(X + b * H * W * Ci, H, W, Ci, top, left, oh * sh, KH, Wp, window);
@@ -241,7 +220,7 @@ static ffi::Error WeightGrad(ffi::ThreadPool pool, Images x, Images dy, ImagesOu
   // on which thread ran which part.
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), B));
   std::vector<float> partial(parts * K, 0.f);
-  parallel_for(pool, parts, [&](int64_t p) {
+  av::parallel_for(pool, parts, [&](int64_t p) {
     float* acc = partial.data() + p * K;
     float* xb = scratch(0, Hp * Wp * Ci);
     for (int64_t b = p; b < B; b += parts) {
@@ -314,7 +293,7 @@ static ffi::Error InputGrad(ffi::ThreadPool pool, Images dy, Images wt, ImagesOu
   const float* DY = dy.typed_data();
   const float* WT = wt.typed_data();
   float* DX = dx->typed_data();
-  parallel_for(pool, B, [&](int64_t b) {
+  av::parallel_for(pool, B, [&](int64_t b) {
     float* grid = scratch(0, Hp * Wp * Ci);
     std::fill(grid, grid + Hp * Wp * Ci, 0.f);
     const int64_t tiles = (Wo + kPixels - 1) / kPixels;
