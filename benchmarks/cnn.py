@@ -12,10 +12,9 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher_gemm_conv  the same with the 'gemm' convolutions (XLA's forward,
                      backward as matrix products); student_gemm_conv likewise
   teacher_xla_conv   the same with XLA's own convolution gradients
-  teacher_fused_norm the same with BatchNorm (+ residual + ReLU) as XLA fusions
-                     with the hand-written gradient (models.norm 'fused') instead
-                     of the native kernels ('auto' on one CPU device);
-                     student_fused_norm likewise
+  teacher_native_norm  the same with BatchNorm (+ residual + ReLU) as native C++
+                     kernels (models.norm 'native') instead of XLA fusions with the
+                     hand-written gradient ('auto' on CPU); student_native_norm likewise
   teacher_autodiff_norm  the same with JAX's autodiff BatchNorm gradient
   teacher_ynn_conv   (CPU) teacher_gemm_conv compiled with XLA's default options,
                      which hand the convolutions to YNNPACK (adaptive_vision.compiler
@@ -116,11 +115,14 @@ def main(argv=None) -> dict:
   from benchmarks.paired import _TorchPeer
 
   built, peers = {}, {}
-  for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "fused"),
+  for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "native"),
                      ("auto", "autodiff")):
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, conv, norm)
-    if norm == "fused":
-      names = [("teacher_fused_norm", teacher_cfg), ("student_fused_norm", student_cfg)]
+    if norm == "native":
+      from adaptive_vision.native import norm as native_norm
+      if not native_norm.available():  # no C++ compiler, or not the CPU
+        continue
+      names = [("teacher_native_norm", teacher_cfg), ("student_native_norm", student_cfg)]
     elif norm != "auto":
       names = [("teacher_autodiff_norm", teacher_cfg)]
     elif conv == "auto":
@@ -186,9 +188,10 @@ def main(argv=None) -> dict:
   ratios = {"teacher_vs_teacher_gemm_conv": paired("teacher_gemm_conv", "teacher"),
             "student_vs_student_gemm_conv": paired("student_gemm_conv", "student"),
             "teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
-            "teacher_vs_teacher_fused_norm": paired("teacher_fused_norm", "teacher"),
-            "student_vs_student_fused_norm": paired("student_fused_norm", "student"),
             "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
+  if "teacher_native_norm" in times:
+    ratios["teacher_native_norm_vs_teacher"] = paired("teacher", "teacher_native_norm")
+    ratios["student_native_norm_vs_student"] = paired("student", "student_native_norm")
   if "teacher_glibc_malloc" in times:
     ratios["teacher_vs_teacher_glibc_malloc"] = paired("teacher_glibc_malloc", "teacher")
   if "teacher_ynn_conv" in times:

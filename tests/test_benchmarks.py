@@ -279,15 +279,15 @@ def test_cnn_benchmark_reports_paired_ratios(tmp_path):
   assert set(result["variants"]) >= {"teacher", "student", "teacher_gemm_conv",
                                      "student_gemm_conv", "teacher_xla_conv",
                                      "teacher_autodiff_norm", "teacher_ynn_conv",
-                                     "teacher_glibc_malloc", "teacher_fused_norm",
-                                     "student_fused_norm"}
+                                     "teacher_glibc_malloc", "teacher_native_norm",
+                                     "student_native_norm"}
   for v in result["variants"].values():
     assert v["images_per_s"] > 0 and len(v["step_times_s"]) == 1
   assert result["paired_speedups"]["teacher_vs_teacher_xla_conv"]["median"] > 0
   for pair in ("teacher_vs_teacher_gemm_conv", "student_vs_student_gemm_conv",
                "teacher_gemm_conv_vs_teacher_ynn_conv", "student_gemm_conv_vs_student_ynn_conv",
-               "teacher_vs_teacher_glibc_malloc", "teacher_vs_teacher_fused_norm",
-               "student_vs_student_fused_norm"):
+               "teacher_vs_teacher_glibc_malloc", "teacher_native_norm_vs_teacher",
+               "student_native_norm_vs_student"):
     assert result["paired_speedups"][pair]["median"] > 0
   updated = json.loads(target.read_text())
   assert updated["existing_field"] == 1

@@ -110,12 +110,8 @@ def test_module_is_nn_batchnorm_in_variables_values_and_running_averages(impleme
 def test_unknown_implementation_is_refused():
   with pytest.raises(ValueError, match="BatchNorm implementation"):
     norm_lib.resolve_implementation("cudnn")
-  if jax.default_backend() != "cpu":
-    assert norm_lib.resolve_implementation("auto") == "autodiff"
-  elif jax.device_count() == 1 and native_norm.available():
-    assert norm_lib.resolve_implementation("auto") == "native"
-  else:
-    assert norm_lib.resolve_implementation("auto") == "fused"
+  assert norm_lib.resolve_implementation("auto") == (
+      "fused" if jax.default_backend() == "cpu" else "autodiff")
 
 
 def test_explicit_native_says_why_it_is_unavailable(monkeypatch):

@@ -20,10 +20,12 @@ fast variance (clipped at 0) and running-average update, so checkpoints
 restore. It also takes the ReLU and the residual addition that follow it in
 the ResNets (`relu=True`, `residual=...`), so that one implementation can do
 all three at once: 'native' runs the forward and this gradient as C++ kernels
-on all CPU threads (adaptive_vision/native/norm_kernels.cc), where XLA:CPU
-runs its elementwise fusions on one. `implementation='auto'` is 'native' on
-one CPU device when the kernels build, else this gradient ('fused') on CPU,
-and JAX's autodiff of the same forward on GPU/TPU (as `models.conv` does).
+on all CPU threads (adaptive_vision/native/norm_kernels.cc, one device only),
+where XLA:CPU runs its elementwise fusions on one. On a 2-core machine they
+were 0.99-1.04x of the XLA fusions in the ResNet-20 step (memory-bound
+either way; results/bench_notes.md), so they are opt-in: `implementation='auto'`
+is this gradient ('fused') on CPU and JAX's autodiff of the same forward on
+GPU/TPU (as `models.conv` does).
 """
 
 from __future__ import annotations
@@ -46,9 +48,6 @@ def resolve_implementation(implementation: str) -> str:
   if implementation == "native" and not native_norm.available():
     raise ValueError(f"BatchNorm implementation 'native' is unavailable: "
                      f"{native_norm.unavailable_reason()}")
-  if implementation == "auto" and jax.default_backend() == "cpu":
-    # A custom call is not split across devices (as models.conv).
-    return "native" if jax.device_count() == 1 and native_norm.available() else "fused"
   return models.resolve_implementation(implementation, NORM_IMPLEMENTATIONS, "BatchNorm",
                                        cpu="fused", elsewhere="autodiff")
 
@@ -118,10 +117,9 @@ class BatchNorm(nn.Module):
   """`nn.BatchNorm` over all axes but the last, with the gradient above.
 
   Attributes as `nn.BatchNorm` (use_running_average, momentum, epsilon,
-  dtype, param_dtype) plus implementation: 'native' (the C++ kernels, float32),
-  'fused' (the gradient above), 'autodiff' (JAX's gradient of the same
-  forward), or 'auto' ('native' on one CPU device when the kernels build, else
-  'fused' on CPU; 'autodiff' on GPU/TPU).
+  dtype, param_dtype) plus implementation: 'native' (the C++ kernels, float32
+  on one CPU device), 'fused' (the gradient above), 'autodiff' (JAX's gradient
+  of the same forward), or 'auto' ('fused' on CPU, 'autodiff' on GPU/TPU).
 
   `__call__(x, residual=None, relu=False)` returns BN(x), plus `residual` when
   given, then ReLU when `relu`.
