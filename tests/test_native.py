@@ -9,6 +9,7 @@ import pytest
 from adaptive_vision.models import conv as conv_lib
 from adaptive_vision.native import build
 from adaptive_vision.native import conv as native_conv
+from adaptive_vision.native import norm as native_norm
 
 needs_native = pytest.mark.skipif(not native_conv.available(),
                                   reason="native CPU kernels not built here")
@@ -17,7 +18,10 @@ needs_native = pytest.mark.skipif(not native_conv.available(),
 @pytest.mark.skipif(jax.default_backend() != "cpu" or build.compiler() is None,
                     reason="needs the CPU backend and a C++ compiler")
 def test_kernels_build_wherever_a_compiler_is():
+  # Otherwise the tests marked needs_native (here and in test_norm.py) skip
+  # silently after a build error.
   assert native_conv.unavailable_reason() is None
+  assert native_norm.unavailable_reason() is None
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):

@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "parallel.h"
@@ -41,21 +42,31 @@ Rows rows_of(const Array& x) {
   return {c ? static_cast<int64_t>(x.element_count()) / c : 0, c};
 }
 
+int64_t num_blocks(Rows r) { return std::max<int64_t>(1, std::min(kBlocks, r.n)); }
+
+// f(b, lo, hi) for every row block b = [lo, hi), on all threads.
+template <typename F>
+void for_row_blocks(ffi::ThreadPool& pool, Rows r, const F& f) {
+  const int64_t blocks = num_blocks(r);
+  av::parallel_for(pool, blocks, [&](int64_t b) {
+    f(b, r.n * b / blocks, r.n * (b + 1) / blocks);
+  });
+}
+
 // sums[b] = per-channel sums of f(row) over the rows of block b; f adds into
 // the two accumulators a and q (each C floats). The blocks' sums are then
 // added in block order in double.
 template <typename F>
 void channel_sums(ffi::ThreadPool& pool, Rows r, const F& f, std::vector<double>& a_out,
                   std::vector<double>& q_out) {
-  const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, r.n));
+  const int64_t blocks = num_blocks(r);
   std::vector<float> part(blocks * 2 * r.c, 0.f);
-  av::parallel_for(pool, blocks, [&](int64_t b) {
+  for_row_blocks(pool, r, [&](int64_t b, int64_t lo, int64_t hi) {
     // Sums in a buffer of this call's own: neighbouring blocks' slots of
     // `part` share cache lines, which two threads would pass back and forth.
     std::vector<float> acc(2 * r.c, 0.f);
     float* a = acc.data();
     float* q = a + r.c;
-    const int64_t lo = r.n * b / blocks, hi = r.n * (b + 1) / blocks;
     for (int64_t i = lo; i < hi; ++i) f(i, a, q);
     std::copy(acc.begin(), acc.end(), part.begin() + b * 2 * r.c);
   });
@@ -103,9 +114,7 @@ ffi::Error Forward(ffi::ThreadPool pool, Array x, Array scale, Array bias, Array
   }
   float* Y = y->typed_data();
   const float* R = kResidual ? residual.typed_data() : nullptr;
-  const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, r.n));
-  av::parallel_for(pool, blocks, [&](int64_t b) {
-    const int64_t lo = r.n * b / blocks, hi = r.n * (b + 1) / blocks;
+  for_row_blocks(pool, r, [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float* xi = X + i * C;
       float* yi = Y + i * C;
@@ -169,9 +178,7 @@ ffi::Error Backward(ffi::ThreadPool pool, Array x, Array y, Array dy, Array scal
     k2[k] = a * DB[k] - DM[k] / n;
     k3[k] = a * DS[k] * inv[k] - 2.f * dv / n;
   }
-  const int64_t blocks = std::max<int64_t>(1, std::min(kBlocks, r.n));
-  av::parallel_for(pool, blocks, [&](int64_t b) {
-    const int64_t lo = r.n * b / blocks, hi = r.n * (b + 1) / blocks;
+  for_row_blocks(pool, r, [&](int64_t, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       const float *xi = X + i * C, *gi = G + i * C;
       float* o = DX + i * C;
@@ -197,62 +204,26 @@ ffi::Error BackwardPlain(ffi::ThreadPool pool, Array x, Array y, Array dy, Array
 
 }  // namespace
 
+// The bindings, built from their shared parts.
+// Forward: x, scale, bias [, residual] -> y, mean, var.
+// Backward: x, y, dy, scale, mean, var, dmean, dvar -> dx, dscale, dbias [, d residual].
+static auto ThreeInputs() {
+  return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<Array>().Arg<Array>().Arg<Array>();
+}
+static auto BackwardInputs() {
+  return ThreeInputs().Arg<Array>().Arg<Array>().Arg<Array>().Arg<Array>().Arg<Array>();
+}
+template <typename B>
+static auto ThreeResultsAndAttrs(B b) {
+  return std::move(b).template Ret<Array>().template Ret<Array>().template Ret<Array>()
+      .template Attr<float>("eps").template Attr<bool>("relu");
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(av_batch_norm_forward, ForwardPlain,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array>()  // x
-                                  .Arg<Array>()  // scale
-                                  .Arg<Array>()  // bias
-                                  .Ret<Array>()  // y
-                                  .Ret<Array>()  // mean
-                                  .Ret<Array>()  // var
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("relu"));
-
+                              ThreeResultsAndAttrs(ThreeInputs()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(av_batch_norm_add_forward, Forward<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array>()  // x
-                                  .Arg<Array>()  // scale
-                                  .Arg<Array>()  // bias
-                                  .Arg<Array>()  // residual
-                                  .Ret<Array>()  // y
-                                  .Ret<Array>()  // mean
-                                  .Ret<Array>()  // var
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("relu"));
-
+                              ThreeResultsAndAttrs(ThreeInputs().Arg<Array>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(av_batch_norm_backward, BackwardPlain,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array>()  // x
-                                  .Arg<Array>()  // y
-                                  .Arg<Array>()  // dy
-                                  .Arg<Array>()  // scale
-                                  .Arg<Array>()  // mean
-                                  .Arg<Array>()  // var
-                                  .Arg<Array>()  // dmean
-                                  .Arg<Array>()  // dvar
-                                  .Ret<Array>()  // dx
-                                  .Ret<Array>()  // dscale
-                                  .Ret<Array>()  // dbias
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("relu"));
-
+                              ThreeResultsAndAttrs(BackwardInputs()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(av_batch_norm_add_backward, Backward<true>,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<Array>()  // x
-                                  .Arg<Array>()  // y
-                                  .Arg<Array>()  // dy
-                                  .Arg<Array>()  // scale
-                                  .Arg<Array>()  // mean
-                                  .Arg<Array>()  // var
-                                  .Arg<Array>()  // dmean
-                                  .Arg<Array>()  // dvar
-                                  .Ret<Array>()  // dx
-                                  .Ret<Array>()  // dscale
-                                  .Ret<Array>()  // dbias
-                                  .Ret<Array>()  // d residual
-                                  .Attr<float>("eps")
-                                  .Attr<bool>("relu"));
+                              ThreeResultsAndAttrs(BackwardInputs().Ret<Array>()));
