@@ -58,6 +58,9 @@ def parse_args(argv=None):
   p.add_argument("--cpu-devices", type=int, default=0,
                  help="also time the teacher sharded over this many host CPU devices")
   p.add_argument("--quick", action="store_true", help="width 0.25 nets (smoke test)")
+  p.add_argument("--only", default=None,
+                 help="comma-separated variants to time (default: all); fewer variants "
+                      "make shorter rounds, so more of them fit in a quiet spell")
   p.add_argument("--out", default=None, help="JSON with every variant's timings")
   p.add_argument("--update", default=None,
                  help="existing results JSON to receive the two headline fields")
@@ -114,6 +117,18 @@ def main(argv=None) -> dict:
   from benchmarks import torch_resnet
   from benchmarks.paired import _TorchPeer
 
+  only = set(args.only.split(",")) if args.only else None
+  if only:
+    known = {"teacher", "student", "teacher_gemm_conv", "student_gemm_conv", "teacher_xla_conv",
+             "teacher_native_norm", "student_native_norm", "teacher_autodiff_norm",
+             "teacher_ynn_conv", "student_ynn_conv", "teacher_glibc_malloc", "teacher_torch",
+             "student_torch", f"teacher_devices{args.cpu_devices}"}
+    if only - known:
+      raise SystemExit(f"--only: unknown variants {sorted(only - known)}; known: {sorted(known)}")
+    for peer in ("teacher_torch", "student_torch"):
+      if peer in only and peer.replace("_torch", "") not in only:
+        raise SystemExit(f"--only: {peer} is timed against {peer.replace('_torch', '')}; add it")
+  wanted = lambda name: only is None or name in only
   built, peers = {}, {}
   for conv, norm in (("auto", "auto"), ("gemm", "auto"), ("xla", "auto"), ("auto", "native"),
                      ("auto", "autodiff")):
@@ -140,6 +155,8 @@ def main(argv=None) -> dict:
     if (conv, norm) == ("auto", "auto") and host_memory.keep_freed_memory():
       names.append(("teacher_glibc_malloc", teacher_cfg))
     for name, cfg in names:
+      if not wanted(name):
+        continue
       start = time.perf_counter()
       options = compiler.XLA_DEFAULT_CPU_OPTIONS if name.endswith("_ynn_conv") else None
       built[name] = _jax_step(cfg, options)
@@ -147,6 +164,8 @@ def main(argv=None) -> dict:
   if not args.no_torch:
     teacher_cfg, student_cfg = _configs(args.batch, args.quick, "auto")
     for name, cfg in (("teacher_torch", teacher_cfg), ("student_torch", student_cfg)):
+      if not wanted(name):
+        continue
       spec = torch_resnet.spec_from_config(cfg, args.batch)
       own = built[name.replace("_torch", "")][4]
       if torch_resnet.parameter_count(spec["model"]) != own:
@@ -185,27 +204,27 @@ def main(argv=None) -> dict:
   rows = {n: {"median_step_s": float(np.median(t)),
               "images_per_s": float(args.batch / np.median(t)), "step_times_s": t}
           for n, t in times.items()}
-  ratios = {"teacher_vs_teacher_gemm_conv": paired("teacher_gemm_conv", "teacher"),
-            "student_vs_student_gemm_conv": paired("student_gemm_conv", "student"),
-            "teacher_vs_teacher_xla_conv": paired("teacher_xla_conv", "teacher"),
-            "teacher_vs_teacher_autodiff_norm": paired("teacher_autodiff_norm", "teacher")}
-  if "teacher_native_norm" in times:
-    ratios["teacher_native_norm_vs_teacher"] = paired("teacher", "teacher_native_norm")
-    ratios["student_native_norm_vs_student"] = paired("student", "student_native_norm")
-  if "teacher_glibc_malloc" in times:
-    ratios["teacher_vs_teacher_glibc_malloc"] = paired("teacher_glibc_malloc", "teacher")
-  if "teacher_ynn_conv" in times:
-    ratios["teacher_gemm_conv_vs_teacher_ynn_conv"] = paired("teacher_ynn_conv", "teacher_gemm_conv")
-    ratios["student_gemm_conv_vs_student_ynn_conv"] = paired("student_ynn_conv", "student_gemm_conv")
+  # (figure, peer, ours): the peer's time over ours, where both were timed.
+  pairs = [("teacher_vs_teacher_gemm_conv", "teacher_gemm_conv", "teacher"),
+           ("student_vs_student_gemm_conv", "student_gemm_conv", "student"),
+           ("teacher_vs_teacher_xla_conv", "teacher_xla_conv", "teacher"),
+           ("teacher_vs_teacher_autodiff_norm", "teacher_autodiff_norm", "teacher"),
+           ("teacher_native_norm_vs_teacher", "teacher", "teacher_native_norm"),
+           ("student_native_norm_vs_student", "student", "student_native_norm"),
+           ("teacher_vs_teacher_glibc_malloc", "teacher_glibc_malloc", "teacher"),
+           ("teacher_gemm_conv_vs_teacher_ynn_conv", "teacher_ynn_conv", "teacher_gemm_conv"),
+           ("student_gemm_conv_vs_student_ynn_conv", "student_ynn_conv", "student_gemm_conv"),
+           ("teacher_vs_torch_eager", "teacher_torch", "teacher"),
+           ("teacher_native_norm_vs_torch_eager", "teacher_torch", "teacher_native_norm"),
+           ("teacher_xla_conv_vs_torch_eager", "teacher_torch", "teacher_xla_conv"),
+           ("student_vs_torch_eager", "student_torch", "student"),
+           ("student_native_norm_vs_torch_eager", "student_torch", "student_native_norm")]
   if args.cpu_devices > 1:
     sharded = f"teacher_devices{args.cpu_devices}"
-    ratios[f"{sharded}_vs_teacher"] = paired("teacher", sharded)
-    if peers:
-      ratios[f"{sharded}_vs_torch_eager"] = paired("teacher_torch", sharded)
-  if peers:
-    ratios["teacher_vs_torch_eager"] = paired("teacher_torch", "teacher")
-    ratios["teacher_xla_conv_vs_torch_eager"] = paired("teacher_torch", "teacher_xla_conv")
-    ratios["student_vs_torch_eager"] = paired("student_torch", "student")
+    pairs += [(f"{sharded}_vs_teacher", "teacher", sharded),
+              (f"{sharded}_vs_torch_eager", "teacher_torch", sharded)]
+  ratios = {figure: paired(peer, ours) for figure, peer, ours in pairs
+            if peer in times and ours in times}
   result = {"command": " ".join(["python -m benchmarks.run cnn"] + list(argv or sys.argv[1:])),
             "batch": args.batch, "rounds": args.rounds, "steps_per_round": args.steps,
             "quick": args.quick, "machine": common.machine_info(),
@@ -223,9 +242,10 @@ def main(argv=None) -> dict:
     target["cnn"] = {"command": result["command"], "machine": result["machine"],
                      "images_per_s": {n: v["images_per_s"] for n, v in rows.items()},
                      "paired_speedups": ratios}
-    if peers:
+    if "teacher_vs_torch_eager" in ratios:
       target["resnet_train_speedup_vs_torch_eager"] = ratios["teacher_vs_torch_eager"]["median"]
-    target["erde_student_train_images_per_s"] = rows["student"]["images_per_s"]
+    if "student" in rows:
+      target["erde_student_train_images_per_s"] = rows["student"]["images_per_s"]
     common.write_json(target, args.update)
   return result
 

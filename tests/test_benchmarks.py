@@ -295,6 +295,20 @@ def test_cnn_benchmark_reports_paired_ratios(tmp_path):
   assert updated["cnn"]["machine"]["cpu_model"]
 
 
+def test_cnn_benchmark_only_times_the_named_variants(tmp_path):
+  out = tmp_path / "cnn.json"
+  proc = _bench("cnn", "--quick", "--rounds", "1", "--steps", "1", "--batch", "8", "--no-torch",
+                "--only", "teacher,teacher_native_norm", "--out", out)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert set(result["variants"]) == {"teacher", "teacher_native_norm"}
+  assert set(result["paired_speedups"]) == {"teacher_native_norm_vs_teacher"}
+  bad = _bench("cnn", "--quick", "--no-torch", "--only", "teacher,tacher")
+  assert bad.returncode != 0 and "unknown variants ['tacher']" in bad.stdout + bad.stderr
+  lonely = _bench("cnn", "--quick", "--only", "teacher_torch")
+  assert lonely.returncode != 0 and "add it" in lonely.stdout + lonely.stderr
+
+
 def test_latency_benchmark_updates_the_results(tmp_path):
   """benchmarks.latency: every variant timed, the pairs' ratios, and --update
   writing the section and the headline into an existing results JSON and its .md."""
