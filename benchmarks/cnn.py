@@ -19,9 +19,12 @@ Variants, each compiled (or started) once, then timed in alternating rounds
   teacher_ynn_conv   (CPU) teacher_gemm_conv compiled with XLA's default options,
                      which hand the convolutions to YNNPACK (adaptive_vision.compiler
                      leaves them to XLA); student_ynn_conv likewise
-  teacher_glibc_malloc  (glibc) the teacher step with glibc's default mmap and
-                     trim settings, switched on around its own steps only; the
-                     others run with adaptive_vision.host_memory.keep_freed_memory
+  teacher_glibc_malloc  (glibc; only when named in --only) the teacher step with
+                     glibc's default mmap and trim settings, switched on around its
+                     own steps only; the others run with
+                     adaptive_vision.host_memory.keep_freed_memory. Not in the
+                     default set: the variants timed after it in a round run up to
+                     1.5x slower (results/bench_notes.md), which biased the others
   teacher_torch      the same network and SGD step in eager PyTorch (child process)
   student            the ERDE student step: ResNet-8 + the frozen teacher's
                      forward pass, ERDE loss, as the distillation trainer runs it
@@ -152,7 +155,7 @@ def main(argv=None) -> dict:
       sharded = _configs(args.batch, args.quick, conv)[0]
       sharded.mesh.data = args.cpu_devices
       names.append((f"teacher_devices{args.cpu_devices}", sharded))
-    if (conv, norm) == ("auto", "auto") and host_memory.keep_freed_memory():
+    if (conv, norm) == ("auto", "auto") and host_memory.keep_freed_memory() and only:
       names.append(("teacher_glibc_malloc", teacher_cfg))
     for name, cfg in names:
       if not wanted(name):
