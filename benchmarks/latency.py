@@ -4,6 +4,13 @@ r"""Batch-1 latency of the early exits: images that arrive one at a time.
       [--ravit-workdir runs/ravit_cifar10 --vit-workdir runs/vit_cifar10
        --ravit-report results/ravit_cifar10_cpu/report.json]
       [--erde-student-workdir runs/erde_erde_s0 --erde-teacher-workdir runs/erde_teacher]
+
+Each trained model comes from a run's folder (its last checkpoint) or from a
+parameters file of `launch.export` (the published ones in results/params/), e.g.
+
+  python -m benchmarks.run latency --ravit-workdir results/params/ravit_cifar10.npz \
+      --vit-workdir results/params/vit_cifar10.npz --erde-student-workdir STUDENT.npz \
+      --erde-teacher-workdir results/params/erde_teacher.npz
       [--sync-dispatch] [--out results/bench_latency.json] [--update results/bench_cpu.json]
 
 Each call takes one image from the host and brings its answer back to the
@@ -77,7 +84,8 @@ def parse_args(argv=None):
   p.add_argument("--ravit-report", default="results/ravit_cifar10_cpu/report.json",
                  help="launch.evaluate report with the calibrated thresholds")
   p.add_argument("--erde-student-workdir", default=None,
-                 help="trained student (its val_logits.npz calibrates the thresholds)")
+                 help="trained student: a run's folder (its val_logits.npz calibrates the "
+                      "thresholds) or a launch.export file (its thresholds for --budget)")
   p.add_argument("--erde-teacher-workdir", default=None)
   p.add_argument("--sync-dispatch", action="store_true",
                  help="run every call on the calling thread (jax_cpu_enable_async_dispatch="
@@ -149,9 +157,41 @@ def _exit_logits(model, variables, inputs) -> np.ndarray:
   return np.stack([np.asarray(x, np.float32) for x in out])
 
 
-def _restore(workdir: Optional[str]):
+def _restore(path: Optional[str], config):
+  """Trained variables of a run's folder or of a launch.export file (checked
+  against `config`), None without a path."""
+  from adaptive_vision import export
   from adaptive_vision.train import checkpointing
-  return checkpointing.restore_variables(workdir) if workdir else None
+  if not path:
+    return None
+  if export.is_params_file(path):
+    try:
+      return export.load_params(path, config)
+    except ValueError as e:
+      raise SystemExit(str(e)) from None
+  return checkpointing.restore_variables(path)
+
+
+def _student_thresholds(path: str, budget: float, exit_macs) -> tuple[list, str]:
+  """(thresholds, where they come from) for mean MACs <= budget x the final
+  exit's: from a launch.export file's calibration, or calibrated on a run
+  folder's val_logits.npz (validation, never test)."""
+  from adaptive_vision import early_exit, export
+  from adaptive_vision.eval import logits as logits_lib
+  if export.is_params_file(path):
+    _, meta = export.read(path)
+    if meta.get("calibration", {}).get("reference_macs") != float(exit_macs[-1]):
+      raise SystemExit(f"{path}: its budgets are not fractions of this model's final-exit "
+                       "MACs; export it without --baseline_config")
+    try:
+      thresholds = export.thresholds_for(meta, len(exit_macs), budget=budget, path=path)[0]
+    except ValueError as e:
+      raise SystemExit(str(e)) from None
+    return [float(t) for t in thresholds], "stored in the file"
+  val = logits_lib.load_logits(os.path.join(path, "val_logits.npz"))
+  thresholds = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
+                                    max_mean_macs=budget * float(exit_macs[-1]))
+  return [float(t) for t in thresholds], "calibrated on its val_logits.npz"
 
 
 def _ravit_setup(args, vit_cfg, ravit_cfg, notes: list) -> dict:
@@ -163,8 +203,8 @@ def _ravit_setup(args, vit_cfg, ravit_cfg, notes: list) -> dict:
   trained = bool(args.ravit_workdir) and not args.quick
   if trained:
     views, _ = jax_bench.real_test_views(ravit_cfg, args.images)
-    ravit_vars = _restore(args.ravit_workdir)
-    vit_vars = _restore(args.vit_workdir)
+    ravit_vars = _restore(args.ravit_workdir, ravit_cfg)
+    vit_vars = _restore(args.vit_workdir, vit_cfg)
     wanted = f"mean MACs <= {100 * args.budget:g}%"
     points = [p for p in jax_bench.calibrated_operating_points(
         args.ravit_report, ravit.num_exits, limit=100) if wanted in p["label"]]
@@ -194,8 +234,7 @@ def _ravit_setup(args, vit_cfg, ravit_cfg, notes: list) -> dict:
 
 def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
   import jax
-  from adaptive_vision import early_exit, models
-  from adaptive_vision.eval import logits as logits_lib
+  from adaptive_vision import models
   from benchmarks import jax_bench
   teacher, student = models.build(teacher_cfg.model), models.build(student_cfg.model)
   student_macs = models.exit_macs(student_cfg.model)
@@ -204,14 +243,13 @@ def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
   if trained:
     images, _ = jax_bench.real_test_views(student_cfg, args.images)
     images = images[0]
-    student_vars = _restore(args.erde_student_workdir)
-    val = logits_lib.load_logits(os.path.join(args.erde_student_workdir, "val_logits.npz"))
-    thresholds = early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs,
-                                      max_mean_macs=target)
-    point = {"label": f"calibrated on val: mean MACs <= {args.budget:g} x the final exit's",
-             "thresholds": [float(t) for t in thresholds]}
+    student_vars = _restore(args.erde_student_workdir, student_cfg)
+    label = f"calibrated on val: mean MACs <= {args.budget:g} x the final exit's"
+    thresholds, where = _student_thresholds(args.erde_student_workdir, args.budget,
+                                            student_macs)
+    point = {"label": label, "thresholds": [float(t) for t in thresholds]}
     notes.append(f"ERDE student: trained params of {args.erde_student_workdir}, thresholds "
-                 f"calibrated on its val_logits.npz, the first {args.images} test images")
+                 f"{where}, the first {args.images} test images")
   else:
     images = jax.random.normal(jax.random.key(2), (args.images, 32, 32, 3))
     student_vars = jax_bench.synthetic_variables(student, images)
@@ -219,7 +257,7 @@ def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
         _exit_logits(student, student_vars, images), student_macs, target)
     notes.append("ERDE student: random params, synthetic images, thresholds from these "
                  f"images' entropies for mean MACs <= {args.budget:g} x its final exit's")
-  teacher_vars = (_restore(args.erde_teacher_workdir) if args.erde_teacher_workdir
+  teacher_vars = (_restore(args.erde_teacher_workdir, teacher_cfg) if args.erde_teacher_workdir
                   and not args.quick else jax_bench.synthetic_variables(teacher, images))
   return dict(teacher=teacher, teacher_vars=teacher_vars, student=student,
               student_vars=student_vars, point=point, singles=_singles(images, args.images),

@@ -315,6 +315,43 @@ def test_cnn_benchmark_only_times_the_named_variants(tmp_path):
   assert lonely.returncode != 0 and "add it" in lonely.stdout + lonely.stderr
 
 
+def test_latency_reads_trained_models_from_params_files(tmp_path):
+  """benchmarks.latency takes a launch.export file where it takes a run folder:
+  the variables checked against the config, the student's thresholds those the
+  file calibrated on validation for the budget."""
+  import jax
+  import numpy as np
+  from adaptive_vision import export, models
+  from benchmarks import latency
+  from configs import erde_cifar10
+  cfg = erde_cifar10.get_config("loss=erde")
+  cfg.model.width_multiplier = 0.25
+  model = models.build(cfg.model)
+  variables = model.init(jax.random.PRNGKey(0), models.dummy_inputs(cfg.model), train=False)
+  macs = models.exit_macs(cfg.model)
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(len(macs), 200, 10)).astype(np.float32) * 3
+  labels = rng.integers(0, 10, 200)
+  cal = export.calibration(logits, labels, macs, [0.55, 0.8], reference_macs=macs[-1],
+                           reference="the last exit")
+  meta = {"model": export.model_fields(cfg.model), "exit_macs": [float(m) for m in macs],
+          "preprocessing": export.preprocessing(cfg), "calibration": cal}
+  path = str(tmp_path / "student.npz")
+  export.save(path, variables, meta)
+
+  restored = latency._restore(path, cfg)
+  for a, b in zip(jax.tree_util.tree_leaves(restored), jax.tree_util.tree_leaves(variables)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  thresholds, where = latency._student_thresholds(path, 0.55, macs)
+  assert thresholds == cal["budgets"][0]["thresholds"] and "file" in where
+  with pytest.raises(SystemExit, match="no thresholds for --budget 0.6"):
+    latency._student_thresholds(path, 0.6, macs)
+  other = erde_cifar10.get_config("role=teacher")
+  with pytest.raises(SystemExit, match="another model"):
+    latency._restore(path, other)
+  assert latency._restore(None, cfg) is None
+
+
 def test_latency_benchmark_updates_the_results(tmp_path):
   """benchmarks.latency: every variant timed, the pairs' ratios, and --update
   writing the section and the headline into an existing results JSON and its .md."""
