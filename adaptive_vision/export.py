@@ -32,8 +32,8 @@ META_KEY = "meta.json"
 COLLECTIONS = ("params", "batch_stats")
 # Model fields that change how the function is computed or trained, not what it
 # is: a file exported under one value loads under another.
-_NOT_THE_FUNCTION = ("dtype", "attention", "conv", "norm", "dropout", "stochastic_depth",
-                     "exit_dropout", "head_zero_init", "stop_gradient_reuse")
+_NOT_THE_FUNCTION = ("dtype", "attention", "conv", "norm", "exit_head", "dropout",
+                     "stochastic_depth", "exit_dropout", "head_zero_init", "stop_gradient_reuse")
 
 
 # ----------------------------------------------------------------------------

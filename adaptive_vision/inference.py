@@ -300,28 +300,34 @@ def cascade_program(model, criterion: str = "entropy"):
       logits, carry = model.apply(variables, k, inputs, carry, method=method)
       return logits.astype(jnp.float32), carry
 
-    def decide(k, logits, taken, exit_index):
-      undecided = exit_index < 0
+    # One [B, K + 1] state, the logits of the exit taken and its index (-1:
+    # undecided; small ints are exact in float32), updated by one select per
+    # exit. Fewer, chained operations: XLA:CPU runs a program whose operations
+    # branch concurrently, handing work between threads, which at batch 1
+    # cost more than the decision itself (results/bench_notes.md).
+    def decide(k, logits, state):
+      undecided = state[:, -1] < 0
       fires = undecided if k == num_exits - 1 else (
           undecided & _fires(logits, thresholds[k], criterion))
-      return (jnp.where(fires[:, None], logits, taken),
-              jnp.where(fires, jnp.int32(k), exit_index))
+      mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), k, jnp.float32)], 1)
+      return jnp.where(fires[:, None], mine, state)
 
-    def from_segment(k, carry, taken, exit_index):
+    def from_segment(k, carry, state):
       def go(_):
         logits, next_carry = segment(k, carry)
-        taken_k, index_k = decide(k, logits, taken, exit_index)
+        state_k = decide(k, logits, state)
         if k == num_exits - 1:
-          return taken_k, index_k
-        return from_segment(k + 1, next_carry, taken_k, index_k)
-      return jax.lax.cond(jnp.any(exit_index < 0), go, lambda _: (taken, exit_index), None)
+          return state_k
+        return from_segment(k + 1, next_carry, state_k)
+      return jax.lax.cond(jnp.any(state[:, -1] < 0), go, lambda _: state, None)
 
     logits, carry = segment(0, None)
-    exit_index = jnp.full(logits.shape[:1], -1, jnp.int32)
-    taken, exit_index = decide(0, logits, jnp.zeros_like(logits), exit_index)
-    if num_exits == 1:
-      return taken, exit_index
-    return from_segment(1, carry, taken, exit_index)
+    state = jnp.concatenate([jnp.zeros_like(logits),
+                             jnp.full(logits.shape[:1] + (1,), -1, jnp.float32)], 1)
+    state = decide(0, logits, state)
+    if num_exits > 1:
+      state = from_segment(1, carry, state)
+    return state[:, :-1], state[:, -1].astype(jnp.int32)
 
   return run
 
@@ -389,3 +395,4 @@ class SingleDispatchCascade(_Thresholds):
                 exit_index=out[:, -1].astype(np.int32), logits=logits)
 
   __call__ = predict
+

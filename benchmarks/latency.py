@@ -27,6 +27,8 @@ host, as a real-time or edge application does. Variants:
   erde_student_final   the ERDE student (ResNet-8), final exit (the whole network)
   erde_student         the student with early exits at `--budget` of its final
                        exit's MACs, `SingleDispatchCascade`
+  erde_student[_final]_xla_head  (where the native exit-head kernel runs) the same
+                       with the exit heads' pooling and dense layer as XLA ops
   <cascade>_exit<k>_alone  diagnostic: segments 0..k of ravit / erde_student as one
                        plain program (no conditionals, no decision)
 
@@ -67,7 +69,9 @@ from benchmarks import common
 
 # (variant, baseline, counts in the headline)
 PAIRS = (("ravit", "vit", True), ("ravit_bucketed", "vit", False),
-         ("erde_student", "erde_student_final", True), ("erde_student", "erde_teacher", False))
+         ("erde_student", "erde_student_final", True), ("erde_student", "erde_teacher", False),
+         ("erde_student_xla_head", "erde_student_final_xla_head", False),
+         ("erde_student", "erde_student_xla_head", False))
 HEADLINE = "early_exit_batch1_realized_over_predicted"
 
 
@@ -278,6 +282,19 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
   ravit = SingleDispatchCascade(r["ravit"], r["ravit_vars"], r["point"]["thresholds"])
   bucketed = DynamicCascade(r["ravit"], r["ravit_vars"], r["point"]["thresholds"])
   student = SingleDispatchCascade(e["student"], e["student_vars"], e["point"]["thresholds"])
+  from adaptive_vision.models import exit_heads
+  xla_heads = {}
+  if exit_heads.resolve_implementation(student_cfg.model.get("exit_head", "auto")) == "native":
+    from adaptive_vision import models
+    cfg = student_cfg.model.copy_and_resolve_references()
+    cfg.exit_head = "xla"
+    xla_student = models.build(cfg)
+    xla_heads = {
+        "erde_student_final_xla_head": (_static(xla_student, e["student_vars"]), e["singles"],
+                                        None),
+        "erde_student_xla_head": (SingleDispatchCascade(xla_student, e["student_vars"],
+                                                        e["point"]["thresholds"]).predict,
+                                  e["singles"], e["student_macs"])}
   variants = {  # name -> (one call on one image, the images, MACs of each image)
       "vit": (_static(r["vit"], r["vit_vars"]), r["vit_singles"], None),
       "ravit": (ravit.predict, r["ravit_singles"], r["ravit_macs"]),
@@ -285,9 +302,11 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
       "erde_teacher": (_static(e["teacher"], e["teacher_vars"]), e["singles"], None),
       "erde_student_final": (_static(e["student"], e["student_vars"]), e["singles"], None),
       "erde_student": (student.predict, e["singles"], e["student_macs"]),
+      **xla_heads,
   }
   fixed_macs = {"vit": r["vit_macs"], "erde_teacher": e["teacher_macs"][-1],
-                "erde_student_final": e["student_macs"][-1]}
+                "erde_student_final": e["student_macs"][-1],
+                "erde_student_final_xla_head": e["student_macs"][-1]}
   prefixes = {"ravit": (r["ravit"], r["ravit_vars"], r["ravit_singles"], r["ravit_macs"]),
               "erde_student": (e["student"], e["student_vars"], e["singles"], e["student_macs"])}
   for name, (model, variables, singles, macs) in prefixes.items():
@@ -328,6 +347,8 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
                       median_cpu_s=float(np.median(cpu_t)))
   pairs = {}
   for variant, base, headline in PAIRS:
+    if variant not in times or base not in times:
+      continue
     ratio = np.asarray(times[base]) / np.asarray(times[variant])
     measured = float(np.median(ratio))
     predicted = rows[base]["mean_macs"] / rows[variant]["mean_macs"]

@@ -9,6 +9,7 @@ import pytest
 from adaptive_vision.models import conv as conv_lib
 from adaptive_vision.native import build
 from adaptive_vision.native import conv as native_conv
+from adaptive_vision.native import head as native_head
 from adaptive_vision.native import norm as native_norm
 
 needs_native = pytest.mark.skipif(not native_conv.available(),
@@ -22,6 +23,7 @@ def test_kernels_build_wherever_a_compiler_is():
   # silently after a build error.
   assert native_conv.unavailable_reason() is None
   assert native_norm.unavailable_reason() is None
+  assert native_head.unavailable_reason() is None
 
 
 def test_a_missing_compiler_is_a_clear_error(monkeypatch, tmp_path):
@@ -100,3 +102,30 @@ def test_auto_runs_the_kernels_and_leaves_the_rest_to_gemm(monkeypatch):
     assert ("av_conv_weight_grad" in hlo) == expect_native
     ref = conv_lib.Conv(features, (3, 3), padding=_PAD1, implementation="xla")
     np.testing.assert_allclose(module.apply(v, x), ref.apply(v, x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not native_head.available(), reason="native CPU kernels not built here")
+@pytest.mark.parametrize("shape,window", [
+    ((1, 32, 32, 16), (2, 2)),  # the ERDE student's first exit, batch 1
+    ((5, 16, 16, 32), (2, 2)),  # a batch: the images are shared out over the threads
+    ((2, 7, 5, 20), (2, 2)),    # odd sizes drop the last row/column; channels not a multiple of 16
+    ((2, 9, 1, 16), (2, 1)),    # a 1-pixel dimension is not pooled
+    ((3, 1, 1, 64), (1, 1)),
+])
+def test_exit_head_kernel_equals_xla(shape, window):
+  rng = np.random.default_rng(0)
+  c = shape[-1]
+  args = [rng.normal(size=shape), rng.uniform(0.5, 1.5, size=c), rng.normal(size=c),
+          rng.normal(size=((shape[1] // window[0]) * (shape[2] // window[1]) * c, 10)),
+          rng.normal(size=(10,))]
+  args = [jnp.asarray(a.astype(np.float32)) for a in args]
+  f = jax.jit(native_head.exit_head, static_argnums=5)
+  np.testing.assert_allclose(f(*args, window), native_head.reference(*args, window),
+                             rtol=1e-5, atol=1e-4)
+  assert "av_exit_head" in f.lower(*args, window).as_text()
+  # Its gradient is the reference's.
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a, window)))
+  for g, r in zip(jax.grad(loss(native_head.exit_head), argnums=range(5))(*args),
+                  jax.grad(loss(native_head.reference), argnums=range(5))(*args)):
+    # sums of thousands of terms: errors relative to the gradient's scale
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(np.abs(r).max()) + 1e-4)

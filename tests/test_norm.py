@@ -137,3 +137,15 @@ def test_residual_and_relu_options_are_added_after_the_norm(implementation):
 
 # The ResNet train step with this gradient vs autodiff:
 # tests/test_conv.py::test_resnet_train_step_equals_the_reference_path[norm-fused-autodiff].
+
+
+def test_fold_returns_the_running_average_affine():
+  x = jax.random.normal(jax.random.key(0), (4, 5, 5, 8)) * 3 + 1
+  bn = norm_lib.BatchNorm(use_running_average=True)
+  v = bn.init(jax.random.key(1), x)
+  v = jax.tree_util.tree_map(lambda a: a + jax.random.uniform(jax.random.key(2), a.shape), v)
+  a, b = bn.apply(v, x, fold=True)
+  np.testing.assert_allclose(x * a + b, bn.apply(v, x), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="use_running_average must be True"):
+    norm_lib.BatchNorm(use_running_average=False).apply(v, x, fold=True,
+                                                        mutable=["batch_stats"])

@@ -17,10 +17,27 @@ import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from adaptive_vision import flops
+from adaptive_vision import models
 from adaptive_vision.models.norm import BatchNorm
+from adaptive_vision.native import head as native_head
+
+EXIT_HEAD_IMPLEMENTATIONS = ("auto", "xla", "native")
+
+
+def resolve_implementation(implementation: str) -> str:
+  """'native' (the pooling and dense layer as one C++ kernel at inference) or
+  'xla'; 'auto' is 'native' on one CPU device when the kernel builds."""
+  if implementation == "native" and not native_head.available():
+    raise ValueError(f"exit head implementation 'native' is unavailable: "
+                     f"{native_head.unavailable_reason()}")
+  if implementation == "auto" and jax.default_backend() == "cpu":
+    return "native" if jax.device_count() == 1 and native_head.available() else "xla"
+  return models.resolve_implementation(implementation, EXIT_HEAD_IMPLEMENTATIONS, "exit head",
+                                       cpu="xla", elsewhere="xla")
 
 
 def _pool_window(size: int) -> int:
@@ -39,6 +56,19 @@ def pooled_size(size: int) -> int:
   return size // 2 if size >= 2 else size
 
 
+class _DenseVariables(nn.Module):
+  """The variables of `nn.Dense(features)` on `n_in` inputs (same names,
+  shapes and initializers), returned instead of applied."""
+  features: int
+
+  @nn.compact
+  def __call__(self, n_in: int):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (n_in, self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    return kernel, bias
+
+
 class ExitHead(nn.Module):
   """ERDE exit head on an NHWC feature map; returns float32 logits [B, K].
 
@@ -46,7 +76,15 @@ class ExitHead(nn.Module):
   'batch_stats', momentum 0.9, `use_running_average=not train`, no axis_name:
   under jit with a sharded batch the batch mean is already a global
   reduction). Pooling: see `pooled_size` (2x2/stride 2 'VALID'; 1-pixel
-  dimensions are left as they are).
+  dimensions are left as they are). Its variables are those of
+  BatchNorm -> nn.Dense ('norm', 'dense').
+
+  implementation: at inference (`train=False`), 'native' runs the whole head
+  (BatchNorm folded into a scale and shift, ReLU, pooling, dense) as one C++
+  kernel (adaptive_vision/native/head_kernels.cc; at batch 1 XLA:CPU spends
+  tens of microseconds on these ops, which every early exit pays), 'xla' as
+  XLA ops; 'auto' is 'native' on one CPU device when the kernel builds.
+  Training always takes the XLA ops (dropout sits between).
   """
   num_classes: int
   dropout: float = 0.5
@@ -54,19 +92,27 @@ class ExitHead(nn.Module):
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
   norm: str = "auto"  # models.norm implementation
+  implementation: str = "auto"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     if x.ndim != 4:
       raise ValueError(f"ExitHead expects an NHWC feature map, got shape {x.shape}")
-    x = BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
-                  dtype=self.dtype, implementation=self.norm, name="norm")(x, relu=True)
+    implementation = resolve_implementation(self.implementation)
+    norm = BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+                     dtype=self.dtype, implementation=self.norm, name="norm")
     window = (_pool_window(x.shape[1]), _pool_window(x.shape[2]))
+    n_in = pooled_size(x.shape[1]) * pooled_size(x.shape[2]) * x.shape[3]
+    if not train and implementation == "native" and native_head.supports(x.dtype):
+      scale, shift = norm(x, fold=True)
+      kernel, bias = _DenseVariables(self.num_classes, name="dense")(n_in)
+      return native_head.exit_head(x, scale, shift, kernel, bias, window)
+    x = norm(x, relu=True)
+    kernel, bias = _DenseVariables(self.num_classes, name="dense")(n_in)
     if window != (1, 1):
       x = nn.avg_pool(x, window, strides=window, padding="VALID")
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
-    x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.num_classes, name="dense")(x.astype(jnp.float32))
+    return jnp.dot(x.reshape(x.shape[0], -1).astype(jnp.float32), kernel) + bias
 
 
 class TokenExitHead(nn.Module):

@@ -133,7 +133,10 @@ class BatchNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x, use_running_average: Optional[bool] = None, *, residual=None,
-               relu: bool = False):
+               relu: bool = False, fold: bool = False):
+    """act(BN(x) [+ residual]), act = ReLU if `relu`. With `fold=True` (running
+    averages only) returns instead float32 (a, b) with BN(x) = x * a + b, for a
+    kernel that applies it itself (models.exit_heads)."""
     use_ra = nn.merge_param("use_running_average", self.use_running_average,
                             use_running_average)
     c = x.shape[-1]
@@ -142,6 +145,12 @@ class BatchNorm(nn.Module):
     scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
     bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
     dtype = self.dtype or jnp.result_type(x, scale)
+    if fold:
+      if not use_ra:
+        raise ValueError("BatchNorm(fold=True) folds the running averages: "
+                         "use_running_average must be True")
+      a = scale.astype(jnp.float32) * lax.rsqrt(ra_var.value + self.epsilon)
+      return a, bias.astype(jnp.float32) - ra_mean.value * a
     implementation = resolve_implementation(self.implementation)
     if implementation == "native" and not native_norm.supports(x.dtype, dtype):
       implementation = "fused"

@@ -131,7 +131,8 @@ class ResNet(nn.Module):
   exit_dropout: float = 0.5
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
   conv: str = "auto"             # models.conv: 'auto' | 'native' | 'gemm' | 'xla'
-  norm: str = "auto"             # models.norm: 'auto' | 'fused' | 'autodiff'
+  norm: str = "auto"             # models.norm: 'auto' | 'fused' | 'autodiff' | 'native'
+  exit_head: str = "auto"        # models.exit_heads at inference: 'auto' | 'native' | 'xla'
 
   @property
   def num_blocks(self) -> int:
@@ -155,7 +156,7 @@ class ResNet(nn.Module):
                    for i, stride in enumerate(_block_strides(n))]
     self.exit_heads = [ExitHead(self.num_classes, self.exit_dropout, momentum=BN_MOMENTUM,
                                 epsilon=BN_EPSILON, dtype=self.dtype, norm=self.norm,
-                                name=f"exit_block{i}")
+                                implementation=self.exit_head, name=f"exit_block{i}")
                        for i in self.exit_blocks]
     self.head = nn.Dense(self.num_classes)
 

@@ -48,3 +48,6 @@ python -m launch.report --seeds 0 --run erde=runs/erde_erde_s{seed} --run erde_m
     --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher runs/erde_teacher_params --reference erde \
     --out results/erde_cifar10_cpu/ablation/interim_seed_0 \
     --title "Interim: ERDE entropy-term ablation, seed 0 only, CIFAR-10, 15 epochs, 2-core CPU"
+# The seed-0 ERDE student as one file (launch.predict, benchmarks.run latency).
+python -m launch.export --config configs/erde_cifar10.py:loss=erde,epochs=15,seed=0,teacher_dir=$TEACHER_PARAMS \
+    --workdir runs/erde_erde_s0 --out results/params/erde_student_s0.npz --budgets 0.55,0.7
