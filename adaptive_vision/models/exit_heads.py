@@ -29,8 +29,9 @@ EXIT_HEAD_IMPLEMENTATIONS = ("auto", "xla", "native")
 
 
 def resolve_implementation(implementation: str) -> str:
-  """'native' (the pooling and dense layer as one C++ kernel at inference) or
-  'xla'; 'auto' is 'native' on one CPU device when the kernel builds."""
+  """'native' (the whole head as one C++ kernel at inference) or 'xla'; 'auto'
+  is 'native' on one CPU device when the kernel builds (a custom call is not
+  split across devices)."""
   if implementation == "native" and not native_head.available():
     raise ValueError(f"exit head implementation 'native' is unavailable: "
                      f"{native_head.unavailable_reason()}")
