@@ -162,6 +162,21 @@ def resolve_implementation(implementation: str, choices: Sequence[str], what: st
   return implementation
 
 
+def resolve_with_native(implementation: str, choices: Sequence[str], what: str, native, *,
+                        cpu: str, elsewhere: str) -> str:
+  """As `resolve_implementation`, where 'native' names C++ kernels (`native`:
+  a module of adaptive_vision.native with available() and unavailable_reason()):
+  an explicit 'native' that cannot run says why, and 'auto' picks it on one CPU
+  device when it builds (a custom call is not split across devices), else `cpu`
+  (models.conv, models.exit_heads)."""
+  if implementation == "native" and not native.available():
+    raise ValueError(f"{what} implementation 'native' is unavailable: "
+                     f"{native.unavailable_reason()}")
+  if implementation == "auto" and jax.default_backend() == "cpu":
+    return "native" if jax.device_count() == 1 and native.available() else cpu
+  return resolve_implementation(implementation, choices, what, cpu=cpu, elsewhere=elsewhere)
+
+
 def one_image_input(model_cfg) -> tuple[int]:
   """`input_sizes` of a family that reads one image batch of model.image_size."""
   if "image_size" not in model_cfg:

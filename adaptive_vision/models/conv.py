@@ -191,13 +191,8 @@ def native_supports(x_dtype, kernel_shape, strides, padding) -> bool:
 
 
 def resolve_implementation(implementation: str) -> str:
-  if implementation == "native" and not native_conv.available():
-    raise ValueError(f"convolution implementation 'native' is unavailable: "
-                     f"{native_conv.unavailable_reason()}")
-  if implementation == "auto" and jax.default_backend() == "cpu":
-    return "native" if jax.device_count() == 1 and native_conv.available() else "gemm"
-  return models.resolve_implementation(implementation, CONV_IMPLEMENTATIONS, "convolution",
-                                       cpu="gemm", elsewhere="xla")
+  return models.resolve_with_native(implementation, CONV_IMPLEMENTATIONS, "convolution",
+                                    native_conv, cpu="gemm", elsewhere="xla")
 
 
 def _explicit_padding(padding, kernel_size, strides, in_shape):

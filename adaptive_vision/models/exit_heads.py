@@ -17,7 +17,6 @@ import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from adaptive_vision import flops
@@ -32,13 +31,8 @@ def resolve_implementation(implementation: str) -> str:
   """'native' (the whole head as one C++ kernel at inference) or 'xla'; 'auto'
   is 'native' on one CPU device when the kernel builds (a custom call is not
   split across devices)."""
-  if implementation == "native" and not native_head.available():
-    raise ValueError(f"exit head implementation 'native' is unavailable: "
-                     f"{native_head.unavailable_reason()}")
-  if implementation == "auto" and jax.default_backend() == "cpu":
-    return "native" if jax.device_count() == 1 and native_head.available() else "xla"
-  return models.resolve_implementation(implementation, EXIT_HEAD_IMPLEMENTATIONS, "exit head",
-                                       cpu="xla", elsewhere="xla")
+  return models.resolve_with_native(implementation, EXIT_HEAD_IMPLEMENTATIONS, "exit head",
+                                    native_head, cpu="xla", elsewhere="xla")
 
 
 def _pool_window(size: int) -> int:
