@@ -22,6 +22,7 @@ rounds; each prints its own options with --help):
   python -m benchmarks.run paired [--model vit|ravit] [--only default,devices4,...]
   python -m benchmarks.run cnn [--update results/bench_cpu.json]
   python -m benchmarks.run pipeline [--model vit|ravit]
+  python -m benchmarks.run loop [--update results/bench_cpu.json]      launch.train's loop vs its step
   python -m benchmarks.run latency [--update results/bench_cpu.json]   batch 1
 
 See docs/benchmarks.md.
@@ -171,7 +172,7 @@ def _inference_inputs(args, suite, notes: list) -> dict:
 
 
 # Sub-commands: `python -m benchmarks.run <name> [args]` runs benchmarks.<name>.main(args).
-COMMANDS = ("paired", "cnn", "pipeline", "latency")
+COMMANDS = ("paired", "cnn", "pipeline", "loop", "latency")
 
 
 def main(argv=None) -> dict:

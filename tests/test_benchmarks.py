@@ -244,6 +244,36 @@ def test_pipeline_benchmark_feeds_the_real_train_step(tmp_path):
   assert r["train_step"]["overlap"] > 0 and len(r["train_step"]["paired_ratios"]) == 2
 
 
+def test_loop_window_is_timed_from_the_loops_own_log_lines():
+  """Records whose cumulative rates come from known times: 2 s for the first
+  25 steps after the clock's origin (step 101), then 0.1 s per step."""
+  from benchmarks import loop
+  batch, start = 128, 100
+  seconds = {125: 2.0, 150: 4.5, 175: 7.0, 200: 9.5}
+  records = [{"step": s, "images_per_sec": (s - start - 1) * batch / t, "_start": start}
+             for s, t in seconds.items()]
+  steps, elapsed = loop.window_rate(records, batch)
+  assert steps == 75 and elapsed == pytest.approx(7.5)
+  with pytest.raises(ValueError, match="two train log lines"):
+    loop.window_rate(records[:1], batch)
+
+
+def test_loop_benchmark_runs_the_trainers_loop(tmp_path):
+  from configs import common as configs_common
+  if not os.path.exists(os.path.join(configs_common.OFFLINE_CIFAR10, "train.tar.gz")):
+    pytest.skip(f"the offline CIFAR-10 copy is not at {configs_common.OFFLINE_CIFAR10}")
+  out, workdir = tmp_path / "loop.json", tmp_path / "run"
+  proc = _bench("loop", "--train-size", "1024", "--steps", "8", "--rounds", "1",
+                "--workdir", workdir, "--out", out)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  r = json.loads(out.read_text())
+  assert r["window_steps"] == 6 and len(r["loop_over_bare"]["paired_ratios"]) == 1
+  assert r["loop_images_per_s"] > 0 and r["bare_images_per_s"] > 0
+  # The loop really trained: a warm-up round and one timed round, logged every 2 steps.
+  lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(2, 17, 2))
+
+
 @pytest.mark.skipif(not HAS_TORCH, reason="the PyTorch peer needs torch")
 def test_torch_resnet_peer_is_the_same_network():
   """Teacher and student peers have the flax models' parameter counts."""
