@@ -105,19 +105,20 @@ def test_auto_runs_the_kernels_and_leaves_the_rest_to_gemm(monkeypatch):
 
 
 @pytest.mark.skipif(not native_head.available(), reason="native CPU kernels not built here")
-@pytest.mark.parametrize("shape,window", [
-    ((1, 32, 32, 16), (2, 2)),  # the ERDE student's first exit, batch 1
-    ((5, 16, 16, 32), (2, 2)),  # a batch: the images are shared out over the threads
-    ((2, 7, 5, 20), (2, 2)),    # odd sizes drop the last row/column; channels not a multiple of 16
-    ((2, 9, 1, 16), (2, 1)),    # a 1-pixel dimension is not pooled
-    ((3, 1, 1, 64), (1, 1)),
+@pytest.mark.parametrize("shape,window,classes", [
+    ((1, 32, 32, 16), (2, 2), 10),  # the ERDE student's first exit, batch 1
+    ((5, 16, 16, 32), (2, 2), 10),  # a batch: the images are shared out over the threads
+    ((2, 7, 5, 20), (2, 2), 10),    # odd sizes drop the last row/column; channels not a multiple of 16
+    ((2, 9, 1, 16), (2, 1), 3),     # a 1-pixel dimension is not pooled; fewer classes than a pass
+    ((3, 1, 1, 64), (1, 1), 100),   # CIFAR-100: several passes of dot products
+    ((1, 8, 8, 8), (2, 2), 16),     # the half-width student's 8 channels
 ])
-def test_exit_head_kernel_equals_xla(shape, window):
+def test_exit_head_kernel_equals_xla(shape, window, classes):
   rng = np.random.default_rng(0)
   c = shape[-1]
   args = [rng.normal(size=shape), rng.uniform(0.5, 1.5, size=c), rng.normal(size=c),
-          rng.normal(size=((shape[1] // window[0]) * (shape[2] // window[1]) * c, 10)),
-          rng.normal(size=(10,))]
+          rng.normal(size=((shape[1] // window[0]) * (shape[2] // window[1]) * c, classes)),
+          rng.normal(size=(classes,))]
   args = [jnp.asarray(a.astype(np.float32)) for a in args]
   f = jax.jit(native_head.exit_head, static_argnums=5)
   np.testing.assert_allclose(f(*args, window), native_head.reference(*args, window),
