@@ -347,6 +347,11 @@ class SingleDispatchCascade(_Thresholds):
       ms for a CIFAR RAViT's ~100 arrays on a 2-core CPU); the variables can
       then not be swapped without a new executor. False passes them per call.
 
+  A process that serves one image per call and waits for each answer runs
+  faster with synchronous CPU dispatch (`launch.common.setup(
+  one_call_at_a_time=True)`, as launch.predict does), set before its first
+  computation.
+
   `predict(inputs)` takes the model's input (a tuple of views for RAViT, an
   image batch otherwise) and returns numpy `predictions` [B] int32,
   `exit_index` [B] int32 and `logits` [B, K] float32 of the exit taken; the

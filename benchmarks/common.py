@@ -21,11 +21,12 @@ RESULT_TAG = "BENCH_RESULT "
 _START = time.perf_counter()
 
 
-def setup_jax() -> None:
+def setup_jax(**kwargs) -> None:
   """The JAX settings of the launchers (launch.common.setup: partitionable
-  threefry, rbg default PRNG), so the benchmark compiles what training compiles."""
+  threefry, rbg default PRNG; `kwargs` are its options), so the benchmark
+  compiles what training compiles."""
   from launch import common as launch_common
-  launch_common.setup()
+  launch_common.setup(**kwargs)
 
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

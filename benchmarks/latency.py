@@ -11,10 +11,15 @@ parameters file of `launch.export` (the published ones in results/params/), e.g.
   python -m benchmarks.run latency --ravit-workdir results/params/ravit_cifar10.npz \
       --vit-workdir results/params/vit_cifar10.npz --erde-student-workdir STUDENT.npz \
       --erde-teacher-workdir results/params/erde_teacher.npz
-      [--sync-dispatch] [--out results/bench_latency.json] [--update results/bench_cpu.json]
+      [--dispatch sync|async] [--out results/bench_latency.json] [--update results/bench_cpu.json]
 
 Each call takes one image from the host and brings its answer back to the
-host, as a real-time or edge application does. Variants:
+host, as a real-time or edge application does, in the process configuration
+`launch.predict` serves images in (`--dispatch sync`, the default: each
+program runs on the calling thread, `launch.common.setup(one_call_at_a_time=True)`);
+`--dispatch async` keeps a training process's default, where XLA:CPU hands
+every program to a dispatch thread. Every variant runs under the same setting.
+Variants:
 
   vit                  the ViT baseline (configs/vit_cifar10.py), one jitted forward
   ravit                RAViT's dynamic cascade (configs/ravit_cifar10.py) at the
@@ -91,10 +96,11 @@ def parse_args(argv=None):
                  help="trained student: a run's folder (its val_logits.npz calibrates the "
                       "thresholds) or a launch.export file (its thresholds for --budget)")
   p.add_argument("--erde-teacher-workdir", default=None)
-  p.add_argument("--sync-dispatch", action="store_true",
-                 help="run every call on the calling thread (jax_cpu_enable_async_dispatch="
-                      "False): no hand-off to XLA's dispatch thread and back, which a "
-                      "one-image-at-a-time server does not need (see results/bench_notes.md)")
+  p.add_argument("--dispatch", default="sync", choices=("sync", "async"),
+                 help="sync (default, as launch.predict serves): every call runs on the "
+                      "calling thread (jax_cpu_enable_async_dispatch=False); async: a "
+                      "training process's default, each call handed to XLA's dispatch "
+                      "thread and back (see results/bench_notes.md)")
   p.add_argument("--note", action="append", default=None,
                  help="a note to keep with the figures, e.g. the machine's load (repeatable)")
   p.add_argument("--out", default=None, help="JSON with every variant's timings")
@@ -268,6 +274,12 @@ def _erde_setup(args, teacher_cfg, student_cfg, notes: list) -> dict:
               teacher_macs=models.exit_macs(teacher_cfg.model), student_macs=student_macs)
 
 
+def _dispatch() -> str:
+  """How this process's CPU client runs programs: 'sync' on the calling thread."""
+  import jax
+  return "async" if jax.config.read("jax_cpu_enable_async_dispatch") else "sync"
+
+
 def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None) -> dict:
   """The batch-1 section of the results (see the module docstring).
 
@@ -370,7 +382,7 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
           measured_over_time_predicted=measured / (rows[base]["median_s"] / ideal))
   worst = min(p["realized_over_predicted"] for p in pairs.values() if p["in_headline"])
   return {"batch": 1, "images": args.images,
-          "sync_dispatch": bool(getattr(args, "sync_dispatch", False)),
+          "dispatch": _dispatch(),
           "rounds": args.rounds, "budget": args.budget,
           "quick": args.quick, "operating_points": {"ravit": r["point"], "erde_student": e["point"]},
           "variants": rows, "pairs": pairs, HEADLINE: worst, "notes": notes}
@@ -392,10 +404,8 @@ def update(path: str, section: dict, command: str) -> None:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  if args.sync_dispatch:  # read when the CPU client is created: before setup_jax
-    import jax
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-  common.setup_jax()
+  # Read when the CPU client is created: before any computation.
+  common.setup_jax(one_call_at_a_time=args.dispatch == "sync")
   command = "python -m benchmarks.run latency " + shlex.join(list(argv or sys.argv[1:]))
   section = measure(args)
   print(f"\n{'variant':20s} {'ms/image':>9s} {'CPU ms':>7s} {'MMACs':>7s}")

@@ -170,6 +170,10 @@ def markdown(r: dict) -> str:
               f"round, {lat['rounds']} rounds, operating point: mean MACs <= "
               f"{100 * lat['budget']:g}% of the baseline's; the speed-up is the median over "
               "rounds of baseline time / variant time."
+              + {"sync": " Dispatch: synchronous, each call on the calling thread, as "
+                         "`launch.predict` serves.",
+                 "async": " Dispatch: asynchronous (a training process's default)."}.get(
+                     lat.get("dispatch"), "")
               + (f" Machine: {lat['machine'].get('cpu_model')}, {lat['machine'].get('cpu_count')} "
                  f"cores, load average at start {lat['machine'].get('load_average_at_start')}."
                  if lat.get("machine") else ""), "",

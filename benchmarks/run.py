@@ -349,8 +349,11 @@ def suite_main(argv) -> dict:
         notes.append("latency stage: the cifar suite's models only (benchmarks/latency.py)")
       else:
         from benchmarks import latency
+        # This process trains too, so it keeps async dispatch (recorded in the
+        # section); `benchmarks.run latency` measures launch.predict's setting.
         lat_args = latency.parse_args(
-            ["--rounds", str(4 * suite.reps), "--images", str(suite.latency_images)]
+            ["--rounds", str(4 * suite.reps), "--images", str(suite.latency_images),
+             "--dispatch", "async"]
             + (["--quick"] if suite.quick else [])
             + sum(([f"--{k.replace('_', '-')}", v] for k, v in (
                 ("ravit_workdir", args.ravit_workdir), ("vit_workdir", args.vit_workdir),

@@ -16,7 +16,8 @@ from adaptive_vision.atomic import WriteError
 
 def setup(distributed: bool = False, *, coordinator_address: Optional[str] = None,
           num_processes: Optional[int] = None, process_id: Optional[int] = None,
-          local_device_ids: Optional[Sequence[int]] = None, cpu_devices: int = 0) -> None:
+          local_device_ids: Optional[Sequence[int]] = None, cpu_devices: int = 0,
+          one_call_at_a_time: bool = False) -> None:
   """JAX settings every launcher wants; with `distributed`, joins the other processes.
 
   `jax.distributed.initialize` detects TPU pods, SLURM, Open MPI and Kubernetes
@@ -30,8 +31,18 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   poorly for the small matrices of CIFAR models, while independent per-device
   programs keep the cores busy: 2 or 4 devices made the CIFAR ViT train step
   1.15-1.4x faster on 2 cores (results/bench_notes.md). Ignored on GPU/TPU.
+
+  `one_call_at_a_time`: for a process that waits for the answer of every
+  call before it makes the next (launch.predict, one image per call). The CPU
+  then runs each program on the calling thread instead of handing it to a
+  dispatch thread: at batch 1 that hand-off is a large share of a call
+  (results/bench_notes.md). A trainer keeps the default, whose asynchronous
+  steps let the input pipeline run ahead. Must come before the first
+  computation (the CPU client reads it once).
   """
   import jax
+  if one_call_at_a_time:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
   if _nothing_but_cpu():
     # Else JAX tries to load libtpu.so first and logs that it failed to.
     jax.config.update("jax_platforms", "cpu")

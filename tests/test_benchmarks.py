@@ -92,6 +92,7 @@ def test_jax_figures_are_sane(quick_run):
   mem = result["memory"]["jax_vit"]
   assert mem["peak_rss_bytes"] >= mem["rss_after_import_bytes"] > 0
   lat = result["latency"]
+  assert lat["dispatch"] == "async"  # the process that also trains keeps the default
   assert result["early_exit_batch1_realized_over_predicted"] == min(
       p["realized_over_predicted"] for p in lat["pairs"].values() if p["in_headline"])
 
@@ -392,6 +393,7 @@ def test_latency_benchmark_updates_the_results(tmp_path):
                 "--update", target)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   result = json.loads(out.read_text())
+  assert result["dispatch"] == "sync"  # by default, as launch.predict serves
   alone = {"ravit_exit0_alone", "ravit_exit1_alone", "erde_student_exit0_alone",
            "erde_student_exit1_alone", "erde_student_exit2_alone"}
   xla_head = {"erde_student_xla_head", "erde_student_final_xla_head"}

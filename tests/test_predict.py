@@ -172,6 +172,34 @@ def test_predict_prints_the_full_cascade_policy_per_image(exported):
 
 
 @pytest.mark.slow
+def test_predict_runs_each_call_on_the_calling_thread(monkeypatch):
+  """launch.predict answers one image per call: it sets up JAX with
+  synchronous CPU dispatch, which launch.common.setup applies before the
+  first computation (a fresh process; a trainer keeps the default)."""
+  from launch import common, predict
+  seen = []
+
+  class Stop(Exception):
+    pass
+
+  def fake_setup(**kwargs):
+    seen.append(kwargs)
+    raise Stop
+  monkeypatch.setattr(common, "setup", fake_setup)
+  with pytest.raises(Stop):
+    predict.main(["predict", "image.png"])
+  assert seen == [{"one_call_at_a_time": True}]
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  code = ("import sys; from launch import common; common.setup(one_call_at_a_time=sys.argv[1] "
+          "== '1'); import jax; jax.numpy.ones(3).sum().block_until_ready(); "
+          "print(jax.config.read('jax_cpu_enable_async_dispatch'))")
+  for flag, expected in (("1", "False"), ("0", "True")):
+    proc = subprocess.run([sys.executable, "-c", code, flag], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[-1] == expected
+
+
 def test_predict_bad_input_is_one_line_and_exit_code_2(exported, tmp_path):
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "notes.txt").write_text("no images here")
