@@ -240,15 +240,17 @@ def main(argv=None) -> dict:
     print(f"{name:32s} {v['median']:.3f}x [{q1:.2f}, {q3:.2f}]")
   common.write_json(result, args.out)
   if args.update:
+    from benchmarks import report
     with open(args.update) as f:
       target = json.load(f)
     target["cnn"] = {"command": result["command"], "machine": result["machine"],
+                     "quick": result["quick"],
                      "images_per_s": {n: v["images_per_s"] for n, v in rows.items()},
                      "paired_speedups": ratios}
     if "teacher_vs_torch_eager" in ratios:
       target["resnet_train_speedup_vs_torch_eager"] = ratios["teacher_vs_torch_eager"]["median"]
     if "student" in rows:
       target["erde_student_train_images_per_s"] = rows["student"]["images_per_s"]
-    common.write_json(target, args.update)
+    report.rewrite(args.update, target)
   return result
 

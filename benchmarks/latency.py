@@ -396,10 +396,7 @@ def update(path: str, section: dict, command: str) -> None:
     target = json.load(f)
   target["latency"] = dict(section, command=command, machine=common.machine_info())
   target[HEADLINE] = section[HEADLINE]
-  target["targets"] = report.targets(target)
-  common.write_json(target, path)
-  with open(os.path.splitext(path)[0] + ".md", "w") as f:
-    f.write(report.markdown(target))
+  report.rewrite(path, target)
 
 
 def main(argv=None) -> dict:

@@ -130,6 +130,7 @@ def main(argv=None) -> dict:
   result = {
       "command": " ".join(["python -m benchmarks.run loop"] + list(argv or sys.argv[1:])),
       "config": "configs/erde_cifar10.py:role=teacher", "batch": b,
+      "train_size": args.train_size,  # set: a smoke run, not judged
       "steps_per_round": args.steps, "window_steps": window, "rounds": args.rounds,
       "checkpoint_every": int(config.checkpoint_every), "log_every": int(config.log_every),
       "loop_images_per_s": float(b / np.median(loop_t)),
@@ -148,10 +149,12 @@ def main(argv=None) -> dict:
              f"paired rounds; summed times {r['summed_time_ratio']:.3f})")
   common.write_json(result, args.out)
   if args.update:
+    from benchmarks import report
     with open(args.update) as f:
       target = json.load(f)
-    target["train_loop"] = {k: result[k] for k in ("command", "machine", "loop_images_per_s",
-                                                   "bare_images_per_s", "loop_over_bare")}
+    target["train_loop"] = {k: result[k] for k in ("command", "machine", "train_size",
+                                                   "loop_images_per_s", "bare_images_per_s",
+                                                   "loop_over_bare")}
     target["train_loop_over_bare_step"] = r["median"]
-    common.write_json(target, args.update)
+    report.rewrite(args.update, target)
   return result

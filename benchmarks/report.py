@@ -16,6 +16,11 @@ TARGETS = (
     ("early_exit_batch1_realized_over_predicted", 0.80,
      "at batch 1 the early exits realize >= 80% of the MAC-predicted speedup at the "
      "55%-MACs point (worst of RAViT vs ViT and ERDE student vs its final exit)"),
+    ("resnet_train_speedup_vs_torch_eager", 1.0,
+     "ERDE teacher (ResNet-20) train step images/s >= PyTorch eager (paired, benchmarks.run cnn)"),
+    ("train_loop_over_bare_step", 0.90,
+     "launch.train's whole loop >= 90% of the bare train step's images/s (paired, "
+     "benchmarks.run loop)"),
 )
 
 
@@ -34,6 +39,10 @@ def targets(result: dict) -> list[dict]:
         met, extra = None, f" (batch {batch} < 128: not judged)"
     if key == "early_exit_batch1_realized_over_predicted" and get_path(result, "latency", "quick"):
       met, extra = None, " (--quick: not judged)"
+    if key == "resnet_train_speedup_vs_torch_eager" and get_path(result, "cnn", "quick"):
+      met, extra = None, " (--quick: not judged)"
+    if key == "train_loop_over_bare_step" and get_path(result, "train_loop", "train_size"):
+      met, extra = None, " (--train-size: not judged)"
     if quick:
       met, extra = None, " (--quick: not judged)"
     elif other_suite:
@@ -60,6 +69,25 @@ def _why_missing(result: dict, key: str) -> str:
 
 def _f(x, fmt="{:.1f}", scale=1.0, none="—"):
   return none if x is None else fmt.format(x * scale)
+
+
+def _machine_words(m: Optional[dict]) -> str:
+  if not m:
+    return ""
+  return (f" Machine: {m.get('cpu_model')} (family {m.get('cpu_family')}, "
+          f"{m.get('cpu_vector_extension')}), {m.get('cpu_count')} cores.")
+
+
+def rewrite(path: str, result: dict) -> None:
+  """Judges the targets again, writes `result` to `path` (JSON) and its
+  Markdown beside it (same name, .md): what every `--update` does."""
+  import json
+  import os
+  from benchmarks import common
+  result["targets"] = targets(result)
+  common.write_json(result, path)
+  with open(os.path.splitext(path)[0] + ".md", "w") as f:
+    f.write(markdown(result))
 
 
 def markdown(r: dict) -> str:
@@ -215,6 +243,24 @@ def markdown(r: dict) -> str:
       lines.append(f"| {k} | {v['peak_rss_bytes'] / 2 ** 20:.0f} | {after / 2 ** 20:.0f} | "
                    f"{(v['peak_rss_bytes'] - after) / 2 ** 20:.0f} | "
                    f"{_f(dev, '{:.0f}', 2 ** -20)} |")
+
+  cnn = r.get("cnn")
+  if cnn:
+    lines += ["", "## CNN train steps against PyTorch eager (paired rounds)", "",
+              f"Command: `{cnn.get('command')}`." + _machine_words(cnn.get("machine")), "",
+              "| comparison | speed-up (median) | quartiles |", "|---|---|---|"]
+    for name, p in cnn.get("paired_speedups", {}).items():
+      q1, q3 = p["quartiles"]
+      lines.append(f"| {name} | {p['median']:.3f}x | [{q1:.2f}, {q3:.2f}] |")
+  loop = r.get("train_loop")
+  if loop:
+    q = loop["loop_over_bare"]
+    lines += ["", "## Training loop against the bare step (paired rounds)", "",
+              f"Command: `{loop.get('command')}`." + _machine_words(loop.get("machine")), "",
+              f"Loop {loop['loop_images_per_s']:.1f} images/s, bare step "
+              f"{loop['bare_images_per_s']:.1f} images/s: loop / bare **{q['median']:.3f}** "
+              f"(quartiles {q['quartiles'][0]:.3f}-{q['quartiles'][1]:.3f}; ratio of the summed "
+              f"times {q['summed_time_ratio']:.3f})."]
 
   secs = r.get("stage_seconds") or {}
   if secs:

@@ -263,9 +263,10 @@ def test_loop_benchmark_runs_the_trainers_loop(tmp_path):
   from configs import common as configs_common
   if not os.path.exists(os.path.join(configs_common.OFFLINE_CIFAR10, "train.tar.gz")):
     pytest.skip(f"the offline CIFAR-10 copy is not at {configs_common.OFFLINE_CIFAR10}")
-  out, workdir = tmp_path / "loop.json", tmp_path / "run"
+  out, workdir, target = tmp_path / "loop.json", tmp_path / "run", tmp_path / "bench_cpu.json"
+  target.write_text(json.dumps({"existing_field": 1, "suite": {"name": "cifar"}}))
   proc = _bench("loop", "--train-size", "1024", "--steps", "8", "--rounds", "1",
-                "--workdir", workdir, "--out", out)
+                "--workdir", workdir, "--out", out, "--update", target)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   r = json.loads(out.read_text())
   assert r["window_steps"] == 6 and len(r["loop_over_bare"]["paired_ratios"]) == 1
@@ -273,6 +274,12 @@ def test_loop_benchmark_runs_the_trainers_loop(tmp_path):
   # The loop really trained: a warm-up round and one timed round, logged every 2 steps.
   lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [x["step"] for x in lines if x["kind"] == "train"] == list(range(2, 17, 2))
+  updated = json.loads(target.read_text())
+  assert updated["existing_field"] == 1
+  assert updated["train_loop_over_bare_step"] == r["loop_over_bare"]["median"]
+  judged = [t for t in updated["targets"] if t["name"] == "train_loop_over_bare_step"][0]
+  assert judged["met"] is None and "not judged" in judged["summary"]  # a smoke run
+  assert "## Training loop against the bare step" in target.with_suffix(".md").read_text()
 
 
 @pytest.mark.skipif(not HAS_TORCH, reason="the PyTorch peer needs torch")
@@ -324,6 +331,7 @@ def test_cnn_benchmark_reports_paired_ratios(tmp_path):
   assert updated["existing_field"] == 1
   assert updated["erde_student_train_images_per_s"] > 0
   assert updated["cnn"]["machine"]["cpu_model"]
+  assert "## CNN train steps against PyTorch eager" in target.with_suffix(".md").read_text()
   # glibc's allocator defaults disturb the variants timed after them: opt-in only
   assert "teacher_glibc_malloc" not in result["variants"]
 
