@@ -281,7 +281,19 @@ def _check_segmented(model) -> int:
   return int(model.num_exits)
 
 
-def cascade_program(model, criterion: str = "entropy"):
+DECIDE_IMPLEMENTATIONS = ("auto", "xla", "native")
+
+
+def resolve_decide(implementation: str) -> str:
+  """'auto': the native decision kernel on one CPU device when it builds, else
+  XLA's ops (see `cascade_program`)."""
+  from adaptive_vision import models
+  from adaptive_vision.native import decide as native_decide
+  return models.resolve_with_native(implementation, DECIDE_IMPLEMENTATIONS,
+                                    "exit decision", native_decide, cpu="xla", elsewhere="xla")
+
+
+def cascade_program(model, criterion: str = "entropy", decide: str = "auto"):
   """`run(variables, inputs, thresholds) -> (logits [B, K], exit_index [B])`, jittable.
 
   Segment 0 runs on the batch; segment k > 0 runs under `lax.cond` only if
@@ -289,11 +301,19 @@ def cascade_program(model, criterion: str = "entropy"):
   segment skips all later ones too. Decisions are those of
   `early_exit.exit_policy` (strict comparisons, first exit that fires, the
   last exit answers for the rest); `logits` are those of the exit taken.
+
+  `decide`: how each exit's decision is computed. 'xla': XLA's ops; 'native':
+  one C++ kernel per exit (adaptive_vision/native/decide.py; the softmax
+  entropy or largest probability in float32, so a value within rounding of
+  its threshold may decide the other way than XLA's); 'auto': 'native' on
+  one CPU device when it builds and the logits are float32, else 'xla'.
   """
   if criterion not in early_exit.CRITERIA:
     raise ValueError(f"unknown exit criterion {criterion!r}; valid: {early_exit.CRITERIA}")
   num_exits = _check_segmented(model)
   method = type(model).segment
+  implementation = resolve_decide(decide)
+  from adaptive_vision.native import decide as native_decide
 
   def run(variables, inputs, thresholds):
     def segment(k, carry):
@@ -301,32 +321,33 @@ def cascade_program(model, criterion: str = "entropy"):
       return logits.astype(jnp.float32), carry
 
     # One [B, K + 1] state, the logits of the exit taken and its index (-1:
-    # undecided; small ints are exact in float32), updated by one select per
-    # exit. Fewer, chained operations: XLA:CPU runs a program whose operations
-    # branch concurrently, handing work between threads, which at batch 1
-    # cost more than the decision itself (results/bench_notes.md).
-    def decide(k, logits, state):
-      undecided = state[:, -1] < 0
-      fires = undecided if k == num_exits - 1 else (
-          undecided & _fires(logits, thresholds[k], criterion))
-      mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), k, jnp.float32)], 1)
-      return jnp.where(fires[:, None], mine, state)
+    # undecided; small ints are exact in float32), updated once per exit, and
+    # whether a row is left for the next segment. Fewer, chained operations:
+    # XLA:CPU runs a program whose operations branch concurrently, handing
+    # work between threads, which at batch 1 cost more than the decision
+    # itself; the native kernel makes each decision one operation
+    # (results/bench_notes.md).
+    def decide_k(k, logits, state):
+      threshold = thresholds[min(k, num_exits - 2)] if num_exits > 1 else jnp.float32(0)
+      how = native_decide.decide if implementation == "native" else native_decide.reference
+      return how(logits, state, threshold, exit=k, last=k == num_exits - 1,
+                 criterion=criterion)
 
-    def from_segment(k, carry, state):
+    def from_segment(k, carry, state, undecided):
       def go(_):
         logits, next_carry = segment(k, carry)
-        state_k = decide(k, logits, state)
+        state_k, undecided_k = decide_k(k, logits, state)
         if k == num_exits - 1:
           return state_k
-        return from_segment(k + 1, next_carry, state_k)
-      return jax.lax.cond(jnp.any(state[:, -1] < 0), go, lambda _: state, None)
+        return from_segment(k + 1, next_carry, state_k, undecided_k)
+      return jax.lax.cond(undecided, go, lambda _: state, None)
 
     logits, carry = segment(0, None)
     state = jnp.concatenate([jnp.zeros_like(logits),
                              jnp.full(logits.shape[:1] + (1,), -1, jnp.float32)], 1)
-    state = decide(0, logits, state)
+    state, undecided = decide_k(0, logits, state)
     if num_exits > 1:
-      state = from_segment(1, carry, state)
+      state = from_segment(1, carry, state, undecided)
     return state[:, :-1], state[:, -1].astype(jnp.int32)
 
   return run
@@ -346,6 +367,8 @@ class SingleDispatchCascade(_Thresholds):
       at batch 1 saves the handling of every parameter array per call (~0.1
       ms for a CIFAR RAViT's ~100 arrays on a 2-core CPU); the variables can
       then not be swapped without a new executor. False passes them per call.
+    decide: 'auto' | 'xla' | 'native', how each exit decides (see
+      `cascade_program`); the attribute holds the resolved choice.
 
   A process that serves one image per call and waits for each answer runs
   faster with synchronous CPU dispatch (`launch.common.setup(
@@ -359,12 +382,13 @@ class SingleDispatchCascade(_Thresholds):
   """
 
   def __init__(self, model, variables, thresholds, criterion: str = "entropy", *,
-               embed_params: bool = True):
+               embed_params: bool = True, decide: str = "auto"):
     self.model = model
     self.criterion = criterion
     self.num_exits = _check_segmented(model)
     self.embed_params = bool(embed_params)
-    program = cascade_program(model, criterion)
+    self.decide = resolve_decide(decide)
+    program = cascade_program(model, criterion, self.decide)
 
     self.num_compiled = 0  # traces of the program (one per input shape)
 

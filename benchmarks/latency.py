@@ -34,6 +34,8 @@ Variants:
                        exit's MACs, `SingleDispatchCascade`
   erde_student[_final]_xla_head  (where the native exit-head kernel runs) the same
                        with the exit heads' pooling and dense layer as XLA ops
+  ravit_xla_decide, erde_student_xla_decide  (where the native decision kernel
+                       runs) the cascades with each exit's decision as XLA ops
   <cascade>_exit<k>_alone  diagnostic: segments 0..k of ravit / erde_student as one
                        plain program (no conditionals, no decision)
 
@@ -76,7 +78,10 @@ from benchmarks import common
 PAIRS = (("ravit", "vit", True), ("ravit_bucketed", "vit", False),
          ("erde_student", "erde_student_final", True), ("erde_student", "erde_teacher", False),
          ("erde_student_xla_head", "erde_student_final_xla_head", False),
-         ("erde_student", "erde_student_xla_head", False))
+         ("erde_student", "erde_student_xla_head", False),
+         ("ravit", "ravit_xla_decide", False), ("erde_student", "erde_student_xla_decide", False),
+         ("ravit_xla_decide", "vit", False),
+         ("erde_student_xla_decide", "erde_student_final", False))
 HEADLINE = "early_exit_batch1_realized_over_predicted"
 
 
@@ -307,6 +312,16 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
         "erde_student_xla_head": (SingleDispatchCascade(xla_student, e["student_vars"],
                                                         e["point"]["thresholds"]).predict,
                                   e["singles"], e["student_macs"])}
+  xla_decide = {}
+  if ravit.decide == "native":  # the same cascades deciding with XLA's ops
+    xla_decide = {
+        f"{name}_xla_decide": (SingleDispatchCascade(model, variables, point["thresholds"],
+                                                     decide="xla").predict, singles, macs)
+        for name, model, variables, point, singles, macs in (
+            ("ravit", r["ravit"], r["ravit_vars"], r["point"], r["ravit_singles"],
+             r["ravit_macs"]),
+            ("erde_student", e["student"], e["student_vars"], e["point"], e["singles"],
+             e["student_macs"]))}
   variants = {  # name -> (one call on one image, the images, MACs of each image)
       "vit": (_static(r["vit"], r["vit_vars"]), r["vit_singles"], None),
       "ravit": (ravit.predict, r["ravit_singles"], r["ravit_macs"]),
@@ -315,6 +330,7 @@ def measure(args, notes: Optional[list] = None, configs: Optional[tuple] = None)
       "erde_student_final": (_static(e["student"], e["student_vars"]), e["singles"], None),
       "erde_student": (student.predict, e["singles"], e["student_macs"]),
       **xla_heads,
+      **xla_decide,
   }
   fixed_macs = {"vit": r["vit_macs"], "erde_teacher": e["teacher_macs"][-1],
                 "erde_student_final": e["student_macs"][-1],

@@ -58,7 +58,14 @@ def targets(result: dict) -> list[dict]:
   return out
 
 
+# Targets that a paired subcommand measures and writes in with --update.
+_BY_SUBCOMMAND = {"resnet_train_speedup_vs_torch_eager": "cnn",
+                  "train_loop_over_bare_step": "loop"}
+
+
 def _why_missing(result: dict, key: str) -> str:
+  if key in _BY_SUBCOMMAND:
+    return f"`python -m benchmarks.run {_BY_SUBCOMMAND[key]} --update <this file>` measures it"
   torch = result.get("torch") or {}
   if key == "train_speedup_vs_torch_compile":
     return str(torch.get("compile_error") or "")[:200]

@@ -61,7 +61,11 @@ def test_json_has_required_fields(quick_run):
   assert m["cpu_count"] >= 1 and m["jax"] and m["device_kind"] and m["cpu_model"]
   md = out.with_suffix(".md").read_text()
   assert "## Targets" in md and "## Training" in md and "## Inference" in md
-  assert [t["name"] for t in result["targets"]] == list(REQUIRED)
+  by_subcommand = {"resnet_train_speedup_vs_torch_eager": "cnn",
+                   "train_loop_over_bare_step": "loop"}
+  assert [t["name"] for t in result["targets"]] == list(REQUIRED) + list(by_subcommand)
+  for t in result["targets"][len(REQUIRED):]:  # paired subcommands write these in
+    assert t["value"] is None and f"benchmarks.run {by_subcommand[t['name']]}" in t["summary"]
 
 
 def test_jax_figures_are_sane(quick_run):
@@ -405,8 +409,14 @@ def test_latency_benchmark_updates_the_results(tmp_path):
   alone = {"ravit_exit0_alone", "ravit_exit1_alone", "erde_student_exit0_alone",
            "erde_student_exit1_alone", "erde_student_exit2_alone"}
   xla_head = {"erde_student_xla_head", "erde_student_final_xla_head"}
-  assert set(result["variants"]) - xla_head == {"vit", "ravit", "ravit_bucketed", "erde_teacher",
-                                                "erde_student_final", "erde_student"} | alone
+  xla_decide = {"ravit_xla_decide", "erde_student_xla_decide"}
+  assert set(result["variants"]) - xla_head - xla_decide == {
+      "vit", "ravit", "ravit_bucketed", "erde_teacher", "erde_student_final",
+      "erde_student"} | alone
+  from adaptive_vision.native import decide as native_decide
+  if native_decide.available():  # one CPU device: the cascades decide natively
+    assert set(result["variants"]) >= xla_decide
+    assert result["pairs"]["ravit_vs_ravit_xla_decide"]["measured_speedup"] > 0
   from adaptive_vision.native import head as native_head
   if native_head.available():  # the benchmark process has one CPU device: 'auto' = native
     assert set(result["variants"]) >= xla_head

@@ -9,10 +9,11 @@
 // Here each image is pooled into a per-thread buffer (vectorized over
 // channels, with the common channel counts as compile-time constants) and the
 // logits are K dot products with the rows of the transposed kernel, eight per
-// pass over the pooled values. One kernel that reads the block's output directly also keeps the
-// program a chain of operations: XLA:CPU runs a program whose operations
-// branch (a separate normalization fusion beside the next block) concurrently,
-// handing work between threads, which at batch 1 costs more than the head.
+// pass over the pooled values. One kernel that reads the block's output
+// directly also keeps the program a chain of operations: XLA:CPU runs a
+// program whose operations branch (a separate normalization fusion beside the
+// next block) concurrently, handing work between threads, which at batch 1
+// costs more than the head.
 //
 //   y[b, k] = bias[k] + sum_i pooled[b, i] * wt[k, i]
 //   pooled[b, (ph * Wq + pw) * C + c] = mean over the wh x ww window at (ph, pw)

@@ -1,0 +1,61 @@
+"""One early exit's decision in the single-dispatch cascade (decide_kernels.cc)
+as a JAX operation, for the CPU.
+
+`decide(logits, state, threshold, exit=k, last=..., criterion=...)` returns
+`(new_state, undecided)`, equal to `reference`: rows of `state` [B, K + 1]
+(the logits of the exit taken, then its index; -1 while undecided) that are
+still undecided take `logits` [B, K] and the index k where the criterion
+fires ('entropy': softmax entropy < threshold; 'max_prob': largest softmax
+probability > threshold) or where k is the last exit; `undecided` (a bool
+scalar) says whether a row is left for the next segment. float32 only.
+Inference only: it has no gradient.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adaptive_vision import early_exit
+from adaptive_vision.native import build
+
+_TARGETS = ("av_exit_decide",)
+_CRITERIA = {"entropy": 0, "max_prob": 1}
+
+
+def unavailable_reason() -> str | None:
+  """None when the kernel is built and registered, else why not."""
+  return build.unavailable_reason("decide_kernels", _TARGETS)
+
+
+def available() -> bool:
+  return unavailable_reason() is None
+
+
+def supports(*dtypes) -> bool:
+  return all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+
+
+def reference(logits, state, threshold, *, exit: int, last: bool, criterion: str):
+  """The same in XLA ops."""
+  undecided = state[:, -1] < 0
+  if last:
+    fires = undecided
+  elif criterion == "entropy":
+    fires = undecided & (early_exit.softmax_entropy(logits) < threshold)
+  else:
+    fires = undecided & (early_exit.max_probability(logits) > threshold)
+  mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), exit, logits.dtype)], 1)
+  state = jnp.where(fires[:, None], mine, state)
+  return state, jnp.any(state[:, -1] < 0)
+
+
+def decide(logits, state, threshold, *, exit: int, last: bool, criterion: str):
+  if criterion not in _CRITERIA:
+    raise ValueError(f"unknown exit criterion {criterion!r}; valid: {tuple(_CRITERIA)}")
+  build.register("decide_kernels", _TARGETS)
+  out = (jax.ShapeDtypeStruct(state.shape, jnp.float32), jax.ShapeDtypeStruct((), jnp.bool_))
+  return jax.ffi.ffi_call("av_exit_decide", out, vmap_method="sequential")(
+      logits, state, jnp.reshape(threshold, (1,)).astype(jnp.float32),
+      exit=np.int64(exit), last=bool(last), criterion=np.int64(_CRITERIA[criterion]))
