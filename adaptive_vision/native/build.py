@@ -123,3 +123,27 @@ def unavailable_reason(name: str, symbols: tuple[str, ...]) -> str | None:
     logging.warning("native CPU kernels %s unavailable, using XLA's ops: %s", name, e)
     return str(e)
   return None
+
+
+class Kernels:
+  """The FFI handlers `targets` of `<name>.cc`: `register()` builds, loads and
+  registers them (once); `unavailable_reason()` is None where they can run,
+  else why not; `available()`. Each module of this folder has one."""
+
+  def __init__(self, name: str, targets: tuple[str, ...]):
+    self.name, self.targets = name, tuple(targets)
+
+  def register(self) -> None:
+    register(self.name, self.targets)
+
+  def unavailable_reason(self) -> str | None:
+    return unavailable_reason(self.name, self.targets)
+
+  def available(self) -> bool:
+    return self.unavailable_reason() is None
+
+
+def float32_only(*dtypes) -> bool:
+  """Whether every dtype is float32 (the kernels' only type)."""
+  import jax.numpy as jnp
+  return all(jnp.dtype(d) == jnp.float32 for d in dtypes)

@@ -19,19 +19,9 @@ from adaptive_vision.native import build
 LANES = 16  # output channels per vector register tile in the kernels
 _TARGETS = {"forward": "av_conv_forward", "weight_grad": "av_conv_weight_grad",
             "input_grad": "av_conv_input_grad"}
-
-
-def _registered() -> None:
-  build.register("conv_kernels", tuple(_TARGETS.values()))
-
-
-def unavailable_reason() -> str | None:
-  """None when the kernels are built and registered, else why not."""
-  return build.unavailable_reason("conv_kernels", tuple(_TARGETS.values()))
-
-
-def available() -> bool:
-  return unavailable_reason() is None
+KERNELS = build.Kernels("conv_kernels", tuple(_TARGETS.values()))
+unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not
+available = KERNELS.available
 
 
 def supports(x_dtype, kernel_shape, padding=((0, 0), (0, 0))) -> bool:
@@ -42,7 +32,7 @@ def supports(x_dtype, kernel_shape, padding=((0, 0), (0, 0))) -> bool:
 
 
 def _call(target: str, out_shape, a, b, strides, padding):
-  _registered()
+  KERNELS.register()
   (top, _), (left, _) = padding
   return jax.ffi.ffi_call(_TARGETS[target], jax.ShapeDtypeStruct(out_shape, jnp.float32),
                           vmap_method="sequential")(

@@ -20,21 +20,10 @@ import numpy as np
 from adaptive_vision import early_exit
 from adaptive_vision.native import build
 
-_TARGETS = ("av_exit_decide",)
 _CRITERIA = {"entropy": 0, "max_prob": 1}
-
-
-def unavailable_reason() -> str | None:
-  """None when the kernel is built and registered, else why not."""
-  return build.unavailable_reason("decide_kernels", _TARGETS)
-
-
-def available() -> bool:
-  return unavailable_reason() is None
-
-
-def supports(*dtypes) -> bool:
-  return all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+KERNELS = build.Kernels("decide_kernels", ("av_exit_decide",))
+unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not
+available = KERNELS.available
 
 
 def reference(logits, state, threshold, *, exit: int, last: bool, criterion: str):
@@ -54,7 +43,7 @@ def reference(logits, state, threshold, *, exit: int, last: bool, criterion: str
 def decide(logits, state, threshold, *, exit: int, last: bool, criterion: str):
   if criterion not in _CRITERIA:
     raise ValueError(f"unknown exit criterion {criterion!r}; valid: {tuple(_CRITERIA)}")
-  build.register("decide_kernels", _TARGETS)
+  KERNELS.register()
   out = (jax.ShapeDtypeStruct(state.shape, jnp.float32), jax.ShapeDtypeStruct((), jnp.bool_))
   return jax.ffi.ffi_call("av_exit_decide", out, vmap_method="sequential")(
       logits, state, jnp.reshape(threshold, (1,)).astype(jnp.float32),

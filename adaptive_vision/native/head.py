@@ -19,20 +19,10 @@ import numpy as np
 
 from adaptive_vision.native import build
 
-_TARGETS = ("av_exit_head",)
-
-
-def unavailable_reason() -> str | None:
-  """None when the kernel is built and registered, else why not."""
-  return build.unavailable_reason("head_kernels", _TARGETS)
-
-
-def available() -> bool:
-  return unavailable_reason() is None
-
-
-def supports(*dtypes) -> bool:
-  return all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+KERNELS = build.Kernels("head_kernels", ("av_exit_head",))
+unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not
+available = KERNELS.available
+supports = build.float32_only
 
 
 def reference(x, scale, shift, kernel, bias, window: tuple[int, int]):
@@ -45,7 +35,7 @@ def reference(x, scale, shift, kernel, bias, window: tuple[int, int]):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def exit_head(x, scale, shift, kernel, bias, window: tuple[int, int]):
-  build.register("head_kernels", _TARGETS)
+  KERNELS.register()
   out = jax.ShapeDtypeStruct((x.shape[0], kernel.shape[1]), jnp.float32)
   return jax.ffi.ffi_call("av_exit_head", out, vmap_method="sequential")(
       x, scale, shift, kernel.T, bias, wh=np.int64(window[0]), ww=np.int64(window[1]))

@@ -15,25 +15,15 @@ import numpy as np
 
 from adaptive_vision.native import build
 
-_TARGETS = ("av_batch_norm_forward", "av_batch_norm_add_forward",
-            "av_batch_norm_backward", "av_batch_norm_add_backward")
-
-
-def unavailable_reason() -> str | None:
-  """None when the kernels are built and registered, else why not."""
-  return build.unavailable_reason("norm_kernels", _TARGETS)
-
-
-def available() -> bool:
-  return unavailable_reason() is None
-
-
-def supports(*dtypes) -> bool:
-  return all(jnp.dtype(d) == jnp.float32 for d in dtypes)
+KERNELS = build.Kernels("norm_kernels", ("av_batch_norm_forward", "av_batch_norm_add_forward",
+                                         "av_batch_norm_backward", "av_batch_norm_add_backward"))
+unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not
+available = KERNELS.available
+supports = build.float32_only
 
 
 def _call(target, outs, *args, epsilon, relu):
-  build.register("norm_kernels", _TARGETS)
+  KERNELS.register()
   return jax.ffi.ffi_call(target, outs, vmap_method="sequential")(
       *args, eps=np.float32(epsilon), relu=bool(relu))
 
