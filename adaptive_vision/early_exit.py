@@ -73,6 +73,17 @@ def _scores(logits: jax.Array, criterion: str) -> jax.Array:
 _scores_jit = jax.jit(_scores, static_argnames="criterion")
 
 
+def fires(scores: jax.Array, threshold: jax.Array, criterion: str) -> jax.Array:
+  """Whether an exit fires for criterion values `scores` (of `_scores`):
+  entropy strictly below, largest probability strictly above the threshold."""
+  return scores < threshold if criterion == "entropy" else scores > threshold
+
+
+def logits_fire(logits: jax.Array, threshold: jax.Array, criterion: str) -> jax.Array:
+  """`fires` from exit logits [..., K] (the executors' per-exit decision)."""
+  return fires(_scores(logits, criterion), threshold, criterion)
+
+
 def _nobody_threshold(criterion: str) -> float:
   """A threshold at which no example exits (strict comparisons)."""
   return 0.0 if criterion == "entropy" else 1.0
@@ -162,13 +173,10 @@ def _prepare(exit_logits: Any, labels: Any, exit_macs: Any
 def _policy_from_scores(scores: jax.Array, thresholds: jax.Array,
                         criterion: str) -> jax.Array:
   """Exit index [N] from scores [E, N] and thresholds [E-1]."""
-  if criterion == "entropy":
-    fires = scores[:-1] < thresholds[:, None]
-  else:
-    fires = scores[:-1] > thresholds[:, None]
+  fired = fires(scores[:-1], thresholds[:, None], criterion)
   last = jnp.ones((1, scores.shape[1]), dtype=bool)
   # argmax of a boolean returns the first True: the first exit that fires.
-  return jnp.argmax(jnp.concatenate([fires, last], axis=0), axis=0).astype(jnp.int32)
+  return jnp.argmax(jnp.concatenate([fired, last], axis=0), axis=0).astype(jnp.int32)
 
 
 def exit_policy(exit_logits: Any, thresholds: Any,

@@ -81,13 +81,6 @@ def resolve_buckets(n: int, buckets: Optional[Sequence[Any]] = None,
   return tuple(sorted(s for s in sizes if s < n)) + (n,)
 
 
-def _fires(logits: jax.Array, threshold: jax.Array, criterion: str) -> jax.Array:
-  """Exit decision of one exit; same comparisons as early_exit.exit_policy."""
-  if criterion == "entropy":
-    return early_exit.softmax_entropy(logits) < threshold
-  return early_exit.max_probability(logits) > threshold
-
-
 def _check_thresholds(thresholds: Any, num_exits: int) -> np.ndarray:
   t = np.asarray(thresholds if thresholds is not None else [], dtype=np.float32).reshape(-1)
   if t.shape[0] != num_exits - 1:
@@ -181,7 +174,7 @@ class DynamicCascade(_Thresholds):
                                      method=type(self.model).branch)
     logits = logits.astype(jnp.float32)
     last = k == self.num_exits - 1
-    fires = valid if last else valid & _fires(logits, threshold, self.criterion)
+    fires = valid if last else valid & early_exit.logits_fire(logits, threshold, self.criterion)
     # Rows that exit here write their logits; others (and padding) are dropped.
     final_logits = final_logits.at[jnp.where(fires, idx, n)].set(logits, mode="drop")
     if last:
@@ -306,7 +299,7 @@ def cascade_program(model, criterion: str = "entropy", decide: str = "auto"):
   one C++ kernel per exit (adaptive_vision/native/decide.py; the softmax
   entropy or largest probability in float32, so a value within rounding of
   its threshold may decide the other way than XLA's); 'auto': 'native' on
-  one CPU device when it builds and the logits are float32, else 'xla'.
+  one CPU device when it builds, else 'xla' (the logits are cast to float32).
   """
   if criterion not in early_exit.CRITERIA:
     raise ValueError(f"unknown exit criterion {criterion!r}; valid: {early_exit.CRITERIA}")
@@ -424,4 +417,3 @@ class SingleDispatchCascade(_Thresholds):
                 exit_index=out[:, -1].astype(np.int32), logits=logits)
 
   __call__ = predict
-

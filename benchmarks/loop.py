@@ -56,17 +56,15 @@ def parse_args(argv=None):
   return p.parse_args(argv)
 
 
-def window_rate(records: list[dict], batch: int) -> tuple[int, float]:
-  """(steps, seconds) between the first and last of one invocation's train
-  records. Each record's images_per_sec is cumulative from the same origin
-  (the loop's first step), so its time since then is steps * batch / rate."""
+def window_rate(records: list[dict], batch: int, start: int) -> tuple[int, float]:
+  """(steps, seconds) between the first and last train records of one
+  invocation that resumed at step `start`. The loop restarts its clock after
+  step start + 1, and each record's images_per_sec is cumulative from there,
+  so its time since then is (step - start - 1) * batch / rate."""
   if len(records) < 2:
     raise ValueError("need two train log lines in a round: raise --steps")
-  first, last = records[0], records[-1]
-  elapsed = lambda r, s0: (r["step"] - s0) * batch / r["images_per_sec"]
-  # The origin: the step after which the loop reset its clock (start + 1).
-  s0 = records[0]["_start"] + 1
-  return last["step"] - first["step"], elapsed(last, s0) - elapsed(first, s0)
+  elapsed = lambda r: (r["step"] - start - 1) * batch / r["images_per_sec"]
+  return records[-1]["step"] - records[0]["step"], elapsed(records[-1]) - elapsed(records[0])
 
 
 def main(argv=None) -> dict:
@@ -75,6 +73,7 @@ def main(argv=None) -> dict:
     raise SystemExit(f"--steps {args.steps}: give a multiple of 4, at least 8")
   import jax
   common.setup_jax()
+  from adaptive_vision.data import sources as data_sources
   from adaptive_vision.train import loop as loop_lib
   from benchmarks import jax_bench
   from configs import erde_cifar10
@@ -85,7 +84,7 @@ def main(argv=None) -> dict:
     config.data.train_size = args.train_size
   config.log_every = args.steps // 4
   b = config.batch_size
-  steps_per_epoch = (args.train_size or 50_000) // b
+  steps_per_epoch = data_sources.dataset_info(config.data)["train_size"] // b
   config.epochs = max(1, -(-(args.rounds + 1) * args.steps // steps_per_epoch))  # + warm-up
   workdir = args.workdir or tempfile.mkdtemp(prefix="bench_loop_")
   own_workdir = args.workdir is None
@@ -113,9 +112,9 @@ def main(argv=None) -> dict:
     loop_lib.train_and_evaluate(config, workdir)
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
       records = [json.loads(line) for line in f]
-    mine = [dict(r, _start=start_step) for r in records
+    mine = [r for r in records
             if r["kind"] == "train" and start_step < r["step"] <= config.stop_at_step]
-    n, seconds = window_rate(mine, b)
+    n, seconds = window_rate(mine, b, start_step)
     done["step"] = config.stop_at_step
     return seconds / n
 

@@ -88,7 +88,6 @@ def _machine_words(m: Optional[dict]) -> str:
 def rewrite(path: str, result: dict) -> None:
   """Judges the targets again, writes `result` to `path` (JSON) and its
   Markdown beside it (same name, .md): what every `--update` does."""
-  import json
   import os
   from benchmarks import common
   result["targets"] = targets(result)

@@ -255,12 +255,12 @@ def test_loop_window_is_timed_from_the_loops_own_log_lines():
   from benchmarks import loop
   batch, start = 128, 100
   seconds = {125: 2.0, 150: 4.5, 175: 7.0, 200: 9.5}
-  records = [{"step": s, "images_per_sec": (s - start - 1) * batch / t, "_start": start}
+  records = [{"step": s, "images_per_sec": (s - start - 1) * batch / t}
              for s, t in seconds.items()]
-  steps, elapsed = loop.window_rate(records, batch)
+  steps, elapsed = loop.window_rate(records, batch, start)
   assert steps == 75 and elapsed == pytest.approx(7.5)
   with pytest.raises(ValueError, match="two train log lines"):
-    loop.window_rate(records[:1], batch)
+    loop.window_rate(records[:1], batch, start)
 
 
 def test_loop_benchmark_runs_the_trainers_loop(tmp_path):

@@ -28,13 +28,9 @@ available = KERNELS.available
 
 def reference(logits, state, threshold, *, exit: int, last: bool, criterion: str):
   """The same in XLA ops."""
-  undecided = state[:, -1] < 0
-  if last:
-    fires = undecided
-  elif criterion == "entropy":
-    fires = undecided & (early_exit.softmax_entropy(logits) < threshold)
-  else:
-    fires = undecided & (early_exit.max_probability(logits) > threshold)
+  fires = state[:, -1] < 0  # undecided
+  if not last:
+    fires &= early_exit.logits_fire(logits, threshold, criterion)
   mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), exit, logits.dtype)], 1)
   state = jnp.where(fires[:, None], mine, state)
   return state, jnp.any(state[:, -1] < 0)
