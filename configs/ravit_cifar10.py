@@ -11,7 +11,11 @@ same ViT.
 Arguments after ':' (comma separated):
   runlocal     ~1 minute on a 2-core CPU on synthetic data
   branches=2   16->32 (default) or 3: 8->16->32
-  reuse=token  'token' | 'logits' | 'both' | 'none' (ablation)
+  reuse=token  'token' | 'logits' | 'patch' | 'both' | 'none', or parts joined
+               by '+' (e.g. token+patch); see adaptive_vision/models/ravit.py
+  reuse_init=default  'zeros': reuse projections start at zero (the helped
+               branch starts as a plain ViT)
+  self_distill=0  weight of the last exit's KL into the earlier exits
   epochs=N, batch=N, lr=X, size=N (first N training images)
   baseline     the plain ViT (Nano/4 at 32x32), same recipe
   later_depth=2, later_width=0   blocks / width of the branches after the first
@@ -46,6 +50,7 @@ from configs import common
 def get_config(arg=None):
   a = common.parse_arg(arg, branches=2, reuse="token", epochs=16, batch=128, lr=1e-3,
                        size=0, variant="Nano/4", baseline=False, self_distill=0.0,
+                       reuse_init="default", seed=0,
                        later_depth=2, later_width=0, full=False, stop_grad=False)
   c = common.base_config()
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
@@ -66,7 +71,9 @@ def get_config(arg=None):
   common.cascade_or_baseline(c, branch=branch, resolutions=resolutions, num_classes=10,
                              baseline=a.baseline, reuse=a.reuse, later=later,
                              **({"stop_gradient_reuse": True} if a.stop_grad else {}))
+  c.seed = a.seed
   if not a.baseline:
+    c.model.reuse_init = a.reuse_init
     c.loss.self_distill_weight = a.self_distill
   if a.size:
     c.data.train_size = a.size

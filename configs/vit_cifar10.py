@@ -9,6 +9,7 @@ Arguments after ':' (comma separated):
   variant=Mu/4  ViT size/patch ('Ti/4', 'S/4', ... see adaptive_vision/models/vit.py)
   epochs=N      training epochs
   size=N        train on the first N training images (quick runs)
+  seed=N        initialization, data order, augmentation
 
 The default is the CPU recipe shared with configs/ravit_cifar10.py (Nano/4 ViT:
 width 96, depth 4, 3 heads, 4x4 patches; AdamW lr 1e-3, wd 0.05, cosine, 16 epochs,
@@ -20,8 +21,10 @@ from configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="Nano/4", epochs=16, size=0, batch=128, lr=1e-3, sd=0.0)
+  a = common.parse_arg(arg, variant="Nano/4", epochs=16, size=0, batch=128, lr=1e-3, sd=0.0,
+                       seed=0)
   c = common.base_config()
+  c.seed = a.seed
   common.cifar_vit_recipe(c, epochs=a.epochs, batch=a.batch, lr=a.lr)
   c.model = dict(name="vit", variant=a.variant, num_classes=10, image_size=32,
                  pool="token", dropout=0.0, stochastic_depth=a.sd)

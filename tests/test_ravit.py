@@ -66,7 +66,7 @@ def test_output_shapes(resolutions, widths):
   assert models.as_exits(exit_logits) == exit_logits
 
 
-@pytest.mark.parametrize("reuse", ["token", "logits", "both", "none"])
+@pytest.mark.parametrize("reuse", ["token", "logits", "both", "none", "patch", "token+patch"])
 def test_branchwise_equals_full_call(reuse):
   res = (8, 16, 32)
   model = RAViT(branches=_branches(res, (16, 24, 16)), num_classes=NUM_CLASSES, reuse=reuse)
@@ -109,7 +109,8 @@ def _perturb(tree, seed, scale=0.5):
 
 
 @pytest.mark.parametrize("reuse,changes", [("token", True), ("logits", True),
-                                           ("both", True), ("none", False)])
+                                           ("both", True), ("none", False),
+                                           ("patch", True), ("token+logits+patch", True)])
 def test_reuse_links_branches(reuse, changes):
   res = (8, 16)
   model = RAViT(branches=_branches(res), num_classes=NUM_CLASSES, reuse=reuse)
@@ -134,7 +135,7 @@ def test_reuse_links_branches(reuse, changes):
     np.testing.assert_array_equal(np.asarray(q1), np.asarray(l1))
 
 
-@pytest.mark.parametrize("reuse", ["token", "both"])
+@pytest.mark.parametrize("reuse", ["token", "both", "token+patch"])
 def test_stop_gradient_reuse(reuse):
   res = (8, 16)
   views = _views(res)
@@ -175,7 +176,7 @@ def _cfg(branches, reuse="token", **kw):
                                         branches=[dict(b) for b in branches], **kw))
 
 
-@pytest.mark.parametrize("reuse", ["token", "none"])
+@pytest.mark.parametrize("reuse", ["token", "none", "token+patch"])
 def test_exit_macs_match_xla(reuse):
   # Wide enough that normalizations/activations stay under 2% of the total.
   branches = [dict(resolution=8, width=256, depth=1, num_heads=2, mlp_dim=256, patch_size=4),
@@ -207,6 +208,65 @@ def test_exit_macs_analytic_terms():
   np.testing.assert_allclose(macs["token"] - macs["none"], token_proj)
   np.testing.assert_allclose(macs["logits"] - macs["none"], logit_proj)
   np.testing.assert_allclose(macs["both"] - macs["none"], token_proj + logit_proj)
+  # 'patch': branch k-1's g*g tokens projected to width_k, then resized to
+  # branch k's G x G grid by one matrix product per axis.
+  grids = (2, 4, 8)
+  patch = [0] + [grids[k - 1] ** 2 * widths[k - 1] * widths[k]
+                 + (grids[k] * grids[k - 1] ** 2 + grids[k] ** 2 * grids[k - 1]) * widths[k]
+                 for k in (1, 2)]
+  macs_tp = np.array(ravit.exit_macs(_cfg(branches, "token+patch")))
+  np.testing.assert_allclose(macs_tp - macs["none"], token_proj + np.cumsum(patch))
+
+
+def test_patch_reuse_parameters_and_shapes():
+  res = (8, 16)
+  model = RAViT(branches=_branches(res, (16, 24)), num_classes=NUM_CLASSES,
+                reuse="token+patch")
+  params = _init(model, _views(res))["params"]
+  assert set(params) == {"branch0", "branch1", "reuse_norm1", "reuse_token1",
+                         "reuse_patch_norm1", "reuse_patch1"}
+  # Projected from branch 0's width (16) to branch 1's (24).
+  assert params["reuse_patch1"]["kernel"].shape == (16, 24)
+  _, carry = model.apply({"params": params}, 0, _views(res)[0], method=RAViT.branch)
+  assert carry["patch_tokens"].shape == (2, 4, 16)  # 2x2 grid of branch 0
+
+
+@pytest.mark.parametrize("reuse", ["token", "logits", "both", "patch", "token+patch"])
+def test_zero_init_reuse_starts_as_plain_vit(reuse):
+  # With reuse_init='zeros', at initialization the helped branch computes
+  # exactly what the same branch computes without reuse, whatever branch 0
+  # does; the projections still receive gradients, so the reuse is learned.
+  res = (8, 16)
+  views = _views(res)
+  model = RAViT(branches=_branches(res), num_classes=NUM_CLASSES, reuse=reuse,
+                reuse_init="zeros")
+  plain = RAViT(branches=_branches(res), num_classes=NUM_CLASSES, reuse="none")
+  variables = _init(model, views)
+  params = dict(variables["params"])
+  params["branch0"] = _perturb(params["branch0"], seed=3)
+  (_, l1), _ = _apply(model, {"params": params}, views)
+  plain_params = {k: params[k] for k in ("branch0", "branch1")}
+  (_, p1), _ = _apply(plain, {"params": plain_params}, views)
+  np.testing.assert_allclose(np.asarray(l1), np.asarray(p1), rtol=1e-6, atol=1e-6)
+  reuse_params = {k: v for k, v in params.items() if k.startswith("reuse_")}
+  assert all(np.all(np.asarray(leaf) == 0)
+             for name, tree in reuse_params.items() if "norm" not in name
+             for leaf in jax.tree_util.tree_leaves(tree))
+
+  def loss(p):
+    (_, out), _ = model.apply({"params": p}, views)
+    return jnp.sum(out ** 2)
+
+  g = jax.jit(jax.grad(loss))(params)
+  for name in reuse_params:
+    if "norm" not in name:
+      assert float(optax_global_norm(g[name])) > 0.0, name
+  # The default initialization does change the helped branch at step 0.
+  default = RAViT(branches=_branches(res), num_classes=NUM_CLASSES, reuse=reuse)
+  dparams = dict(_init(default, views)["params"])
+  dparams["branch0"], dparams["branch1"] = params["branch0"], params["branch1"]
+  (_, d1), _ = _apply(default, {"params": dparams}, views)
+  assert np.max(np.abs(np.asarray(d1) - np.asarray(p1))) > 1e-4
 
 
 def test_build_and_resolutions_from_config():
@@ -259,6 +319,10 @@ def test_rejects_bad_branch_lists():
   _expect("not divisible by its patch size",
           lambda: ravit.build(_cfg([_branch(8), _branch(18)])))
   _expect("unknown RAViT reuse", lambda: ravit.build(_cfg([_branch(8)], reuse="concat")))
+  _expect("unknown RAViT reuse", lambda: ravit.build(_cfg([_branch(8)], reuse="token+token")))
+  _expect("unknown RAViT reuse", lambda: ravit.build(_cfg([_branch(8)], reuse="token+both")))
+  _expect("unknown RAViT reuse_init",
+          lambda: ravit.build(_cfg([_branch(8)], reuse_init="ones")))
   _expect("unknown keys", lambda: ravit.build(_cfg([dict(_branch(8), num_classes=3)])))
   _expect("no 'resolution'", lambda: ravit.build(_cfg([{"variant": "Ti/16"}])))
   _expect("unknown RAViT config keys",

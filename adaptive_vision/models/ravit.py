@@ -14,17 +14,29 @@ example stops there (`adaptive_vision.inference.DynamicCascade`).
     logits0, carry = model.apply(variables, 0, view16, method=RAViT.branch)
     logits1, _ = model.apply(variables, 1, view32, carry, method=RAViT.branch)
 
-Reuse modes (how branch k receives branch k-1's prediction):
+Reuse modes (how branch k receives what branch k-1 computed); a mode is one
+part or several joined by '+', e.g. ``'token+patch'``:
 
 * ``'token'`` (default): LayerNorm + Dense(width_k) of branch k-1's final class
-  token (``out['cls_token']``, already after its final LayerNorm);
-* ``'logits'``: Dense(width_k) of the softmax of branch k-1's logits;
-* ``'both'``: the sum of the two;
+  token (``out['cls_token']``, already after its final LayerNorm), added to
+  branch k's class token;
+* ``'logits'``: Dense(width_k) of the softmax of branch k-1's logits (the
+  prediction itself), added to branch k's class token;
+* ``'patch'`` (beyond the paper, as CF-ViT reuses features): LayerNorm +
+  Dense(width_k) of branch k-1's final patch tokens, resized bilinearly from
+  its patch grid to branch k's and added to branch k's patch embeddings, so a
+  shallow fine branch starts from features the coarse branch already built;
+* ``'both'``: ``'token+logits'``, the paper's prediction reuse;
 * ``'none'``: independent branches.
 
+``reuse_init='zeros'`` initializes every reuse projection to zero, so at step
+0 each helped branch is exactly a plain ViT and the reuse is learned from
+there; ``'default'`` initializes them like any Dense layer.
+
 Parameters are named ``branch{k}`` (the ViTs) and ``reuse_norm{k}``,
-``reuse_token{k}``, ``reuse_logits{k}`` (k >= 1), whether the model runs whole
-(`__call__`) or one branch at a time (`branch`).
+``reuse_token{k}``, ``reuse_logits{k}``, ``reuse_patch_norm{k}``,
+``reuse_patch{k}`` (k >= 1), whether the model runs whole (`__call__`) or one
+branch at a time (`branch`).
 """
 
 from __future__ import annotations
@@ -40,7 +52,23 @@ from flax.core import FrozenDict
 from adaptive_vision import flops
 from adaptive_vision.models import vit as vit_lib
 
-REUSE_MODES = ("token", "logits", "both", "none")
+REUSE_PARTS = ("token", "logits", "patch")
+_REUSE_ALIASES = {"both": ("token", "logits"), "none": ()}
+REUSE_MODES = REUSE_PARTS + tuple(_REUSE_ALIASES)  # and '+' joins of the parts
+REUSE_INITS = ("default", "zeros")
+
+
+def reuse_parts(reuse: str) -> frozenset:
+  """'token+patch' -> {'token', 'patch'}; 'both' -> {'token', 'logits'}."""
+  if not isinstance(reuse, str):
+    raise ValueError(f"RAViT reuse must be a string, got {reuse!r}")
+  if reuse in _REUSE_ALIASES:
+    return frozenset(_REUSE_ALIASES[reuse])
+  parts = reuse.split("+")
+  if not all(p in REUSE_PARTS for p in parts) or len(set(parts)) != len(parts):
+    raise ValueError(f"unknown RAViT reuse={reuse!r}; use one of {REUSE_MODES} or "
+                     f"parts of {REUSE_PARTS} joined by '+', e.g. 'token+patch'")
+  return frozenset(parts)
 
 # Keys a branch dict may hold: its resolution plus ViT fields. `num_classes`
 # and `dtype` are shared by all branches and set on RAViT itself.
@@ -56,10 +84,12 @@ class BranchSpec:
   dims: dict         # decoded width/depth/num_heads/mlp_dim/patch_size
 
 
-def _branch_specs(branches: Any, reuse: str = "token") -> tuple[BranchSpec, ...]:
+def _branch_specs(branches: Any, reuse: str = "token",
+                  reuse_init: str = "default") -> tuple[BranchSpec, ...]:
   """Validates the branch list and reuse mode; returns one spec per branch."""
-  if reuse not in REUSE_MODES:
-    raise ValueError(f"unknown RAViT reuse={reuse!r}; use one of {REUSE_MODES}")
+  reuse_parts(reuse)
+  if reuse_init not in REUSE_INITS:
+    raise ValueError(f"unknown RAViT reuse_init={reuse_init!r}; use one of {REUSE_INITS}")
   if branches is None or isinstance(branches, (str, bytes, Mapping)):
     raise ValueError("RAViT branches must be a sequence of branch dicts, e.g. "
                      "({'resolution': 16, 'variant': 'Nano/4'}, "
@@ -113,14 +143,17 @@ class RAViT(nn.Module):
       with `resolution` and ViT fields (`variant` and/or width, depth,
       num_heads, mlp_dim, patch_size; dropout, stochastic_depth, pool, ...).
     num_classes: classes of every exit.
-    reuse: 'token' | 'logits' | 'both' | 'none' (see module docstring).
+    reuse: 'token' | 'logits' | 'patch' | 'both' | 'none', or parts joined by
+      '+' (see module docstring).
+    reuse_init: 'default' | 'zeros' (reuse projections start at zero).
     stop_gradient_reuse: no gradient flows from branch k into branch k-1
-      through the reused token/logits.
+      through what it reuses.
     dtype: compute dtype of every branch; parameters stay float32.
   """
   branches: Sequence[Any]
   num_classes: int
   reuse: str = "token"
+  reuse_init: str = "default"
   stop_gradient_reuse: bool = False
   dtype: Any = jnp.float32
 
@@ -138,7 +171,11 @@ class RAViT(nn.Module):
 
   @property
   def specs(self) -> tuple[BranchSpec, ...]:
-    return _branch_specs(self.branches, self.reuse)
+    return _branch_specs(self.branches, self.reuse, self.reuse_init)
+
+  @property
+  def reuses(self) -> frozenset:
+    return reuse_parts(self.reuse)
 
   @property
   def resolutions(self) -> tuple[int, ...]:
@@ -150,45 +187,75 @@ class RAViT(nn.Module):
 
   def setup(self):
     specs = self.specs
+    parts = self.reuses
     self.vits = [vit_lib.ViT(num_classes=self.num_classes, dtype=self.dtype,
                              name=f"branch{k}", **s.vit_kwargs)
                  for k, s in enumerate(specs)]
-    norms, token_proj, logit_proj = {}, {}, {}
+    if self.reuse_init == "zeros":
+      init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+    else:
+      init = {}
+    dense = lambda width, name: nn.Dense(width, dtype=self.dtype, name=name, **init)
+    norms, token_proj, logit_proj, patch_norms, patch_proj = {}, {}, {}, {}, {}
     for k in range(1, len(specs)):
       width = specs[k].dims["width"]
-      if self.reuse in ("token", "both"):
+      if "token" in parts:
         norms[k] = nn.LayerNorm(dtype=self.dtype, name=f"reuse_norm{k}")
-        token_proj[k] = nn.Dense(width, dtype=self.dtype, name=f"reuse_token{k}")
-      if self.reuse in ("logits", "both"):
-        logit_proj[k] = nn.Dense(width, dtype=self.dtype, name=f"reuse_logits{k}")
+        token_proj[k] = dense(width, f"reuse_token{k}")
+      if "logits" in parts:
+        logit_proj[k] = dense(width, f"reuse_logits{k}")
+      if "patch" in parts:
+        patch_norms[k] = nn.LayerNorm(dtype=self.dtype, name=f"reuse_patch_norm{k}")
+        patch_proj[k] = dense(width, f"reuse_patch{k}")
     self.reuse_norms = norms
     self.reuse_token = token_proj
     self.reuse_logits = logit_proj
+    self.reuse_patch_norms = patch_norms
+    self.reuse_patch = patch_proj
 
-  def _cls_bias(self, k: int, prev: Optional[Mapping[str, jax.Array]]):
-    if k == 0 or self.reuse == "none":
-      return None
+  def _reuse_biases(self, k: int, prev: Optional[Mapping[str, jax.Array]]):
+    """(cls_bias, patch_bias) for branch k from branch k-1's carry."""
+    parts = self.reuses
+    if k == 0 or not parts:
+      return None, None
     if prev is None:
       raise ValueError(f"RAViT.branch({k}) with reuse={self.reuse!r} needs `prev`, "
                        f"the carry returned by branch {k - 1}")
     if self.stop_gradient_reuse:
       prev = jax.tree_util.tree_map(jax.lax.stop_gradient, prev)
-    bias = None
-    if self.reuse in ("token", "both"):
-      bias = self.reuse_token[k](self.reuse_norms[k](prev["cls_token"]))
-    if self.reuse in ("logits", "both"):
+    cls_bias = patch_bias = None
+    if "token" in parts:
+      cls_bias = self.reuse_token[k](self.reuse_norms[k](prev["cls_token"]))
+    if "logits" in parts:
       probs = jax.nn.softmax(prev["logits"].astype(jnp.float32), axis=-1)
       proj = self.reuse_logits[k](probs)
-      bias = proj if bias is None else bias + proj
-    return bias
+      cls_bias = proj if cls_bias is None else cls_bias + proj
+    if "patch" in parts:
+      patch_bias = self._patch_bias(k, prev["patch_tokens"])
+    return cls_bias, patch_bias
+
+  def _patch_bias(self, k: int, tokens):
+    """Branch k-1's patch tokens [B, g*g, w] -> [B, G*G, width_k] on branch k's
+    grid: projected first (on the fewer, coarse tokens; linear, so it commutes
+    with the bilinear resize), then resized."""
+    g, big = _grid(self.specs[k - 1]), _grid(self.specs[k])
+    y = self.reuse_patch[k](self.reuse_patch_norms[k](tokens))
+    b, _, width = y.shape
+    y = y.reshape(b, g, g, width)
+    if g != big:
+      y = jax.image.resize(y, (b, big, big, width), "linear", antialias=False)
+    return y.reshape(b, big * big, width)
 
   def _carry(self, logits, out) -> dict:
     """What branch k+1 needs from branch k (nothing for reuse='none')."""
+    parts = self.reuses
     carry = {}
-    if self.reuse in ("token", "both"):
+    if "token" in parts:
       carry["cls_token"] = out["cls_token"]
-    if self.reuse in ("logits", "both"):
+    if "logits" in parts:
       carry["logits"] = logits
+    if "patch" in parts:
+      carry["patch_tokens"] = out["encoded"][:, 1:]
     return carry
 
   def _check_view(self, k: int, view) -> None:
@@ -201,7 +268,8 @@ class RAViT(nn.Module):
 
   def _run(self, k: int, view, prev, train: bool):
     self._check_view(k, view)
-    logits, out = self.vits[k](view, train=train, cls_bias=self._cls_bias(k, prev))
+    cls_bias, patch_bias = self._reuse_biases(k, prev)
+    logits, out = self.vits[k](view, train=train, cls_bias=cls_bias, patch_bias=patch_bias)
     return logits, out
 
   def branch(self, k: int, view, prev=None, *, train: bool = False):
@@ -209,7 +277,7 @@ class RAViT(nn.Module):
 
     `prev` is the carry returned by branch k-1 (ignored for k=0 and
     reuse='none'); `carry` is a dict with what branch k+1 needs
-    ('cls_token' and/or 'logits', depending on `reuse`). Chaining branches
+    ('cls_token', 'logits', 'patch_tokens', depending on `reuse`). Chaining branches
     gives the same logits as `__call__`.
     """
     if not isinstance(k, int) or not 0 <= k < self.num_exits:
@@ -254,7 +322,7 @@ class RAViT(nn.Module):
 # ----------------------------------------------------------------------------
 # Model-family contract (see adaptive_vision/models/__init__.py)
 
-_FIELDS = {"branches", "num_classes", "reuse", "stop_gradient_reuse", "dtype"}
+_FIELDS = {"branches", "num_classes", "reuse", "reuse_init", "stop_gradient_reuse", "dtype"}
 _CONFIG_ONLY = {"name"}
 
 
@@ -283,7 +351,7 @@ def _branch_list(branches) -> tuple:
 
 def build(model_cfg) -> RAViT:
   model = RAViT(**_kwargs(model_cfg))
-  _branch_specs(model.branches, model.reuse)  # fail early, at build time
+  _branch_specs(model.branches, model.reuse, model.reuse_init)  # fail early, at build time
   return model
 
 
@@ -297,15 +365,23 @@ def input_sizes(model_cfg) -> tuple[int, ...]:
 
 
 
+def _grid(spec: BranchSpec) -> int:
+  return spec.resolution // spec.dims["patch_size"]
+
+
 def exit_macs(model_cfg) -> list[float]:
   """Cumulative MACs per image to reach and evaluate each exit.
 
   Exit k costs every branch <= k (its ViT at its resolution, head included)
   plus the reuse projections into branches 1..k: width_{k-1} x width_k for
-  'token' (the LayerNorm is not counted), K x width_k for 'logits'.
+  'token' (the LayerNorms are not counted, as in the ViT), K x width_k for
+  'logits', and for 'patch' the projection of branch k-1's g*g patch tokens
+  plus the bilinear resize to branch k's G x G grid, which runs as one matrix
+  product per axis (G*g*g + G*G*g) x width_k.
   """
   model = build(model_cfg)
   specs = model.specs
+  parts = model.reuses
   total, macs = 0.0, []
   for k, s in enumerate(specs):
     d = s.dims
@@ -313,9 +389,15 @@ def exit_macs(model_cfg) -> list[float]:
                             width=d["width"], depth=d["depth"], mlp_dim=d["mlp_dim"],
                             num_classes=model.num_classes)
     if k > 0:
-      if model.reuse in ("token", "both"):
-        total += flops.dense_macs(1, specs[k - 1].dims["width"], d["width"])
-      if model.reuse in ("logits", "both"):
+      prev_width = specs[k - 1].dims["width"]
+      if "token" in parts:
+        total += flops.dense_macs(1, prev_width, d["width"])
+      if "logits" in parts:
         total += flops.dense_macs(1, model.num_classes, d["width"])
+      if "patch" in parts:
+        g, big = _grid(specs[k - 1]), _grid(s)
+        total += flops.dense_macs(g * g, prev_width, d["width"])
+        if g != big:
+          total += (big * g * g + big * big * g) * d["width"]
     macs.append(total)
   return macs

@@ -190,8 +190,9 @@ class ViT(nn.Module):
   """ViT classifier. See `decode_variant` for sizes.
 
   `cls_bias` ([B, width], optional) is added to the class token before the
-  first block: the hook through which a RAViT branch receives the previous
-  branch's prediction.
+  first block, `patch_bias` ([B, patches, width], optional) to the patch
+  embeddings: the hooks through which a RAViT branch receives what the
+  previous branch computed.
   """
   num_classes: int
   variant: Optional[str] = None
@@ -214,7 +215,7 @@ class ViT(nn.Module):
                           patch_size=self.patch_size)
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, cls_bias=None):
+  def __call__(self, images, *, train: bool = False, cls_bias=None, patch_bias=None):
     d = self.dims
     p = d["patch_size"]
     _check_image_size(images.shape[1], p, "ViT")
@@ -227,6 +228,11 @@ class ViT(nn.Module):
     x = x.reshape(b, h * w, c)
     x = x + self.param("pos_embedding", nn.initializers.normal(0.02),
                        (1, h * w, c)).astype(self.dtype)
+    if patch_bias is not None:
+      if patch_bias.shape != (b, h * w, c):
+        raise ValueError(f"ViT patch_bias must have shape {(b, h * w, c)} (batch, "
+                         f"patches, width), got {patch_bias.shape}")
+      x = x + patch_bias.astype(self.dtype)
     cls = jnp.broadcast_to(self.param("cls", nn.initializers.zeros, (1, 1, c)),
                            (b, 1, c)).astype(self.dtype)
     if cls_bias is not None:
@@ -285,8 +291,9 @@ class SingleExitViT(ViT):
     return 1
 
   @nn.compact
-  def __call__(self, images, *, train: bool = False, cls_bias=None):
-    logits, out = super().__call__(images, train=train, cls_bias=cls_bias)
+  def __call__(self, images, *, train: bool = False, cls_bias=None, patch_bias=None):
+    logits, out = super().__call__(images, train=train, cls_bias=cls_bias,
+                                   patch_bias=patch_bias)
     return (logits,), out
 
   def segment(self, k: int, images, carry=None, *, train: bool = False):
