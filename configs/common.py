@@ -123,12 +123,14 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
   sets the run's seed (initialization, data order, augmentation, dropout);
   teacher_cache=auto stores the teacher's logits per step in the teacher's
   workdir, shared by every student of the same seed (teacher_cache= turns it off).
+  exit_weights=0.3/0.6/1 weighs the exits' losses (cheapest first; default: all 1);
+  clip=0 turns gradient clipping off.
   """
   a = parse_arg(arg, role="student", loss="erde", teacher_dir="runs/erde_teacher",
                 teacher_depth=20, student_depth=8, width_multiplier=1.0,
                 epochs=0, batch=128, lr=0.1, temperature=4.0, kd_weight=1.0,
                 entropy_weight=0.5, entropy_mode="maximize", kl_on_wrong=False, size=0,
-                warmup=0.1, clip=2.0, seed=0, teacher_cache="auto")
+                warmup=0.1, clip=2.0, seed=0, teacher_cache="auto", exit_weights="")
   if a.role not in ("teacher", "student"):
     raise ValueError(f"role={a.role!r}; use role=teacher or role=student")
   if not a.epochs:
@@ -146,6 +148,8 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
                  warmup_fraction=a.warmup, schedule="cosine", grad_clip=a.clip)
   c.checkpoint_every = 300
   c.log_every = 50
+  if a.exit_weights:
+    c.loss.exit_weights = tuple(float(w) for w in a.exit_weights.split("/"))
 
   def resnet(depth, width_multiplier=1.0):
     from adaptive_vision.models.resnet import stage_exits
