@@ -46,7 +46,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import compiler, early_exit
+from adaptive_vision import backend as backend_lib
+from adaptive_vision import early_exit
 
 
 def default_buckets(n: int, min_bucket: int = 8) -> tuple[int, ...]:
@@ -119,6 +120,8 @@ class DynamicCascade(_Thresholds):
       (exit when max softmax > threshold).
     buckets: padded sizes for the remaining examples (see module docstring).
     min_bucket: smallest default bucket.
+    backend: `adaptive_vision.backend.Backend` whose compile options the
+      programs use (default: `backend.choose(workload='serve')`).
 
   `predict(views)` returns numpy arrays: `predictions` [N] int32, `exit_index`
   [N] int32, `logits` [N, K] float32 (of the exit taken), and `counts` [E]
@@ -126,7 +129,8 @@ class DynamicCascade(_Thresholds):
   """
 
   def __init__(self, model, variables, thresholds, criterion: str = "entropy",
-               buckets: Optional[Sequence[Any]] = None, min_bucket: int = 8):
+               buckets: Optional[Sequence[Any]] = None, min_bucket: int = 8,
+               backend: Optional[backend_lib.Backend] = None):
     if criterion not in early_exit.CRITERIA:
       raise ValueError(f"unknown exit criterion {criterion!r}; valid: {early_exit.CRITERIA}")
     self.model = model
@@ -138,7 +142,8 @@ class DynamicCascade(_Thresholds):
     self.thresholds = thresholds
     self.num_compiled = 0          # traces of the branch programs
     self.programs: set = set()     # keys (branch, bucket, N, view shape/dtype, gather)
-    self._step = compiler.jit(self._step_impl, static_argnames=("k", "gather"))
+    self.backend = backend or backend_lib.choose(workload="serve")
+    self._step = self.backend.jit(self._step_impl, static_argnames=("k", "gather"))
 
   # -- configuration ---------------------------------------------------------
 
@@ -254,7 +259,7 @@ def full_cascade_predict(model, variables, views, thresholds,
   (without counts) plus `exit_logits` [E, N, K].
   """
   inputs = tuple(views) if isinstance(views, (tuple, list)) else views
-  exit_logits, _ = compiler.jit(lambda v, x: model.apply(v, x))(variables, inputs)
+  exit_logits, _ = jax.jit(lambda v, x: model.apply(v, x))(variables, inputs)
   stacked = jnp.stack(exit_logits).astype(jnp.float32)
   exit_index = np.asarray(early_exit.exit_policy(stacked, thresholds, criterion))
   stacked = np.asarray(stacked)
@@ -274,19 +279,22 @@ def _check_segmented(model) -> int:
   return int(model.num_exits)
 
 
-DECIDE_IMPLEMENTATIONS = ("auto", "xla", "native")
+def decide_xla(logits, state, threshold, *, exit: int, last: bool, criterion: str):
+  """One exit's decision in XLA ops: rows of `state` [B, K + 1] (the logits of
+  the exit taken, then its index; -1 while undecided) that are still
+  undecided take `logits` [B, K] and the index `exit` where the criterion
+  fires, or where this is the last exit. Returns `(state, undecided)`, the
+  latter a bool scalar: whether a row is left for the next segment. A
+  backend's decision kernel (`Backend.decide`) computes the same."""
+  fires = state[:, -1] < 0  # undecided
+  if not last:
+    fires &= early_exit.logits_fire(logits, threshold, criterion)
+  mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), exit, logits.dtype)], 1)
+  state = jnp.where(fires[:, None], mine, state)
+  return state, jnp.any(state[:, -1] < 0)
 
 
-def resolve_decide(implementation: str) -> str:
-  """'auto': the native decision kernel on one CPU device when it builds, else
-  XLA's ops (see `cascade_program`)."""
-  from adaptive_vision import models
-  from adaptive_vision.native import decide as native_decide
-  return models.resolve_with_native(implementation, DECIDE_IMPLEMENTATIONS,
-                                    "exit decision", native_decide, cpu="xla", elsewhere="xla")
-
-
-def cascade_program(model, criterion: str = "entropy", decide: str = "auto"):
+def cascade_program(model, criterion: str = "entropy", decide=None):
   """`run(variables, inputs, thresholds) -> (logits [B, K], exit_index [B])`, jittable.
 
   Segment 0 runs on the batch; segment k > 0 runs under `lax.cond` only if
@@ -295,18 +303,17 @@ def cascade_program(model, criterion: str = "entropy", decide: str = "auto"):
   `early_exit.exit_policy` (strict comparisons, first exit that fires, the
   last exit answers for the rest); `logits` are those of the exit taken.
 
-  `decide`: how each exit's decision is computed. 'xla': XLA's ops; 'native':
-  one C++ kernel per exit (adaptive_vision/native/decide.py; the softmax
-  entropy or largest probability in float32, so a value within rounding of
-  its threshold may decide the other way than XLA's); 'auto': 'native' on
-  one CPU device when it builds, else 'xla' (the logits are cast to float32).
+  `decide`: how each exit's decision is computed: None for XLA's ops
+  (`decide_xla`), or a backend's kernel with its signature (`Backend.decide`;
+  on CPU one C++ call per exit, the softmax entropy or largest probability in
+  float32, so a value within rounding of its threshold may decide the other
+  way than XLA's). The logits are cast to float32.
   """
   if criterion not in early_exit.CRITERIA:
     raise ValueError(f"unknown exit criterion {criterion!r}; valid: {early_exit.CRITERIA}")
   num_exits = _check_segmented(model)
   method = type(model).segment
-  implementation = resolve_decide(decide)
-  from adaptive_vision.native import decide as native_decide
+  how = decide or decide_xla
 
   def run(variables, inputs, thresholds):
     def segment(k, carry):
@@ -318,11 +325,10 @@ def cascade_program(model, criterion: str = "entropy", decide: str = "auto"):
     # whether a row is left for the next segment. Fewer, chained operations:
     # XLA:CPU runs a program whose operations branch concurrently, handing
     # work between threads, which at batch 1 cost more than the decision
-    # itself; the native kernel makes each decision one operation
+    # itself; a decision kernel makes each decision one operation
     # (results/bench_notes.md).
     def decide_k(k, logits, state):
       threshold = thresholds[min(k, num_exits - 2)] if num_exits > 1 else jnp.float32(0)
-      how = native_decide.decide if implementation == "native" else native_decide.reference
       return how(logits, state, threshold, exit=k, last=k == num_exits - 1,
                  criterion=criterion)
 
@@ -360,12 +366,13 @@ class SingleDispatchCascade(_Thresholds):
       at batch 1 saves the handling of every parameter array per call (~0.1
       ms for a CIFAR RAViT's ~100 arrays on a 2-core CPU); the variables can
       then not be swapped without a new executor. False passes them per call.
-    decide: 'auto' | 'xla' | 'native', how each exit decides (see
-      `cascade_program`); the attribute holds the resolved choice.
+    backend: `adaptive_vision.backend.Backend` whose compile options and
+      exit-decision kernel the program uses (default:
+      `backend.choose(workload='serve')`).
 
   A process that serves one image per call and waits for each answer runs
-  faster with synchronous CPU dispatch (`launch.common.setup(
-  one_call_at_a_time=True)`, as launch.predict does), set before its first
+  faster with the 'serve' process settings (`backend.setup('serve')`, as
+  launch.predict does: on CPU, synchronous dispatch), set before its first
   computation.
 
   `predict(inputs)` takes the model's input (a tuple of views for RAViT, an
@@ -375,13 +382,13 @@ class SingleDispatchCascade(_Thresholds):
   """
 
   def __init__(self, model, variables, thresholds, criterion: str = "entropy", *,
-               embed_params: bool = True, decide: str = "auto"):
+               embed_params: bool = True, backend: Optional[backend_lib.Backend] = None):
     self.model = model
     self.criterion = criterion
     self.num_exits = _check_segmented(model)
     self.embed_params = bool(embed_params)
-    self.decide = resolve_decide(decide)
-    program = cascade_program(model, criterion, self.decide)
+    self.backend = backend or backend_lib.choose(workload="serve")
+    program = cascade_program(model, criterion, self.backend.decide)
 
     self.num_compiled = 0  # traces of the program (one per input shape)
 
@@ -393,10 +400,10 @@ class SingleDispatchCascade(_Thresholds):
 
     if self.embed_params:
       self.variables = jax.device_get(variables)  # numpy: XLA constants
-      self._run = compiler.jit(lambda x, t: packed(self.variables, x, t))
+      self._run = self.backend.jit(lambda x, t: packed(self.variables, x, t))
     else:
       self.variables = variables
-      run = compiler.jit(packed)
+      run = self.backend.jit(packed)
       self._run = lambda x, t: run(self.variables, x, t)
     self.thresholds = thresholds
 

@@ -75,6 +75,11 @@ def base_config() -> ml_collections.ConfigDict:
       name="adamw", lr=1e-3, weight_decay=0.05, b1=0.9, b2=0.999, eps=1e-8,
       momentum=0.9, nesterov=True, warmup_steps=0, warmup_fraction=0.05,
       schedule="cosine", end_lr_factor=0.0, grad_clip=1.0, wd_mask="kernels"))
+  # Implementations of the run's layers and programs, chosen once per run from
+  # these and the mesh (adaptive_vision/backend.py; read on CPU only, see
+  # adaptive_vision/cpu): 'auto' picks the fastest that runs on the mesh.
+  c.backend = ml_collections.ConfigDict(dict(
+      conv="auto", norm="auto", exit_head="auto", decide="auto", attention="auto"))
   c.teacher = None
   # Distillation: '' computes the teacher's logits inside every step; 'auto'
   # (<teacher.checkpoint>/logits_cache) or a folder stores them per step, so

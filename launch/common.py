@@ -10,14 +10,13 @@ from typing import Optional, Sequence
 
 from absl import app
 
-from adaptive_vision import host_memory
 from adaptive_vision.atomic import WriteError
 
 
 def setup(distributed: bool = False, *, coordinator_address: Optional[str] = None,
           num_processes: Optional[int] = None, process_id: Optional[int] = None,
           local_device_ids: Optional[Sequence[int]] = None, cpu_devices: int = 0,
-          one_call_at_a_time: bool = False) -> None:
+          workload: str = "train") -> None:
   """JAX settings every launcher wants; with `distributed`, joins the other processes.
 
   `jax.distributed.initialize` detects TPU pods, SLURM, Open MPI and Kubernetes
@@ -26,70 +25,20 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   processes on one machine. On CPU, cross-process collectives use gloo
   (jax's default `jax_cpu_collectives_implementation`).
 
-  `cpu_devices` > 0 splits a CPU host into that many XLA devices, over which
-  the trainer's mesh shards the batch. XLA:CPU spreads one op over the cores
-  poorly for the small matrices of CIFAR models, while independent per-device
-  programs keep the cores busy: 2 or 4 devices made the CIFAR ViT train step
-  1.15-1.4x faster on 2 cores (results/bench_notes.md). Ignored on GPU/TPU.
-
-  `one_call_at_a_time`: for a process that waits for the answer of every
-  call before it makes the next (launch.predict, one image per call). The CPU
-  then runs each program on the calling thread instead of handing it to a
-  dispatch thread: at batch 1 that hand-off is a large share of a call
-  (results/bench_notes.md). A trainer keeps the default, whose asynchronous
-  steps let the input pipeline run ahead. Must come before the first
-  computation (the CPU client reads it once).
+  The backend's process settings come first (`adaptive_vision.backend.
+  prepare_process`: on CPU hosts the allocator, compile options, PRNG,
+  `cpu_devices` host devices, and for workload 'serve' -- a process that waits
+  for each answer, as launch.predict -- synchronous dispatch).
   """
   import jax
-  if one_call_at_a_time:
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
-  if _nothing_but_cpu():
-    # Else JAX tries to load libtpu.so first and logs that it failed to.
-    jax.config.update("jax_platforms", "cpu")
-    # Before the first computation creates XLA's threads: XLA:CPU's per-step
-    # temporaries then reuse the same pages (adaptive_vision/host_memory.py).
-    host_memory.keep_freed_memory()
-  if cpu_devices:
-    if cpu_devices < 0:
-      raise ValueError(f"cpu_devices={cpu_devices}; give a positive count or 0 for JAX's default")
-    jax.config.update("jax_num_cpu_devices", int(cpu_devices))
+  from adaptive_vision import backend
+  backend.prepare_process(workload, cpu_devices=cpu_devices)
   if distributed:
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
                   process_id=process_id, local_device_ids=local_device_ids)
     jax.distributed.initialize(**{k: v for k, v in kwargs.items() if v is not None})
   jax.config.update("jax_threefry_partitionable", True)
-  # RngBitGenerator keys: deterministic like threefry but far cheaper for
-  # XLA:CPU to compile (a jitted ResNet init: ~15 s instead of ~80 s here).
-  jax.config.update("jax_default_prng_impl", "rbg")
   logging.getLogger("absl").setLevel(logging.WARNING)
-
-
-def _nothing_but_cpu() -> bool:
-  """True when JAX could only ever run on the CPU here and the user chose no
-  platform: no TPU library (the libtpu package or TPU_LIBRARY_PATH), no TPU chip
-  on the PCI bus, no PJRT plugin (CUDA, ROCm, ... come as `jax_plugins`)."""
-  import glob
-  import importlib.metadata
-  import importlib.util
-  import pkgutil
-  import jax
-  if "JAX_PLATFORMS" in os.environ or jax.config.jax_platforms:
-    return False
-  if any(os.environ.get(v) for v in ("TPU_LIBRARY_PATH", "PJRT_NAMES_AND_LIBRARY_PATHS")):
-    return False
-  if importlib.util.find_spec("libtpu") is not None:
-    return False
-  for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
-    try:
-      with open(vendor) as f:
-        if f.read().strip() == "0x1ae0":  # Google: a TPU
-          return False
-    except OSError:
-      pass
-  namespace = importlib.util.find_spec("jax_plugins")
-  if namespace is not None and any(pkgutil.iter_modules(namespace.submodule_search_locations)):
-    return False
-  return not importlib.metadata.entry_points(group="jax_plugins")
 
 
 def fail(message: str, code: int = 2):

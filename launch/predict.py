@@ -47,7 +47,7 @@ def main(argv):
   if not paths:
     common.fail("name at least one image or folder: python -m launch.predict --config ... "
                 "--params FILE IMAGE_OR_FOLDER...")
-  common.setup(one_call_at_a_time=True)  # each image's answer before the next image
+  common.setup(workload="serve")  # each image's answer before the next image
   from adaptive_vision import data as data_lib
   from adaptive_vision import classify, export, models
   with common.clear_errors():

@@ -1,21 +1,117 @@
-"""Test setup: 8 fake CPU devices (for sharding tests), no network, temp caches."""
+"""Test setup: 8 fake CPU devices (for sharding tests), no network, temp caches,
+and prerequisites that CI must have.
+
+A test that needs something a machine may lack says so with
+`@pytest.mark.requires("what", ...)` (names in `PREREQUISITES`). Where it is
+missing the test is skipped, except under CI=true: the CI machine is meant to
+have every prerequisite, so there a missing one fails the test with one line
+saying what is missing.
+"""
 
 import os
+import pathlib
 
 # Must happen before jax initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TFDS_DISABLE_NETWORK", "1")
 
+import functools  # noqa: E402
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_threefry_partitionable", True)
 # XLA:CPU compiles threefry's unrolled hash very slowly (a jitted ResNet-8 init:
-# ~80 s with threefry, ~15 s with rbg on a loaded 2-core machine); the
-# launchers make the same choice (launch/common.py).
+# ~80 s with threefry, ~15 s with rbg on a loaded 2-core machine); the CPU
+# backend's process settings make the same choice (adaptive_vision/cpu/process.py).
 jax.config.update("jax_default_prng_impl", "rbg")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _native() -> str | None:
+  if jax.default_backend() != "cpu":
+    return "the native kernels are CPU code"
+  from adaptive_vision.cpu.native import conv, decide, head, norm
+  for module in (conv, norm, head, decide):
+    reason = module.unavailable_reason()
+    if reason:
+      return f"native CPU kernels ({module.__name__}): {reason.splitlines()[0][:200]}"
+  return None
+
+
+def _torch() -> str | None:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return "torch (pip install -e '.[bench]')"
+  return None
+
+
+def _cifar10() -> str | None:
+  from configs import common
+  path = pathlib.Path(common.OFFLINE_CIFAR10)
+  if not (path / "train.tar.gz").exists() or not (path / "test.tar.gz").exists():
+    return f"the offline CIFAR-10 copy at {path}"
+  return None
+
+
+def _root() -> str | None:
+  return None if os.geteuid() == 0 else "root (mount a tmpfs, chattr +i)"
+
+
+def _gloo() -> str | None:
+  try:
+    from jax._src.lib import _jax
+  except ImportError:  # layout changed: let the test run and show what happens
+    return None
+  if not hasattr(_jax, "make_gloo_tcp_collectives"):
+    return "gloo CPU collectives in this jaxlib (multi-process CPU training)"
+  return None
+
+
+def _compiler() -> str | None:
+  from adaptive_vision.cpu.native import build
+  return None if build.compiler() else "a C++ compiler ($CXX, c++ or g++)"
+
+
+def _glibc() -> str | None:
+  from adaptive_vision.cpu import host_memory
+  return None if host_memory._glibc() is not None else "glibc"
+
+
+PREREQUISITES = {"native": _native, "torch": _torch, "cifar10": _cifar10, "root": _root,
+                 "gloo": _gloo, "compiler": _compiler, "glibc": _glibc}
+
+
+@functools.cache
+def missing(name: str) -> str | None:
+  """None when prerequisite `name` is here, else what is missing."""
+  return PREREQUISITES[name]()
+
+
+def require(name: str) -> None:
+  """In a test body: skip (or, under CI=true, fail) when `name` is missing."""
+  what = missing(name)
+  if what:
+    if CI:
+      pytest.fail(f"missing on the CI machine: {what}", pytrace=False)
+    pytest.skip(f"missing here: {what}")
 
 
 def pytest_configure(config):
   config.addinivalue_line(
       "markers", "slow: subprocess, whole-run, reliability and benchmark tests "
       "(deselect with -m 'not slow'; CI and the README's command run them)")
+  config.addinivalue_line(
+      "markers", "requires(*names): prerequisites of the test (conftest.PREREQUISITES); "
+      "skipped where missing, failed under CI=true")
+
+
+def pytest_runtest_setup(item):
+  for mark in item.iter_markers(name="requires"):
+    for name in mark.args:
+      if name not in PREREQUISITES:
+        raise ValueError(f"unknown prerequisite {name!r}; valid: {sorted(PREREQUISITES)}")
+      require(name)

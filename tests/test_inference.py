@@ -14,12 +14,16 @@ import pytest
 from adaptive_vision import early_exit
 from adaptive_vision.inference import (DynamicCascade, SingleDispatchCascade, cascade_program,
                                        default_buckets, full_cascade_predict, resolve_buckets)
+from adaptive_vision import backend as backend_lib
 from adaptive_vision.models.ravit import RAViT
-from adaptive_vision.native import decide as native_decide
 
-# Both ways a single-dispatch cascade decides; the C++ kernel where it builds.
-DECIDES = ["xla", pytest.param("native", marks=pytest.mark.skipif(
-    not native_decide.available(), reason="native CPU kernels not built here"))]
+# Both ways a single-dispatch cascade decides: XLA's ops, and the CPU
+# backend's C++ kernel.
+DECIDES = ["xla", pytest.param("native", marks=pytest.mark.requires("native"))]
+
+
+def _backend(decide: str):
+  return backend_lib.choose(dict(decide=decide), None, "serve")
 
 NUM_CLASSES = 5
 N = 24
@@ -248,8 +252,8 @@ def _single(inputs, i):
 def _check_single_dispatch(model, variables, inputs, exit_logits, criterion, embed, decide):
   e = exit_logits.shape[0]
   cascade = SingleDispatchCascade(model, variables, [0.0] * (e - 1), criterion,
-                                  embed_params=embed, decide=decide)
-  assert cascade.decide == decide
+                                  embed_params=embed, backend=_backend(decide))
+  assert (cascade.backend.decide is None) == (decide == "xla")
   seen = set()
   for thresholds in _threshold_sets(exit_logits, criterion):
     cascade.thresholds = thresholds
@@ -293,7 +297,7 @@ def test_single_dispatch_random_inputs_and_thresholds(decide):
   rng = np.random.default_rng(7)
   for model, variables, inputs, _, apply in (_setup(3), _resnet_setup()):
     cascade = SingleDispatchCascade(model, variables, [0.0] * (model.num_exits - 1),
-                                    decide=decide)
+                                    backend=_backend(decide))
     for trial in range(4):
       perm = rng.permutation(N)
       scale = rng.uniform(0.5, 1.5)
@@ -316,39 +320,13 @@ def test_single_dispatch_random_inputs_and_thresholds(decide):
 def test_single_dispatch_skips_the_segments_nobody_needs(decide):
   """XLA keeps the later segments inside conditionals (not flattened into selects)."""
   model, variables, views, _, _ = _setup(3)
-  hlo = jax.jit(cascade_program(model, decide=decide)).lower(
+  hlo = jax.jit(cascade_program(model, decide=_backend(decide).decide)).lower(
       variables, _single(views, 0), jnp.zeros((2,))).compile().as_text()
   assert hlo.count(" conditional(") == 2
   assert hlo.count("av_exit_decide") == (3 if decide == "native" else 0)
 
 
-@pytest.mark.skipif(not native_decide.available(), reason="native CPU kernels not built here")
-@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
-def test_native_exit_decision_equals_xla(criterion):
-  """The kernel against its XLA reference: fired rows, untouched decided rows,
-  the last exit, huge logits (no overflow) and the `undecided` flag."""
-  rng = np.random.default_rng(0)
-  logits = rng.normal(size=(9, 10)).astype(np.float32) * 3
-  logits[3] *= 1e4  # softmax of huge logits: one class, entropy 0
-  state = np.zeros((9, 11), np.float32)
-  state[:, -1] = -1
-  state[[2, 5], -1] = 0
-  state[[2, 5], :10] = 7.0
-  scores = _scores(logits[None], criterion)[0]
-  threshold = np.float32(_mid_thresholds(scores, [0.5])[0])
-  f = jax.jit(native_decide.decide, static_argnames=("exit", "last", "criterion"))
-  for last in (False, True):
-    got = f(logits, state, threshold, exit=1, last=last, criterion=criterion)
-    want = native_decide.reference(logits, state, threshold, exit=1, last=last,
-                                   criterion=criterion)
-    np.testing.assert_array_equal(got[0], want[0])
-    assert bool(got[1]) == bool(want[1]) == (not last)
-    np.testing.assert_array_equal(np.asarray(got[0])[[2, 5]], state[[2, 5]])  # decided: untouched
-  everyone = np.float32(1e9 if criterion == "entropy" else -1.0)
-  state2, undecided = f(logits, state, everyone, exit=0, last=False, criterion=criterion)
-  assert not bool(undecided) and set(np.asarray(state2)[:, -1]) == {0.0}
-  with pytest.raises(ValueError, match="unknown exit criterion"):
-    native_decide.decide(logits, state, threshold, exit=0, last=False, criterion="margin")
+# The decision kernel itself against decide_xla: tests/test_cpu_native.py.
 
 
 def test_single_dispatch_one_exit_vit():

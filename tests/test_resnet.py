@@ -10,8 +10,7 @@ import pytest
 from adaptive_vision import flops, models
 from adaptive_vision.models import resnet
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
-from adaptive_vision.models.norm import BatchNorm
-from adaptive_vision.native import head as native_head
+from adaptive_vision.models.layers import BatchNorm
 
 K = 10
 
@@ -355,10 +354,9 @@ def test_eval_is_deterministic_and_train_uses_dropout_rng(small):
 # exit heads
 
 
-@pytest.mark.parametrize("implementation", ["xla", "auto"])
 @pytest.mark.parametrize("h,w,pooled", [(8, 8, 16), (5, 7, 6), (1, 1, 1), (1, 4, 2), (2, 2, 1)])
-def test_exit_head_pooling_and_macs(h, w, pooled, implementation):
-  head = ExitHead(num_classes=3, implementation=implementation)
+def test_exit_head_pooling_and_macs(h, w, pooled):
+  head = ExitHead(num_classes=3)
   x = jnp.arange(2 * h * w * 4, dtype=jnp.float32).reshape(2, h, w, 4)
   v = materialize(jax.eval_shape(lambda x: head.init(jax.random.key(0), x, train=False), x))
   kernel = v["params"]["dense"]["kernel"]
@@ -385,16 +383,21 @@ class _ExitHeadAsBefore(nn.Module):
     return nn.Dense(10, name="dense")(x.reshape(x.shape[0], -1))
 
 
-@pytest.mark.parametrize("implementation", ["xla", "native"])
-def test_exit_head_keeps_flax_dense_variables_and_values(implementation):
+def _cpu_head_kernel():
+  from adaptive_vision.cpu.native import head as native_head
+  return native_head.exit_head
+
+
+@pytest.mark.parametrize("kernel", ["plain", pytest.param("cpu", marks=pytest.mark.requires("native"))])
+def test_exit_head_keeps_flax_dense_variables_and_values(kernel):
   """Same variables (names, shapes, initial values) as BatchNorm -> nn.Dense, so
-  checkpoints restore; the native inference kernel and XLA agree in eval mode,
-  and training (with dropout) is the same computation either way."""
-  if implementation == "native" and not native_head.available():
-    pytest.skip("native CPU kernels not built here")
+  checkpoints restore; a backend's fused inference kernel and the plain ops
+  agree in eval mode, and training (with dropout) is the same computation."""
+  from adaptive_vision.models.layers import Layers
+  layers = Layers(exit_head_kernel=_cpu_head_kernel() if kernel == "cpu" else None)
   x = jax.random.normal(jax.random.key(1), (3, 16, 16, 16))
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(2)}
-  head = ExitHead(10, implementation=implementation)
+  head = ExitHead(10, layers=layers)
   v = head.init(rngs, x, train=False)
   ref = _ExitHeadAsBefore().init(rngs, x, train=False)
   assert jax.tree_util.tree_structure(v) == jax.tree_util.tree_structure(ref)
@@ -403,37 +406,14 @@ def test_exit_head_keeps_flax_dense_variables_and_values(implementation):
   # trained-looking statistics, so eval mode is not the identity
   v = jax.tree_util.tree_map(lambda a: a + 0.3 * jax.random.uniform(jax.random.key(3), a.shape),
                              v)
-  np.testing.assert_allclose(head.apply(v, x, train=False),
-                             _ExitHeadAsBefore().apply(v, x, train=False), rtol=1e-5, atol=1e-5)
+  f = jax.jit(lambda v, x: head.apply(v, x, train=False))
+  np.testing.assert_allclose(f(v, x), _ExitHeadAsBefore().apply(v, x, train=False),
+                             rtol=1e-5, atol=1e-5)
+  assert ("av_exit_head" in f.lower(v, x).as_text()) == (kernel == "cpu")
   y, _ = head.apply(v, x, train=True, rngs={"dropout": jax.random.key(4)}, mutable=["batch_stats"])
   y_ref, _ = _ExitHeadAsBefore().apply(v, x, train=True, rngs={"dropout": jax.random.key(4)},
                                        mutable=["batch_stats"])
   np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.skipif(not native_head.available(), reason="native CPU kernels not built here")
-def test_resnet_exit_head_implementations(monkeypatch):
-  """'native' runs the kernel in eval mode with the same logits as 'xla';
-  'auto' picks it on one CPU device only (a custom call is not sharded)."""
-  cfg = _cfg(depth=8, exits=(0,))
-  x = jax.random.normal(jax.random.key(5), (2, 32, 32, 3))
-  logits, hlo = {}, {}
-  for implementation in ("native", "xla"):
-    cfg.exit_head = implementation
-    model = models.build(cfg)
-    v = model.init(jax.random.key(0), x, train=False)
-    f = jax.jit(lambda x: model.apply(v, x, train=False)[0])
-    logits[implementation], hlo[implementation] = f(x), f.lower(x).as_text()
-  assert "av_exit_head" in hlo["native"] and "av_exit_head" not in hlo["xla"]
-  for a, b in zip(logits["native"], logits["xla"]):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-  from adaptive_vision.models import exit_heads
-  monkeypatch.setattr(jax, "device_count", lambda: 1)
-  assert exit_heads.resolve_implementation("auto") == "native"
-  monkeypatch.setattr(jax, "device_count", lambda: 4)
-  assert exit_heads.resolve_implementation("auto") == "xla"
-  with pytest.raises(ValueError, match="exit head implementation"):
-    exit_heads.resolve_implementation("fast")
 
 
 # ----------------------------------------------------------------------------

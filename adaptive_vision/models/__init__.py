@@ -15,6 +15,7 @@ inputs with `inputs_from_batch`, so it never needs to know a family by name.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from typing import Any, Sequence
 
@@ -38,7 +39,7 @@ def _family(name: str):
 
 def available() -> list[str]:
   """The model families: modules of this package with the family functions
-  (layer modules such as conv.py and norm.py are not families)."""
+  (helper modules such as layers.py and exit_heads.py are not families)."""
   import pkgutil
   names = sorted(m.name for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_"))
   return [n for n in names
@@ -46,9 +47,19 @@ def available() -> list[str]:
                  for f in ("build", "exit_macs", "input_sizes"))]
 
 
-def build(model_cfg):
-  """Returns the flax.linen module described by `model_cfg`."""
-  return _family(model_cfg.name).build(model_cfg)
+def build(model_cfg, layers=None):
+  """Returns the flax.linen module described by `model_cfg`.
+
+  `layers` (`models.layers.Layers`, default plain flax) is where the model's
+  layers come from: the one seam through which a backend hands it faster
+  kernels with the same variables (`adaptive_vision.backend`).
+  """
+  module = _family(model_cfg.name).build(model_cfg)
+  if layers is not None:
+    if "layers" not in {f.name for f in dataclasses.fields(module)}:
+      raise ValueError(f"model {model_cfg.name!r} does not take layers")
+    module = module.clone(layers=layers)
+  return module
 
 
 def exit_macs(model_cfg) -> list[float]:
@@ -137,9 +148,9 @@ def module_kwargs(model_cfg, module_cls, *, config_only=("name", "image_size"),
   Unknown keys raise one error listing the valid ones; keys in `config_only`
   are accepted but not passed on; a dtype given as a string becomes a dtype.
   """
-  import dataclasses
   import jax.numpy as jnp
-  fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name"}
+  # 'layers' is chosen by the run (models.build), never by the model config.
+  fields = {f.name for f in dataclasses.fields(module_cls)} - {"parent", "name", "layers"}
   cfg = dict(model_cfg)
   unknown = set(cfg) - fields - set(config_only)
   if unknown:
@@ -149,32 +160,6 @@ def module_kwargs(model_cfg, module_cls, *, config_only=("name", "image_size"),
   if isinstance(kw.get("dtype"), str):
     kw["dtype"] = jnp.dtype(kw["dtype"])
   return kw
-
-
-def resolve_implementation(implementation: str, choices: Sequence[str], what: str, *,
-                           cpu: str, elsewhere: str) -> str:
-  """An op's implementation by name; 'auto' is `cpu` on the CPU backend and
-  `elsewhere` on GPU/TPU (models.conv, models.norm)."""
-  if implementation not in choices:
-    raise ValueError(f"{what} implementation {implementation!r}; use one of {tuple(choices)}")
-  if implementation == "auto":
-    return cpu if jax.default_backend() == "cpu" else elsewhere
-  return implementation
-
-
-def resolve_with_native(implementation: str, choices: Sequence[str], what: str, native, *,
-                        cpu: str, elsewhere: str) -> str:
-  """As `resolve_implementation`, where 'native' names C++ kernels (`native`:
-  a module of adaptive_vision.native with available() and unavailable_reason()):
-  an explicit 'native' that cannot run says why, and 'auto' picks it on one CPU
-  device when it builds (a custom call is not split across devices), else `cpu`
-  (models.conv, models.exit_heads)."""
-  if implementation == "native" and not native.available():
-    raise ValueError(f"{what} implementation 'native' is unavailable: "
-                     f"{native.unavailable_reason()}")
-  if implementation == "auto" and jax.default_backend() == "cpu":
-    return "native" if jax.device_count() == 1 and native.available() else cpu
-  return resolve_implementation(implementation, choices, what, cpu=cpu, elsewhere=elsewhere)
 
 
 def one_image_input(model_cfg) -> tuple[int]:

@@ -17,22 +17,11 @@ import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from adaptive_vision import flops
-from adaptive_vision import models
-from adaptive_vision.models.norm import BatchNorm
-from adaptive_vision.native import head as native_head
-
-EXIT_HEAD_IMPLEMENTATIONS = ("auto", "xla", "native")
-
-
-def resolve_implementation(implementation: str) -> str:
-  """'native' (the whole head as one C++ kernel at inference) or 'xla'; 'auto'
-  is 'native' on one CPU device when the kernel builds (a custom call is not
-  split across devices)."""
-  return models.resolve_with_native(implementation, EXIT_HEAD_IMPLEMENTATIONS, "exit head",
-                                    native_head, cpu="xla", elsewhere="xla")
+from adaptive_vision.models.layers import PLAIN, Layers
 
 
 def _pool_window(size: int) -> int:
@@ -74,35 +63,34 @@ class ExitHead(nn.Module):
   dimensions are left as they are). Its variables are those of
   BatchNorm -> nn.Dense ('norm', 'dense').
 
-  implementation: at inference (`train=False`), 'native' runs the whole head
-  (BatchNorm folded into a scale and shift, ReLU, pooling, dense) as one C++
-  kernel (adaptive_vision/native/head_kernels.cc; at batch 1 XLA:CPU spends
-  tens of microseconds on these ops, which every early exit pays), 'xla' as
-  XLA ops; 'auto' is 'native' on one CPU device when the kernel builds.
-  Training always takes the XLA ops (dropout sits between).
+  At inference, where `layers.exit_head_kernel` is given (a backend's fused
+  kernel, e.g. the CPU's: at batch 1 XLA:CPU spends tens of microseconds on
+  these small ops, which every early exit pays), the whole head runs as that
+  one call, BatchNorm folded into a scale and shift; float32 only. Training
+  always takes the layers' ops (dropout sits between).
   """
   num_classes: int
   dropout: float = 0.5
   momentum: float = 0.9
   epsilon: float = 1e-5
   dtype: Any = jnp.float32
-  norm: str = "auto"  # models.norm implementation
-  implementation: str = "auto"
+  layers: Layers = PLAIN
 
   @nn.compact
   def __call__(self, x, *, train: bool):
     if x.ndim != 4:
       raise ValueError(f"ExitHead expects an NHWC feature map, got shape {x.shape}")
-    implementation = resolve_implementation(self.implementation)
-    norm = BatchNorm(use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
-                     dtype=self.dtype, implementation=self.norm, name="norm")
     window = (_pool_window(x.shape[1]), _pool_window(x.shape[2]))
     n_in = pooled_size(x.shape[1]) * pooled_size(x.shape[2]) * x.shape[3]
-    if not train and implementation == "native" and native_head.supports(x.dtype):
-      scale, shift = norm(x, fold=True)
-      kernel, bias = _DenseVariables(self.num_classes, name="dense")(n_in)
-      return native_head.exit_head(x, scale, shift, kernel, bias, window)
-    x = norm(x, relu=True)
+    fused = self.layers.exit_head_kernel
+    if (fused is not None and not train and not self.is_initializing()
+        and x.dtype == jnp.float32):
+      stats, params = self.variables["batch_stats"]["norm"], self.variables["params"]
+      a = params["norm"]["scale"].astype(jnp.float32) * jax.lax.rsqrt(stats["var"] + self.epsilon)
+      shift = params["norm"]["bias"].astype(jnp.float32) - stats["mean"] * a
+      return fused(x, a, shift, params["dense"]["kernel"], params["dense"]["bias"], window)
+    x = self.layers.batch_norm(use_running_average=not train, momentum=self.momentum,
+                               epsilon=self.epsilon, dtype=self.dtype, name="norm")(x, relu=True)
     kernel, bias = _DenseVariables(self.num_classes, name="dense")(n_in)
     if window != (1, 1):
       x = nn.avg_pool(x, window, strides=window, padding="VALID")

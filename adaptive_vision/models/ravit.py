@@ -51,6 +51,7 @@ from flax.core import FrozenDict
 
 from adaptive_vision import flops
 from adaptive_vision.models import vit as vit_lib
+from adaptive_vision.models.layers import PLAIN, Layers
 
 REUSE_PARTS = ("token", "logits", "patch")
 _REUSE_ALIASES = {"both": ("token", "logits"), "none": ()}
@@ -73,7 +74,7 @@ def reuse_parts(reuse: str) -> frozenset:
 # Keys a branch dict may hold: its resolution plus ViT fields. `num_classes`
 # and `dtype` are shared by all branches and set on RAViT itself.
 _VIT_FIELDS = ({f.name for f in dataclasses.fields(vit_lib.ViT)}
-               - {"parent", "name", "num_classes", "dtype"})
+               - {"parent", "name", "num_classes", "dtype", "layers"})
 _BRANCH_KEYS = _VIT_FIELDS | {"resolution"}
 
 
@@ -149,6 +150,7 @@ class RAViT(nn.Module):
     stop_gradient_reuse: no gradient flows from branch k into branch k-1
       through what it reuses.
     dtype: compute dtype of every branch; parameters stay float32.
+    layers: `models.layers.Layers` of every branch.
   """
   branches: Sequence[Any]
   num_classes: int
@@ -156,6 +158,7 @@ class RAViT(nn.Module):
   reuse_init: str = "default"
   stop_gradient_reuse: bool = False
   dtype: Any = jnp.float32
+  layers: Layers = PLAIN
 
   def __post_init__(self):
     # Freeze the branch dicts so the module stays hashable (jit static args).
@@ -189,7 +192,7 @@ class RAViT(nn.Module):
     specs = self.specs
     parts = self.reuses
     self.vits = [vit_lib.ViT(num_classes=self.num_classes, dtype=self.dtype,
-                             name=f"branch{k}", **s.vit_kwargs)
+                             layers=self.layers, name=f"branch{k}", **s.vit_kwargs)
                  for k, s in enumerate(specs)]
     if self.reuse_init == "zeros":
       init = dict(kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)

@@ -39,9 +39,8 @@ import jax.numpy as jnp
 
 from adaptive_vision import flops
 from adaptive_vision.models import module_kwargs, one_image_input
-from adaptive_vision.models.conv import Conv
 from adaptive_vision.models.exit_heads import ExitHead, check_exits, exit_head_macs
-from adaptive_vision.models.norm import BatchNorm
+from adaptive_vision.models.layers import PLAIN, Layers
 
 STANDARD_DEPTHS = (8, 14, 20, 32, 44, 56, 110)
 BN_MOMENTUM = 0.9
@@ -90,18 +89,17 @@ class BasicBlock(nn.Module):
   filters: int
   strides: int = 1
   dtype: Any = jnp.float32
-  conv: str = "auto"
-  norm: str = "auto"
+  layers: Layers = PLAIN
 
   @nn.compact
   def __call__(self, x, *, train: bool):
-    conv = functools.partial(Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_CONV_INIT, implementation=self.conv)
+    conv = functools.partial(self.layers.conv, use_bias=False, dtype=self.dtype,
+                             kernel_init=_CONV_INIT)
     # No axis_name: under jit with the batch sharded over a mesh, the batch
     # mean/variance are global reductions, so the statistics are already
     # averaged across devices.
-    norm = functools.partial(BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, implementation=self.norm)
+    norm = functools.partial(self.layers.batch_norm, use_running_average=not train,
+                             momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype)
     s = (self.strides, self.strides)
     # Explicit padding 1 (as the PyTorch reference implementations) rather
     # than 'SAME', which pads (0, 1) for stride 2 on even sizes.
@@ -130,9 +128,7 @@ class ResNet(nn.Module):
   exits: Sequence[int] = ()
   exit_dropout: float = 0.5
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
-  conv: str = "auto"             # models.conv: 'auto' | 'native' | 'gemm' | 'xla'
-  norm: str = "auto"             # models.norm: 'auto' | 'fused' | 'autodiff' | 'native'
-  exit_head: str = "auto"        # models.exit_heads at inference: 'auto' | 'native' | 'xla'
+  layers: Layers = PLAIN         # models.layers: plain flax, or a backend's kernels
 
   @property
   def num_blocks(self) -> int:
@@ -146,17 +142,17 @@ class ResNet(nn.Module):
     n = blocks_per_stage(self.depth)
     self.exit_blocks = check_exits(self.exits, 3 * n, f"ResNet-{self.depth}")
     widths = stage_widths(self.width, self.width_multiplier)
-    self.stem_conv = Conv(widths[0], (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                          dtype=self.dtype, kernel_init=_CONV_INIT, implementation=self.conv)
+    self.stem_conv = self.layers.conv(widths[0], (3, 3), padding=((1, 1), (1, 1)),
+                                      use_bias=False, dtype=self.dtype, kernel_init=_CONV_INIT)
     # Cross-device statistics: see BasicBlock.
-    self.stem_norm = BatchNorm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=self.dtype,
-                               implementation=self.norm)
-    self.blocks = [BasicBlock(widths[i // n], stride, dtype=self.dtype, conv=self.conv,
-                              norm=self.norm, name=f"block{i}")
+    self.stem_norm = self.layers.batch_norm(momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
+                                            dtype=self.dtype)
+    self.blocks = [BasicBlock(widths[i // n], stride, dtype=self.dtype, layers=self.layers,
+                              name=f"block{i}")
                    for i, stride in enumerate(_block_strides(n))]
     self.exit_heads = [ExitHead(self.num_classes, self.exit_dropout, momentum=BN_MOMENTUM,
-                                epsilon=BN_EPSILON, dtype=self.dtype, norm=self.norm,
-                                implementation=self.exit_head, name=f"exit_block{i}")
+                                epsilon=BN_EPSILON, dtype=self.dtype, layers=self.layers,
+                                name=f"exit_block{i}")
                        for i in self.exit_blocks]
     self.head = nn.Dense(self.num_classes)
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from adaptive_vision import flops
 from adaptive_vision.models import _check_image_size, module_kwargs, one_image_input
+from adaptive_vision.models.layers import ATTENTIONS, PLAIN, Layers
 
 # width, depth, heads, mlp: the standard sizes (Dosovitskiy et al.; Touvron et
 # al. for Ti/S) plus two small ones sized for CPU experiments on CIFAR.
@@ -110,25 +111,21 @@ class _Projection(nn.Module):
     return y + bias.astype(self.dtype).reshape(self.bias_broadcast)
 
 
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "fused")
-
-
 class Attention(nn.Module):
   """Multi-head self-attention.
 
-  implementation:
+  implementation (`models.layers.Layers.attention`):
     'fused': `jax.nn.dot_product_attention` on [B, N, H, d], which XLA maps to
-      a flash-style kernel on GPU/TPU;
+      a flash-style kernel on GPU/TPU (the plain default);
     'xla': explicit einsums with the heads-first layout [B, H, N, d] produced
       directly by the q/k/v projection, so the batched dots need no transposes
       (on CPU, where no fused kernel exists, this made the CIFAR ViT train
-      step ~6% faster; results/bench_notes.md);
-    'auto': 'xla' on CPU, 'fused' elsewhere.
+      step ~6% faster; results/bench_notes.md; the CPU backend's choice).
   Both have the same parameters (those of `nn.DenseGeneral` 'qkv' and 'out').
   """
   num_heads: int
   dtype: Any = jnp.float32
-  implementation: str = "auto"
+  implementation: str = "fused"
 
   @nn.compact
   def __call__(self, x):
@@ -136,11 +133,8 @@ class Attention(nn.Module):
     h = self.num_heads
     d = width // h
     impl = self.implementation
-    if impl not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f"attention implementation {impl!r}; use one of "
-                       f"{ATTENTION_IMPLEMENTATIONS}")
-    if impl == "auto":
-      impl = "xla" if jax.default_backend() == "cpu" else "fused"
+    if impl not in ATTENTIONS:
+      raise ValueError(f"attention implementation {impl!r}; use one of {ATTENTIONS}")
     if impl == "fused":
       qkv = nn.DenseGeneral((3, h, d), dtype=self.dtype,
                             kernel_init=nn.initializers.xavier_uniform(), name="qkv")(x)
@@ -172,7 +166,7 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   drop_path: float = 0.0
   dtype: Any = jnp.float32
-  attention: str = "auto"
+  attention: str = "fused"
 
   @nn.compact
   def __call__(self, x, *, train: bool):
@@ -206,7 +200,7 @@ class ViT(nn.Module):
   stochastic_depth: float = 0.0  # drop-path rate of the last block (linear ramp)
   head_zero_init: bool = True
   dtype: Any = jnp.float32       # compute dtype; parameters stay float32
-  attention: str = "auto"        # see Attention: 'auto', 'xla' or 'fused'
+  layers: Layers = PLAIN         # models.layers (here: the attention implementation)
 
   @property
   def dims(self) -> dict:
@@ -245,7 +239,7 @@ class ViT(nn.Module):
     for i in range(depth):
       rate = self.stochastic_depth * i / max(depth - 1, 1)
       x = EncoderBlock(d["num_heads"], d["mlp_dim"], self.dropout, rate,
-                       dtype=self.dtype, attention=self.attention,
+                       dtype=self.dtype, attention=self.layers.attention,
                        name=f"block{i}")(x, train=train)
       blocks.append(x)
     encoded = nn.LayerNorm(dtype=self.dtype, name="encoder_norm")(x)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from adaptive_vision import compiler
+from adaptive_vision import backend as backend_lib
 from adaptive_vision import data as data_lib
 from adaptive_vision import export as export_lib
 from adaptive_vision import losses, models
@@ -44,6 +44,7 @@ class Trainer:
   """
   config: Any
   mesh: jax.sharding.Mesh
+  backend: backend_lib.Backend
   model: nn.Module
   views: Optional[tuple[int, ...]]
   total_steps: int
@@ -133,12 +134,12 @@ def make_init_fn(model: nn.Module, tx, model_cfg) -> Callable:
   return init
 
 
-def load_teacher(teacher_cfg, variables=None) -> tuple[nn.Module, dict]:
+def load_teacher(teacher_cfg, variables=None, layers=None) -> tuple[nn.Module, dict]:
   """(frozen teacher module, its variables) from teacher.checkpoint (a run's
   workdir, or a parameters file of launch.export: a trained teacher travels as
   one file), or from `variables` given directly (benchmarks); shapes are
   checked either way."""
-  teacher = models.build(teacher_cfg.model)
+  teacher = models.build(teacher_cfg.model, layers=layers)
   where = "the given teacher variables"
   if variables is None and export_lib.is_params_file(teacher_cfg.checkpoint):
     where = f"teacher params file {teacher_cfg.checkpoint}"
@@ -175,7 +176,8 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
   train step (`train_step` is None): what evaluating a trained run needs.
   """
   mesh = shd.make_mesh(require(config, "mesh")) if mesh is None else mesh
-  model = models.build(config.model)
+  be = backend_lib.choose(require(config, "backend"), mesh, "train")
+  model = models.build(config.model, layers=be.layers)
   views = data_views(config)
   total = schedule_steps(config, train_size) if total_steps is None else int(total_steps)
   tx, schedule = optim.make_optimizer(config.optim, total)
@@ -187,7 +189,7 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
   teacher, teacher_inputs, t_vars = None, None, None
   forward, cache = None, None
   if require(config, "teacher") and not eval_only:
-    teacher, t_vars = load_teacher(config.teacher, teacher_variables)
+    teacher, t_vars = load_teacher(config.teacher, teacher_variables, be.layers)
     teacher_inputs = functools.partial(models.inputs_from_batch, config.teacher.model)
     root = teacher_cache_lib.cache_root(config)
     if root:
@@ -196,7 +198,7 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
                          "(empty) to run the teacher inside the step")
       cache = teacher_cache_lib.TeacherLogitsCache(root, teacher_cache_lib.cache_key(
           config, t_vars, views, jax.process_index(), jax.process_count()))
-      forward = compiler.jit(
+      forward = be.jit(
           lambda tv, b: jnp.stack(teacher.apply(tv, teacher_inputs(b), train=False)[0], 1),
           in_shardings=(shd.replicated(mesh), shd.batch_sharding(mesh)),
           out_shardings=shd.batch_sharding(mesh))
@@ -210,10 +212,11 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
                                     teacher_from_batch=cache is not None)
     train_step = steps.jit_train_step(
         step_fn, mesh, state_sharding,
-        jax.tree_util.tree_map(lambda _: shd.replicated(mesh), t_vars))
+        jax.tree_util.tree_map(lambda _: shd.replicated(mesh), t_vars), jit=be.jit)
   eval_step = steps.jit_eval_step(steps.make_eval_step(model, inputs=inputs), mesh,
-                                  state_sharding.params, state_sharding.batch_stats)
-  return Trainer(config=config, mesh=mesh, model=model, views=views, total_steps=total,
+                                  state_sharding.params, state_sharding.batch_stats,
+                                  jit=be.jit)
+  return Trainer(config=config, mesh=mesh, backend=be, model=model, views=views, total_steps=total,
                  tx=tx, schedule=schedule, loss_fn=loss_fn, init_fn=init_fn,
                  abstract_state=abstract, state_sharding=state_sharding,
                  train_step=train_step, train_step_fn=step_fn, eval_step=eval_step, teacher=teacher,

@@ -83,7 +83,7 @@ _OPERATIONAL = ("log_every", "eval_every", "checkpoint_every", "stop_at_step", "
                 "async_checkpoints", "eval_batch_size", "eval_splits", "mesh", "param_sharding",
                 "allow_config_change", "data.num_workers", "data.prefetch_buffer_size",
                 "data.cache_dir", "data.path",
-                "teacher.checkpoint")
+                "teacher.checkpoint", "backend")
 
 
 def _flatten(d, prefix=""):

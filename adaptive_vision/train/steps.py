@@ -9,7 +9,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adaptive_vision import compiler
 from adaptive_vision import sharding as shd
 from adaptive_vision.train.state import TrainState
 
@@ -99,15 +98,16 @@ def make_eval_step(model: nn.Module, *, inputs: Callable[[dict], Any]):
   return step
 
 
-def jit_train_step(step, mesh, state_sharding, teacher_sharding=None):
+def jit_train_step(step, mesh, state_sharding, teacher_sharding=None, *, jit=jax.jit):
+  """`step` jitted over `mesh` (with `jit`, e.g. a backend's `Backend.jit`)."""
   batch = shd.batch_sharding(mesh)
-  return compiler.jit(step, in_shardings=(state_sharding, batch, teacher_sharding),
+  return jit(step, in_shardings=(state_sharding, batch, teacher_sharding),
                       out_shardings=(state_sharding, shd.replicated(mesh)),
                       donate_argnums=(0,))
 
 
-def jit_eval_step(step, mesh, params_sharding, stats_sharding):
-  return compiler.jit(step, in_shardings=(params_sharding, stats_sharding,
+def jit_eval_step(step, mesh, params_sharding, stats_sharding, *, jit=jax.jit):
+  return jit(step, in_shardings=(params_sharding, stats_sharding,
                                           shd.batch_sharding(mesh)),
                       out_shardings=jax.sharding.NamedSharding(
                           mesh, jax.sharding.PartitionSpec(None, shd.DATA)))

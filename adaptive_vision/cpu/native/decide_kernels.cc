@@ -1,5 +1,5 @@
 // One early exit's decision inside the single-dispatch cascade, as one kernel
-// (adaptive_vision/native/decide.py registers it; build.py compiles it).
+// (adaptive_vision/cpu/native/decide.py registers it; build.py compiles it).
 //
 // Why: XLA:CPU computes the softmax entropy of a [1, K] row, compares it and
 // updates the cascade's state in five small fusions (max, log-sum-exp,

@@ -1,6 +1,6 @@
 // BatchNorm in training mode, with the ReLU (and the residual addition) that
 // follows it in the ResNets, as XLA FFI kernels on all of XLA's CPU threads
-// (adaptive_vision/native/norm.py registers them).
+// (adaptive_vision/cpu/native/norm.py registers them).
 //
 // Why: XLA:CPU runs its elementwise and reduction fusions on one thread, so
 // while the native convolutions use both cores of a 2-core machine, the

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision.native import build
+from adaptive_vision.cpu.native import build
 
 LANES = 16  # output channels per vector register tile in the kernels
 _TARGETS = {"forward": "av_conv_forward", "weight_grad": "av_conv_weight_grad",

@@ -18,15 +18,15 @@ HWIO in value and in gradient (tests/test_conv.py).
 
 `native_conv2d` goes further on CPU: forward, weight gradient and (stride 1)
 input gradient are direct convolution kernels written in C++ and called
-through XLA's FFI (adaptive_vision/native), built for the machine on first
+through XLA's FFI (adaptive_vision/cpu/native), built for the machine on first
 use. It covers float32 convolutions with output channels in multiples of 16;
 others take the GEMM path.
 
-`Conv` is a drop-in for the `nn.Conv` calls of the ResNets (same parameter
-names, shapes and initialization, so checkpoints restore). Its
-`implementation='auto'` is 'native' on CPU when the kernels build and the
-program runs on one device (a custom call is not split across devices), else
-'gemm' on CPU, and XLA's own convolution on GPU/TPU.
+`GemmConv` and `NativeConv` are drop-ins for the ResNets' `nn.Conv` (same
+parameter names, shapes and initialization, so checkpoints restore either
+way), chosen by `adaptive_vision.cpu.layers`: 'native' when the kernels build
+and the program runs on one device (a custom call is not split across
+devices), else 'gemm'.
 """
 
 from __future__ import annotations
@@ -39,10 +39,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from adaptive_vision import models
-from adaptive_vision.native import conv as native_conv
+from adaptive_vision.cpu.native import conv as native_conv
 
-CONV_IMPLEMENTATIONS = ("auto", "xla", "gemm", "native")
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
 
@@ -190,11 +188,6 @@ def native_supports(x_dtype, kernel_shape, strides, padding) -> bool:
   return native_conv.supports(x_dtype, kernel_shape, padding) and not pointwise
 
 
-def resolve_implementation(implementation: str) -> str:
-  return models.resolve_with_native(implementation, CONV_IMPLEMENTATIONS, "convolution",
-                                    native_conv, cpu="gemm", elsewhere="xla")
-
-
 def _explicit_padding(padding, kernel_size, strides, in_shape):
   if isinstance(padding, str):
     if padding == "VALID":
@@ -210,16 +203,10 @@ def _explicit_padding(padding, kernel_size, strides, in_shape):
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-class Conv(nn.Module):
+class GemmConv(nn.Module):
   """`nn.Conv` for NHWC images (2-D, no dilation, no groups), with the same
-  parameters ('kernel' [kh, kw, Cin, Cout], optional 'bias') and defaults.
-
-  implementation: 'native' (the C++ CPU kernels, see the module docstring;
-  convolutions they do not cover take the 'gemm' path), 'gemm' (backward as
-  matrix products), 'xla' (`lax.conv_general_dilated` and XLA's own
-  gradient), or 'auto' ('native' on one CPU device when the kernels build,
-  else 'gemm' on CPU; 'xla' on GPU/TPU).
-  """
+  parameters ('kernel' [kh, kw, Cin, Cout], optional 'bias') and defaults,
+  whose backward passes are matrix products (`conv2d`)."""
   features: int
   kernel_size: Sequence[int]
   strides: Sequence[int] = (1, 1)
@@ -228,25 +215,31 @@ class Conv(nn.Module):
   dtype: Any = None
   kernel_init: Any = nn.initializers.lecun_normal()
   bias_init: Any = nn.initializers.zeros
-  implementation: str = "auto"
+
+  def convolve(self, x, kernel, strides, padding):
+    return conv2d(x, kernel, strides, padding)
 
   @nn.compact
   def __call__(self, x):
     if x.ndim != 4:
-      raise ValueError(f"Conv expects NHWC images, got shape {x.shape}")
+      raise ValueError(f"{type(self).__name__} expects NHWC images, got shape {x.shape}")
     kh, kw = tuple(self.kernel_size)
     strides = (self.strides,) * 2 if isinstance(self.strides, int) else tuple(self.strides)
     padding = _explicit_padding(self.padding, (kh, kw), strides, x.shape[1:3])
     kernel = self.param("kernel", self.kernel_init, (kh, kw, x.shape[-1], self.features))
     dtype = self.dtype or x.dtype
     x, kernel = x.astype(dtype), kernel.astype(dtype)
-    implementation = resolve_implementation(self.implementation)
-    if implementation == "native" and native_supports(dtype, kernel.shape, strides, padding):
-      y = native_conv2d(x, kernel, strides, padding)
-    elif implementation in ("native", "gemm"):
-      y = conv2d(x, kernel, strides, padding)
-    else:
-      y = _xla_conv(x, kernel, strides, padding)
+    y = self.convolve(x, kernel, strides, padding)
     if self.use_bias:
       y = y + self.param("bias", self.bias_init, (self.features,)).astype(dtype)
     return y
+
+
+class NativeConv(GemmConv):
+  """`GemmConv` through the native kernels where they cover the convolution
+  (`native_supports`), the GEMM path elsewhere."""
+
+  def convolve(self, x, kernel, strides, padding):
+    if native_supports(x.dtype, kernel.shape, strides, padding):
+      return native_conv2d(x, kernel, strides, padding)
+    return conv2d(x, kernel, strides, padding)

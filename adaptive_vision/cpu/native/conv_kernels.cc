@@ -1,5 +1,5 @@
 // Direct NHWC convolution kernels for XLA:CPU, called through XLA's FFI
-// (adaptive_vision/native/conv.py registers them; build.py compiles this file
+// (adaptive_vision/cpu/native/conv.py registers them; build.py compiles this file
 // for the machine it runs on).
 //
 // Why: XLA:CPU's own convolutions and the im2col + GEMM gradients run the

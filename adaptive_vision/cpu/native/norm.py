@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision.native import build
+from adaptive_vision.cpu.native import build
 
 KERNELS = build.Kernels("norm_kernels", ("av_batch_norm_forward", "av_batch_norm_add_forward",
                                          "av_batch_norm_backward", "av_batch_norm_add_backward"))

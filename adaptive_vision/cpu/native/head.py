@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision.native import build
+from adaptive_vision.cpu.native import build
 
 KERNELS = build.Kernels("head_kernels", ("av_exit_head",))
 unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not

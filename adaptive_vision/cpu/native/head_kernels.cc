@@ -1,6 +1,6 @@
 // The early-exit head at inference as one kernel: BatchNorm (running averages,
 // folded into a per-channel scale and shift), ReLU, average pooling and the
-// dense layer (adaptive_vision/native/head.py registers it; build.py compiles it).
+// dense layer (adaptive_vision/cpu/native/head.py registers it; build.py compiles it).
 //
 // Why: at batch 1 the ERDE exit head on a 32x32x16 map cost 35-70 us through
 // XLA:CPU (a reduce_window loop and a 4096 x 10 matrix product it runs as a

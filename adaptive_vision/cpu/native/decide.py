@@ -2,7 +2,7 @@
 as a JAX operation, for the CPU.
 
 `decide(logits, state, threshold, exit=k, last=..., criterion=...)` returns
-`(new_state, undecided)`, equal to `reference`: rows of `state` [B, K + 1]
+`(new_state, undecided)`, equal to `adaptive_vision.inference.decide_xla`: rows of `state` [B, K + 1]
 (the logits of the exit taken, then its index; -1 while undecided) that are
 still undecided take `logits` [B, K] and the index k where the criterion
 fires ('entropy': softmax entropy < threshold; 'max_prob': largest softmax
@@ -17,23 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision import early_exit
-from adaptive_vision.native import build
+from adaptive_vision.cpu.native import build
 
 _CRITERIA = {"entropy": 0, "max_prob": 1}
 KERNELS = build.Kernels("decide_kernels", ("av_exit_decide",))
 unavailable_reason = KERNELS.unavailable_reason  # None where the kernels can run, else why not
 available = KERNELS.available
-
-
-def reference(logits, state, threshold, *, exit: int, last: bool, criterion: str):
-  """The same in XLA ops."""
-  fires = state[:, -1] < 0  # undecided
-  if not last:
-    fires &= early_exit.logits_fire(logits, threshold, criterion)
-  mine = jnp.concatenate([logits, jnp.full(logits.shape[:1] + (1,), exit, logits.dtype)], 1)
-  state = jnp.where(fires[:, None], mine, state)
-  return state, jnp.any(state[:, -1] < 0)
 
 
 def decide(logits, state, threshold, *, exit: int, last: bool, criterion: str):
