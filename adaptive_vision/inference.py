@@ -1,27 +1,40 @@
-"""Dynamic early-exit inference that really skips work (RAViT cascades).
+"""Dynamic early-exit inference that really skips work.
 
-`DynamicCascade` runs branch 0 on the whole batch, decides on device which
-examples exit (the criterion and strict comparisons of
-`adaptive_vision.early_exit.exit_policy`), brings back only that boolean
-decision, and runs branch 1 on the examples that did not exit, and so on; the
-last branch answers for everyone still there. A branch nobody reaches is not
-run at all.
+`DynamicCascade` runs segment 0 of an early-exit model on the whole batch,
+decides on device which examples exit (the criterion and strict comparisons
+of `adaptive_vision.early_exit.exit_policy`), brings back only that boolean
+decision, and runs segment 1 on the examples that did not exit, and so on;
+the last exit answers for everyone still there. A segment nobody reaches is
+not run at all. It serves every family with `num_exits` and
+`segment(k, inputs, carry)` (docs/design.md, "Model contract"): RAViT, whose
+segments are its branches, and the ERDE ResNets, whose segments are the
+stages between exit heads.
 
-Static shapes. The number of remaining examples is padded up to a *bucket*
-size, so `jax.jit` compiles at most one program per (branch, bucket) for a
-given batch size N and view placement -- never one per distinct count.
-Default buckets: powers of two from `min_bucket` (8) up to N, plus N itself,
-e.g. N=100 -> (8, 16, 32, 64, 100). `buckets` may instead list sizes (ints,
-N is always added as the largest) or fractions of N (floats in (0, 1], rounded
-up). Branch 0 always runs on exactly N examples, so for E branches at most
-`1 + (E - 1) * len(buckets)` programs are compiled (`program_bound(N)`);
-`num_compiled` counts the traces actually made.
+Static shapes. The remaining examples are padded up to a *bucket* size, so
+`jax.jit` compiles at most one program per (segment, bucket) for a batch size
+N and input placement (numpy or device) -- never one per count. The default
+buckets (`default_buckets`) bound the waste at every N: a count c runs as at
+most max(8, floor(1.125 c)) rows, under 12.5% padding from c = 8 on. They
+are the fewest sizes that do: 8, 10, 12, 14, 16, 19, 22, ..., 646, 727, 819,
+922, ... (each the largest the bound allows after the previous, about 6 per
+doubling, the same for every N), those below N, then N: 27 sizes for N=256,
+38 for N=1000 or 1024, 44 for 2048; `max_padding` trades the bound for fewer
+(0.25: 21 at N=1000). Segment 0 runs on exactly N, so at most
+`program_bound(N)` = 1 + (E - 1) * len(buckets) programs are compiled per N
+and placement, and only for the buckets counts fall into (`num_compiled`).
+Padding, rather than splitting a count into several power-of-two chunks,
+keeps one call per segment, whose fixed cost (dispatch, argument handling,
+an accelerator's latency floor at small batch) is then paid once. `buckets`
+may instead list sizes (ints; N is always added as the largest) or fractions
+of N (floats in (0, 1], rounded up).
 
-Data movement per branch k > 0: the padded index vector of the remaining
-examples goes to the device (plus, for numpy views, only the remaining rows of
-view k, gathered on the host; jax views are gathered on device) and one
-boolean vector of exit decisions comes back. What branch k+1 reuses from
-branch k (class token / logits) stays on device in an [N, ...] buffer, and
+Data movement per segment k > 0: the padded index vector of the remaining
+examples goes to the device, with the remaining rows of only the inputs
+segment k reads (found once per input layout by tracing it: view k of a
+RAViT, none for a ResNet's later stages, which continue from the carry;
+numpy inputs are gathered on the host, device inputs on device), and one
+boolean vector of exit decisions comes back. The carry (RAViT's class token
+/ logits, a ResNet's feature map) stays on device in an [N, ...] buffer, and
 the logits of the exit taken are scattered into an [N, K] device buffer that
 is fetched once at the end.
 
@@ -39,6 +52,8 @@ wins.
 
 from __future__ import annotations
 
+import bisect
+import fractions
 import math
 from typing import Any, Optional, Sequence
 
@@ -49,26 +64,35 @@ import numpy as np
 from adaptive_vision import backend as backend_lib
 from adaptive_vision import early_exit
 
+MAX_PADDING = 0.125  # default bound on a bucket's padding, as a fraction of the count
 
-def default_buckets(n: int, min_bucket: int = 8) -> tuple[int, ...]:
-  """Powers of two from `min_bucket` up to (excluding) n, then n."""
+
+def default_buckets(n: int, min_bucket: int = 8,
+                    max_padding: float = MAX_PADDING) -> tuple[int, ...]:
+  """The fewest sizes that pad any count c <= n to at most
+  max(min_bucket, floor((1 + max_padding) c)): `min_bucket`, then each size
+  the largest allowed after the previous one, floor((1 + max_padding) (b + 1)),
+  those below n, then n."""
   if n <= 0:
     return ()
+  if not max_padding > 0:
+    raise ValueError(f"max_padding must be positive, got {max_padding!r}")
+  growth = 1 + fractions.Fraction(max_padding)  # exact: no float rounding at the bound
   sizes, b = [], max(1, int(min_bucket))
-  b = 1 << (b - 1).bit_length()  # round min_bucket up to a power of two
   while b < n:
     sizes.append(b)
-    b *= 2
+    b = math.floor((b + 1) * growth)
   return tuple(sizes) + (n,)
 
 
 def resolve_buckets(n: int, buckets: Optional[Sequence[Any]] = None,
-                    min_bucket: int = 8) -> tuple[int, ...]:
+                    min_bucket: int = 8,
+                    max_padding: float = MAX_PADDING) -> tuple[int, ...]:
   """Sorted bucket sizes for a batch of n; n is always the largest."""
   if n <= 0:
     return ()
   if buckets is None:
-    return default_buckets(n, min_bucket)
+    return default_buckets(n, min_bucket, max_padding)
   sizes = set()
   for b in buckets:
     if isinstance(b, (float, np.floating)):
@@ -90,6 +114,13 @@ def _check_thresholds(thresholds: Any, num_exits: int) -> np.ndarray:
   return t
 
 
+def _check_segmented(model) -> int:
+  if not (hasattr(type(model), "segment") and hasattr(model, "num_exits")):
+    raise ValueError(f"{type(model).__name__} has no `segment` method; early-exit "
+                     "executors need one (RAViT, the vit family and the ResNets have it)")
+  return int(model.num_exits)
+
+
 class _Thresholds:
   """The per-exit thresholds of an executor, checked against its `num_exits`
   whenever they are set; `_thresholds_changed` lets an executor react."""
@@ -107,29 +138,48 @@ class _Thresholds:
     pass
 
 
+def _abstract(x, batch: int):
+  return jax.ShapeDtypeStruct((batch,) + tuple(x.shape[1:]), x.dtype)
+
+
+def _reads(closed_jaxpr) -> list[bool]:
+  """Which inputs of a traced function any operation (or output) uses."""
+  jaxpr = closed_jaxpr.jaxpr
+  used = {id(v) for eqn in jaxpr.eqns for v in eqn.invars}
+  used |= {id(v) for v in jaxpr.outvars}
+  return [id(v) in used for v in jaxpr.invars]
+
+
 class DynamicCascade(_Thresholds):
-  """Batched dynamic executor for a RAViT (any module with `branch(k, view, prev)`).
+  """Batched dynamic executor for an early-exit model (see the module docstring).
 
   Args:
-    model: a `RAViT` (needs `num_exits`, `resolutions` and `branch`).
-    variables: its variables (`{'params': ...}`).
+    model: a module with `num_exits`, `num_classes` and
+      `segment(k, inputs, carry)` (RAViT, the ERDE ResNets).
+    variables: its variables (params, and batch_stats for the ResNets).
     thresholds: one per non-final exit (length E - 1), as in
       `early_exit.exit_policy`; changing them later (`cascade.thresholds = ...`)
       does not recompile.
     criterion: 'entropy' (exit when entropy < threshold) or 'max_prob'
       (exit when max softmax > threshold).
-    buckets: padded sizes for the remaining examples (see module docstring).
+    buckets: padded sizes for the remaining examples (see module docstring);
+      None: `default_buckets`.
     min_bucket: smallest default bucket.
+    max_padding: the default buckets pad a count c >= min_bucket to at most
+      (1 + max_padding) c.
     backend: `adaptive_vision.backend.Backend` whose compile options the
       programs use (default: `backend.choose(workload='serve')`).
 
-  `predict(views)` returns numpy arrays: `predictions` [N] int32, `exit_index`
-  [N] int32, `logits` [N, K] float32 (of the exit taken), and `counts` [E]
-  (examples each branch ran on, before padding) and `padded_counts` [E].
+  `predict(inputs)` takes the model's input (a tuple of views, lowest
+  resolution first, for RAViT; an image batch for a ResNet) and returns
+  numpy arrays: `predictions` [N] int32, `exit_index` [N] int32, `logits`
+  [N, K] float32 (of the exit taken), and `counts` [E] (examples each
+  segment ran on, before padding) and `padded_counts` [E].
   """
 
   def __init__(self, model, variables, thresholds, criterion: str = "entropy",
                buckets: Optional[Sequence[Any]] = None, min_bucket: int = 8,
+               max_padding: float = MAX_PADDING,
                backend: Optional[backend_lib.Backend] = None):
     if criterion not in early_exit.CRITERIA:
       raise ValueError(f"unknown exit criterion {criterion!r}; valid: {early_exit.CRITERIA}")
@@ -138,45 +188,90 @@ class DynamicCascade(_Thresholds):
     self.criterion = criterion
     self.buckets = None if buckets is None else tuple(buckets)
     self.min_bucket = int(min_bucket)
-    self.num_exits = int(model.num_exits)
+    self.max_padding = max_padding
+    self.num_exits = _check_segmented(model)
     self.thresholds = thresholds
-    self.num_compiled = 0          # traces of the branch programs
-    self.programs: set = set()     # keys (branch, bucket, N, view shape/dtype, gather)
+    self.num_compiled = 0          # traces of the segment programs
+    self.programs: set = set()     # keys (segment, bucket, N, inputs read, gather)
+    self._plans: dict = {}         # input layout -> inputs each segment reads
+    self._sizes: dict = {}         # N -> bucket sizes
+    self.bucket_sizes(1)           # bad buckets fail here, not at the first batch
     self.backend = backend or backend_lib.choose(workload="serve")
-    self._step = self.backend.jit(self._step_impl, static_argnames=("k", "gather"))
+    self._step = self.backend.jit(self._step_impl, static_argnames=("k", "layout"))
 
   # -- configuration ---------------------------------------------------------
 
   def bucket_sizes(self, n: int) -> tuple[int, ...]:
-    return resolve_buckets(n, self.buckets, self.min_bucket)
+    if n not in self._sizes:
+      self._sizes[n] = resolve_buckets(n, self.buckets, self.min_bucket, self.max_padding)
+    return self._sizes[n]
 
   def program_bound(self, n: int) -> int:
-    """Most programs compiled for batches of n (one view placement)."""
+    """Most programs compiled for batches of n (one input placement)."""
     return 1 + (self.num_exits - 1) * len(self.bucket_sizes(n))
 
   def _bucket(self, count: int, n: int) -> int:
-    for b in self.bucket_sizes(n):
-      if b >= count:
-        return b
-    return n
+    sizes = self.bucket_sizes(n)
+    return sizes[min(bisect.bisect_left(sizes, count), len(sizes) - 1)]
+
+  # -- which inputs each segment reads ---------------------------------------
+
+  def _plan(self, treedef, leaves) -> tuple[tuple[bool, ...], ...]:
+    """Per segment, which input leaves it reads; traced once per input layout
+    (at batch 1: what a segment reads does not depend on the batch)."""
+    key = (treedef, tuple((tuple(x.shape[1:]), str(x.dtype)) for x in leaves))
+    if key in self._plans:
+      return self._plans[key]
+    model, method = self.model, type(self.model).segment
+    one = jax.tree_util.tree_unflatten(treedef, [_abstract(x, 1) for x in leaves])
+    # The model's own checks name a wrong input (e.g. RAViT's one view per branch).
+    exit_logits, _ = jax.eval_shape(lambda v, x: model.apply(v, x), self.variables, one)
+    if len(exit_logits) != self.num_exits:
+      raise ValueError(f"{type(model).__name__} returned {len(exit_logits)} exits for "
+                       f"num_exits={self.num_exits}")
+    plan, carry = [], None
+    for k in range(self.num_exits):
+      def segment(xs, c, k=k):
+        return model.apply(self.variables, k, jax.tree_util.tree_unflatten(treedef, xs),
+                           c, method=method)
+      closed, (_, carry_shape) = jax.make_jaxpr(segment, return_shape=True)(
+          [_abstract(x, 1) for x in leaves], carry)
+      plan.append(tuple(_reads(closed)[:len(leaves)]))
+      carry = carry_shape
+    self._plans[key] = tuple(plan)
+    return self._plans[key]
 
   # -- the jitted step -------------------------------------------------------
 
-  def _step_impl(self, variables, view, idx, carry_full, final_logits, threshold, *,
-                 k: int, gather: bool):
-    """Branch k on the examples `idx` (padded with n); returns (fires, logits buffer, carry)."""
+  def _step_impl(self, variables, read, idx, carry_full, final_logits, threshold, *,
+                 k: int, layout):
+    """Segment k on the examples `idx` (padded with n); returns (fires, logits buffer, carry).
+
+    `read`: the input leaves segment k reads, already its rows (gathered on
+    the host) or all N rows (to gather here); `layout` (static) = (input
+    treedef, per leaf None if unread else whether to gather, per unread leaf
+    its row shape and dtype)."""
     self.num_compiled += 1  # runs only while tracing
     n = final_logits.shape[0]
-    self.programs.add((k, idx.shape[0], n, view.shape[1:], str(view.dtype), gather))
+    size = idx.shape[0]
+    treedef, gathers, unread = layout
+    self.programs.add((k, size, n, tuple((x.shape[1:], str(x.dtype)) for x in read),
+                       tuple(g for g in gathers if g is not None)))
     valid = idx < n
-    if gather:
-      view = jnp.take(view, idx, axis=0, mode="clip")
-    prev = None
-    if carry_full is not None:
-      prev = jax.tree_util.tree_map(lambda c: jnp.take(c, idx, axis=0, mode="clip"),
-                                    carry_full)
-    logits, carry = self.model.apply(variables, k, view, prev,
-                                     method=type(self.model).branch)
+    take = lambda x: jnp.take(x, idx, axis=0, mode="clip")
+    read, unread = iter(read), iter(unread)
+    leaves = []
+    for gather in gathers:
+      if gather is None:  # not read by this segment: a shape XLA drops unused
+        shape, dtype = next(unread)
+        leaves.append(jnp.zeros((size,) + shape, dtype))
+      else:
+        x = next(read)
+        leaves.append(take(x) if gather else x)
+    inputs = jax.tree_util.tree_unflatten(treedef, leaves)
+    prev = None if carry_full is None else jax.tree_util.tree_map(take, carry_full)
+    logits, carry = self.model.apply(variables, k, inputs, prev,
+                                     method=type(self.model).segment)
     logits = logits.astype(jnp.float32)
     last = k == self.num_exits - 1
     fires = valid if last else valid & early_exit.logits_fire(logits, threshold, self.criterion)
@@ -192,10 +287,17 @@ class DynamicCascade(_Thresholds):
 
   # -- inference ---------------------------------------------------------------
 
-  def predict(self, views: Sequence[Any]) -> dict[str, np.ndarray]:
-    """Dynamic inference on a batch given as a tuple of views, lowest resolution first."""
-    views = self._check_views(views)
-    n = int(views[0].shape[0])
+  def predict(self, inputs: Any) -> dict[str, np.ndarray]:
+    """Dynamic inference on a batch: the model's input (RAViT: a tuple of
+    views, lowest resolution first; a ResNet: one image batch)."""
+    leaves, treedef = jax.tree_util.tree_flatten(inputs)
+    leaves = [x if isinstance(x, jax.Array) else np.asarray(x) for x in leaves]
+    sizes = {int(x.shape[0]) if x.ndim else None for x in leaves}
+    if len(sizes) != 1 or None in sizes:
+      raise ValueError(f"inputs have different batch sizes {sorted(sizes, key=str)}; "
+                       "give arrays with the batch first, all of one size")
+    n = sizes.pop()
+    plan = self._plan(treedef, leaves)
     num_classes = int(self.model.num_classes)
     exit_index = np.full((n,), -1, dtype=np.int32)
     counts = np.zeros((self.num_exits,), dtype=np.int64)
@@ -208,26 +310,33 @@ class DynamicCascade(_Thresholds):
     remaining = np.arange(n, dtype=np.int32)
     carry = None
     thresholds = self._thresholds
-    for k, view in enumerate(views):
+    for k in range(self.num_exits):
       count = remaining.shape[0]
       if count == 0:
-        break  # nobody left: skip this branch and the following ones
-      on_device = isinstance(view, jax.Array)
+        break  # nobody left: skip this segment and the following ones
       if k == 0:
-        size, idx, gather = n, remaining, False  # everyone, in order: no gather
-        x = view
+        size, idx = n, remaining  # everyone, in order: no gather
       else:
         size = self._bucket(count, n)
         idx = np.full((size,), n, dtype=np.int32)
         idx[:count] = remaining
-        gather = on_device
-        # numpy views: gather only the remaining rows here, so only they travel.
-        x = view if on_device else np.take(view, np.minimum(idx, n - 1), axis=0)
+      read, gathers, unread = [], [], []
+      for x, reads in zip(leaves, plan[k]):
+        if not reads:
+          gathers.append(None)
+          unread.append((tuple(x.shape[1:]), x.dtype))
+        elif k == 0 or isinstance(x, jax.Array):
+          gathers.append(k > 0)  # device inputs: gathered on device
+          read.append(x)
+        else:  # numpy inputs: gather only the remaining rows here, so only they travel
+          gathers.append(False)
+          read.append(np.take(x, np.minimum(idx, n - 1), axis=0))
       t = thresholds[k] if k < self.num_exits - 1 else np.float32(0.0)
       fires, final_logits, carry = self._step(
-          self.variables, x, idx, carry, final_logits, t, k=k, gather=gather)
+          self.variables, tuple(read), idx, carry, final_logits, t, k=k,
+          layout=(treedef, tuple(gathers), tuple(unread)))
       counts[k], padded[k] = count, size
-      fired = np.asarray(fires)[:count]  # the one small transfer per branch
+      fired = np.asarray(fires)[:count]  # the one small transfer per segment
       exit_index[remaining[fired]] = k
       remaining = remaining[~fired]
     logits = np.asarray(final_logits)
@@ -235,19 +344,6 @@ class DynamicCascade(_Thresholds):
                 logits=logits, counts=counts, padded_counts=padded)
 
   __call__ = predict
-
-  def _check_views(self, views) -> tuple:
-    if not isinstance(views, (tuple, list)):
-      raise ValueError(f"DynamicCascade.predict takes a tuple of views, one per "
-                       f"branch ({self.num_exits}), lowest resolution first")
-    if len(views) != self.num_exits:
-      raise ValueError(f"got {len(views)} views for a cascade of {self.num_exits} "
-                       "branches; give one view per branch")
-    views = tuple(v if isinstance(v, jax.Array) else np.asarray(v) for v in views)
-    sizes = {int(v.shape[0]) for v in views}
-    if len(sizes) != 1:
-      raise ValueError(f"views have different batch sizes {sorted(sizes)}")
-    return views
 
 
 def full_cascade_predict(model, variables, views, thresholds,
@@ -270,13 +366,6 @@ def full_cascade_predict(model, variables, views, thresholds,
 
 # ----------------------------------------------------------------------------
 # One program per call: batch 1 and small batches
-
-
-def _check_segmented(model) -> int:
-  if not (hasattr(type(model), "segment") and hasattr(model, "num_exits")):
-    raise ValueError(f"{type(model).__name__} has no `segment` method; early-exit "
-                     "executors need one (RAViT, the vit family and the ResNets have it)")
-  return int(model.num_exits)
 
 
 def decide_xla(logits, state, threshold, *, exit: int, last: bool, criterion: str):

@@ -1,11 +1,14 @@
 """Dynamic early-exit executors: same answers as the policy on all exits, bounded compiles.
 
-`DynamicCascade` (batches, RAViT) and `SingleDispatchCascade` (one program per
-call: RAViT, the ViT, the ERDE ResNets) are both checked against the static
-policy over every exit (`full_cascade_predict`)."""
+`DynamicCascade` (batches: RAViT, the ERDE ResNets) and `SingleDispatchCascade`
+(one program per call: RAViT, the ViT, the ERDE ResNets) are both checked
+against the static policy over every exit (`full_cascade_predict`); the
+bucketed executor's padding and program count against their stated bounds."""
 
 import functools
+import math
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -110,8 +113,13 @@ def test_matches_policy_on_all_exits(num_branches, criterion):
     ref_exit = _check_against_policy(result, exit_logits, thresholds, criterion)
     seen_exits.update(ref_exit.tolist())
     assert result["predictions"].shape == (N,) and result["logits"].shape == (N, NUM_CLASSES)
+    for c, padded in zip(result["counts"][1:], result["padded_counts"][1:]):
+      assert c == padded == 0 or c <= padded <= min(N, _padding_bound(c))
   assert seen_exits == set(range(num_branches))  # every exit was taken at some point
   assert cascade.num_compiled <= cascade.program_bound(N)
+  # Segment k was given view k alone: the other views' rows never travel.
+  for k, _, _, read, _ in cascade.programs:
+    assert read == ((views[k].shape[1:], "float32"),)
 
 
 @pytest.mark.parametrize("num_branches", [2, 3])
@@ -187,6 +195,23 @@ def test_compiled_programs_stay_bounded(num_branches, buckets):
   assert cascade.num_compiled == before
 
 
+def test_explicit_buckets_are_honoured():
+  model, variables, views, exit_logits, _ = _setup(3)
+  cascade = DynamicCascade(model, variables, [0.0, 0.0], buckets=(5, 11))
+  assert cascade.bucket_sizes(N) == (5, 11, N) and cascade.program_bound(N) == 7
+  padded_seen = set()
+  for thresholds in _threshold_sets(exit_logits, "entropy"):
+    cascade.thresholds = thresholds
+    result = cascade.predict(views)
+    _check_against_policy(result, exit_logits, thresholds, "entropy")
+    for c, padded in zip(result["counts"][1:], result["padded_counts"][1:]):
+      if c:
+        assert padded == min(b for b in (5, 11, N) if b >= c)
+        padded_seen.add(int(padded))
+  assert len(padded_seen) > 1
+  assert cascade.num_compiled <= 7
+
+
 def test_reuse_none_and_both_cascades():
   for reuse in ("none", "both"):
     model, variables, views, exit_logits, _ = _setup(3, reuse)
@@ -195,18 +220,89 @@ def test_reuse_none_and_both_cascades():
     _check_against_policy(result, exit_logits, t, "entropy")
 
 
+def _padding_bound(count, min_bucket=8, max_padding=0.125):
+  """What the default buckets promise (inference module docstring)."""
+  return max(min_bucket, math.floor(count * (1 + max_padding)))
+
+
 def test_buckets():
-  assert default_buckets(100) == (8, 16, 32, 64, 100)
-  assert default_buckets(64) == (8, 16, 32, 64)
+  assert default_buckets(100) == (8, 10, 12, 14, 16, 19, 22, 25, 29, 33, 38, 43, 49, 56,
+                                  64, 73, 83, 94, 100)
   assert default_buckets(5) == (5,)
-  assert default_buckets(40, min_bucket=5) == (8, 16, 32, 40)
+  assert default_buckets(40, min_bucket=5) == (5, 6, 7, 9, 11, 13, 15, 18, 21, 24, 28,
+                                                32, 37, 40)
+  assert default_buckets(1000, max_padding=1.0) == (8, 18, 38, 78, 158, 318, 638, 1000)
+  # The sizes the docstring states.
+  assert [len(default_buckets(n)) for n in (256, 1000, 1024, 2048)] == [27, 38, 38, 44]
+  assert len(default_buckets(1000, max_padding=0.25)) == 21
   assert resolve_buckets(10, (0.25, 0.5)) == (3, 5, 10)
   assert resolve_buckets(10, (4, 12, 4)) == (4, 10)
+  assert resolve_buckets(1000, (8, 16, 32, 64, 128, 256, 512)) == (8, 16, 32, 64, 128, 256,
+                                                                    512, 1000)
   assert resolve_buckets(0) == ()
   with pytest.raises(ValueError, match="fraction"):
     resolve_buckets(10, (1.5,))
   with pytest.raises(ValueError, match="positive"):
     resolve_buckets(10, (0,))
+  with pytest.raises(ValueError, match="max_padding"):
+    default_buckets(10, max_padding=0.0)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 24, 100, 255, 256, 257, 512, 1000, 1024, 4099])
+@pytest.mark.parametrize("max_padding", [0.125, 0.25, 1.0])
+def test_default_buckets_bound_the_padding_at_every_count(n, max_padding):
+  sizes = default_buckets(n, max_padding=max_padding)
+  assert sizes[-1] == n and list(sizes) == sorted(set(sizes))
+  counts = np.arange(1, n + 1)
+  padded = np.asarray(sizes)[np.searchsorted(sizes, counts)]  # smallest bucket >= count
+  bound = [min(n, _padding_bound(c, 8, max_padding)) for c in counts]
+  assert np.all(padded >= counts) and np.all(padded <= bound)
+  # The fewest sizes that keep the bound: dropping any size but n breaks it.
+  for i in range(len(sizes) - 1):
+    c = sizes[i - 1] + 1 if i else 1
+    assert sizes[i + 1] > _padding_bound(c, 8, max_padding)
+
+
+class _Toy(nn.Module):
+  """A two-exit family small enough to compile every bucket: row i of x [B, 2]
+  is segment 0's logits; segment 1 continues from the carry."""
+  num_classes: int = 2
+  num_exits: int = 2
+
+  def setup(self):
+    self.head = nn.Dense(2)
+
+  def segment(self, k, x, carry=None):
+    if k == 0:
+      return x, x * 2.0
+    return carry + self.head(carry), None
+
+  def __call__(self, x):
+    logits, carry = self.segment(0, x)
+    return (logits, self.segment(1, x, carry)[0]), {}
+
+
+@pytest.mark.parametrize("n", [256, 1000, 1024])
+def test_padding_and_programs_measured_at_every_bucket(n):
+  """Every bucket's edges as the count that goes on: the padded size stays within
+  the bound, and each bucket compiles once (num_compiled reaches program_bound)."""
+  model = _Toy()
+  x = np.zeros((n, 2), np.float32)
+  variables = jax.jit(model.init)(jax.random.key(0), x)
+  cascade = DynamicCascade(model, variables, [0.9], "max_prob")
+  sizes = cascade.bucket_sizes(n)
+  assert sizes == default_buckets(n)
+  goes_on = sorted({c for b in sizes for c in (b, b + 1) if c <= n} | {1, 2, 3})
+  confident = np.array([30.0, 0.0], np.float32)  # max prob ~1 > 0.9: exits at 0
+  for c in goes_on:
+    x = np.tile(confident, (n, 1))
+    x[np.random.default_rng(c).choice(n, c, replace=False)] = 0.0  # these go on
+    result = cascade.predict(x)
+    assert result["counts"].tolist() == [n, c]
+    assert c <= result["padded_counts"][1] <= min(n, _padding_bound(c))
+    assert cascade.num_compiled <= cascade.program_bound(n)
+  assert cascade.num_compiled == len(cascade.programs) == cascade.program_bound(n)
+  assert cascade.program_bound(n) == 1 + len(sizes)
 
 
 def test_rejects_bad_arguments():
@@ -241,6 +337,34 @@ def _resnet_setup():
   apply = jax.jit(lambda v, x: model.apply(v, x)[0])
   exit_logits = np.stack([np.asarray(x) for x in apply(variables, images)])
   return model, variables, images, exit_logits, apply
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+def test_dynamic_resnet_matches_policy(criterion):
+  """The bucketed executor serves a ResNet through `segment`: same answers as
+  the static policy, and the later stages take only the carry (no image rows)."""
+  model, variables, images, exit_logits, _ = _resnet_setup()
+  e = model.num_exits
+  cascade = DynamicCascade(model, variables, [0.0] * (e - 1), criterion)
+  on_device = DynamicCascade(model, variables, [0.0] * (e - 1), criterion)
+  seen = set()
+  for thresholds in _threshold_sets(exit_logits, criterion):
+    cascade.thresholds = on_device.thresholds = thresholds
+    result = cascade.predict(images)
+    ref = full_cascade_predict(model, variables, images, thresholds, criterion)
+    for key in ("exit_index", "predictions"):
+      np.testing.assert_array_equal(result[key], ref[key])
+    np.testing.assert_allclose(result["logits"], ref["logits"], rtol=1e-5, atol=1e-5)
+    _check_against_policy(result, exit_logits, thresholds, criterion)
+    device = on_device.predict(jnp.asarray(images))
+    for key in ("exit_index", "predictions", "counts", "padded_counts"):
+      np.testing.assert_array_equal(device[key], result[key])
+    seen.update(result["exit_index"].tolist())
+  assert seen == set(range(e))  # every exit was taken at some point
+  for c in (cascade, on_device):
+    assert c.num_compiled == len(c.programs) <= c.program_bound(N)
+    for k, _, _, read, gather in c.programs:
+      assert (read, gather) == (((((16, 16, 3), "float32"),), (False,)) if k == 0 else ((), ()))
 
 
 def _single(inputs, i):
