@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adaptive_vision.models import as_exits
+from adaptive_vision.exits import as_exits
 
 CRITERIA = ("entropy", "max_prob")
 
@@ -108,7 +108,7 @@ def _everyone_threshold(criterion: str, num_classes: int,
 
 def _stack(exit_logits: Any) -> jax.Array:
   """[E, N, K] array from an [E, N, K] array, one [N, K] array (one exit) or a
-  sequence of [N, K] arrays (`models.as_exits` normalises)."""
+  sequence of [N, K] arrays (`exits.as_exits` normalises)."""
   exits = as_exits(exit_logits)
   if not exits:
     raise ValueError("exit_logits is empty; need at least one exit")

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from adaptive_vision.config import require
-from adaptive_vision.models import as_exits
+from adaptive_vision.exits import as_exits
 
 LOSS_NAMES = ("ce", "kd", "erde")
 ENTROPY_MODES = ("maximize", "minimize", "off")
@@ -247,7 +247,7 @@ def loss_from_config(loss_cfg: Any) -> LossFn:
   configs/common.py `base_config()`); fields the chosen loss does not take are
   not read. For 'kd'/'erde' the teacher exits are paired with student exits by
   `match_teacher_exits`. ``exit_logits`` is a tuple of [B, K] (see
-  `models.as_exits` for the other accepted forms).
+  `exits.as_exits` for the other accepted forms).
 
   Metrics: 'loss', 'ce/exit{i}', 'accuracy/exit{i}'; 'self_distill/exit{i}' for
   'ce' with self-distillation; 'kd/exit{i}' for 'kd'/'erde'; for 'erde' also

@@ -157,9 +157,10 @@ def erde_config(arg, *, dataset: str, num_classes: int, source: str,
     c.loss.exit_weights = tuple(float(w) for w in a.exit_weights.split("/"))
 
   def resnet(depth, width_multiplier=1.0):
-    from adaptive_vision.models.resnet import stage_exits
+    # Exits after stages 1 and 2 of a CIFAR ResNet-(6n+2): after blocks n-1 and 2n-1.
+    n = (depth - 2) // 6
     return dict(name="resnet", depth=depth, width=16, width_multiplier=width_multiplier,
-                num_classes=num_classes, exits=tuple(stage_exits(depth)),
+                num_classes=num_classes, exits=(n - 1, 2 * n - 1),
                 exit_dropout=0.5, image_size=32)
 
   teacher = resnet(a.teacher_depth)

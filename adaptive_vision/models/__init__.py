@@ -19,7 +19,7 @@ import dataclasses
 import importlib
 from typing import Any, Sequence
 
-import jax
+from adaptive_vision.exits import as_exits  # noqa: F401  (re-exported)
 
 
 def _family(name: str):
@@ -116,25 +116,6 @@ def dummy_inputs(model_cfg, batch: int = 2):
   import jax.numpy as jnp
   chosen = tuple(jnp.zeros((batch, s, s, 3), jnp.float32) for s in input_sizes(model_cfg))
   return chosen if takes_views(model_cfg) else chosen[0]
-
-
-def as_exits(logits: Any) -> tuple[jax.Array, ...]:
-  """Tuple of [B, K] exit logits from a sequence of them, one [B, K] array
-  (one exit) or a stacked [E, B, K] array.
-
-  The one place that normalises exit logits: the losses and the early-exit
-  policies accept any of these forms through it.
-  """
-  if isinstance(logits, (tuple, list)):
-    return tuple(logits)
-  ndim = getattr(logits, "ndim", None)
-  if ndim == 2:
-    return (logits,)
-  if ndim == 3:
-    return tuple(logits[i] for i in range(logits.shape[0]))
-  raise ValueError(f"expected [B, K] logits, [E, B, K] stacked exit logits or a "
-                   f"sequence of [B, K], got {type(logits).__name__} "
-                   f"of shape {getattr(logits, 'shape', None)}")
 
 
 def num_exits(model_cfg) -> int:
