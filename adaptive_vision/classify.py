@@ -12,8 +12,10 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
+from adaptive_vision import backend as backend_lib
 from adaptive_vision import data as data_lib
 from adaptive_vision import models
+from adaptive_vision.config import require
 from adaptive_vision.inference import SingleDispatchCascade
 
 
@@ -36,9 +38,11 @@ def predict_files(config, variables, paths: Sequence[str], thresholds, *,
   num_exits, macs (the cumulative MACs of the exit taken) and logits (of
   that exit). `examples`: the images already loaded (`load_images`)."""
   examples = load_images(config, paths) if examples is None else examples
-  model = models.build(config.model)
+  # One program per image on the default device: the serving backend.
+  be = backend_lib.choose(require(config, "backend"), None, "serve")
+  model = models.build(config.model, layers=be.layers)
   exit_macs = models.exit_macs(config.model)
-  cascade = SingleDispatchCascade(model, variables, thresholds, criterion)
+  cascade = SingleDispatchCascade(model, variables, thresholds, criterion, backend=be)
   for path, example in zip(paths, examples):
     out = cascade.predict(models.inputs_from_batch(config.model, _batch_of_one(example)))
     c, e = int(out["predictions"][0]), int(out["exit_index"][0])

@@ -5,11 +5,9 @@ import os
 import pytest
 
 from adaptive_vision.train import loop
-from configs import common, vit_cifar10
+from configs import vit_cifar10
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not os.path.exists(os.path.join(common.OFFLINE_CIFAR10, "train.tar.gz")),
-    reason=f"the offline CIFAR-10 copy is not at {common.OFFLINE_CIFAR10}")]
+pytestmark = [pytest.mark.slow, pytest.mark.requires("cifar10")]
 
 
 def test_short_run_on_offline_cifar10_learns(tmp_path):

@@ -219,7 +219,7 @@ def test_iterator_state_moves_between_process_counts(tmp_path):
 
 
 def test_orbax_checkpoint_roundtrip(tmp_path):
-  ocp = pytest.importorskip("orbax.checkpoint")
+  import orbax.checkpoint as ocp
   from grain import checkpoint as grain_checkpoint
   cfg = cfg_for(tmp_path, augment="cifar", synthetic_train_size=40)
   it = data.make_train_iterator(cfg, global_batch_size=8, seed=0)
@@ -232,8 +232,7 @@ def test_orbax_checkpoint_roundtrip(tmp_path):
   assert batches_equal(take(fresh, 2), expected)
 
 
-@pytest.mark.skipif(not os.environ.get("ADAPTIVE_VISION_SLOW_TESTS"),
-                    reason="spawns worker processes (~10 s); set ADAPTIVE_VISION_SLOW_TESTS=1")
+@pytest.mark.slow  # spawns worker processes (~10 s)
 def test_worker_processes_give_identical_batches(tmp_path):
   cfg = cfg_for(tmp_path, augment="cifar", synthetic_train_size=64)
   a = take(data.make_train_iterator(cfg, global_batch_size=8, seed=3), 5)
@@ -481,7 +480,7 @@ def test_labels_outside_num_classes(tmp_path, folders):
 
 
 def test_tfds_mock_data(tmp_path):
-  tfds = pytest.importorskip("tensorflow_datasets")
+  import tensorflow_datasets as tfds
   cfg = cfg_for(tmp_path, source="tfds", name="cifar10", path=str(tmp_path / "tfds"),
                 augment="cifar", val_size=4)
   # mock_data replaces reading; is_prepared is patched because mock data dirs are empty.
@@ -501,7 +500,6 @@ def test_tfds_mock_data(tmp_path):
 
 
 def test_tfds_unknown_or_unprepared_fails_fast(tmp_path):
-  pytest.importorskip("tensorflow_datasets")
   cfg = cfg_for(tmp_path, source="tfds", name="no_such_dataset_xyz",
                 path=str(tmp_path / "tfds"))
   t0 = time.time()
@@ -517,8 +515,7 @@ def test_tfds_unknown_or_unprepared_fails_fast(tmp_path):
 # ----------------------------------------------------------------------------- real data
 
 
-@pytest.mark.skipif(not (CIFAR10 / "test.tar.gz").exists(),
-                    reason=f"offline CIFAR-10 not found at {CIFAR10}")
+@pytest.mark.requires("cifar10")
 def test_real_cifar10_test_split(tmp_path):
   cfg = cfg_for(tmp_path, source="folder", name="cifar10", path=str(CIFAR10),
                 augment="cifar")

@@ -312,7 +312,6 @@ def test_tensorboard_scalars_are_written_in_the_calling_thread(tmp_path):
   import glob
   import struct
   import threading
-  pytest.importorskip("tensorboardX")
   from tensorboardX.proto.event_pb2 import Event
   from adaptive_vision.train.metrics import MetricWriter
   threads = threading.active_count()
