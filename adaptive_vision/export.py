@@ -10,11 +10,14 @@ The file is a NumPy `.npz` (read with `np.load(path)`, no pickle, no JAX):
   `calibration` (entropy thresholds per MACs budget, chosen on the
   validation split, never test) and `source` (workdir, checkpoint step).
 
+`export_variables(config, variables, out, budgets)` writes one (the
+thresholds calibrated on the validation split by `eval.predict.evaluate`).
 `load_params(path, config)` returns the variables only if they belong to the
 model `config` describes (same parameter shapes, same model fields, same
 eval preprocessing); anything else is one ValueError line naming the first
-difference. `launch/export.py` writes such files, `launch.evaluate --params`
-and `launch.predict` read them.
+difference. The file describes itself: `training_config(meta)` is the whole
+config it was trained with, so `launch.predict` and `launch.evaluate --params`
+need no --config.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ META_KEY = "meta.json"
 COLLECTIONS = ("params", "batch_stats")
 # Model fields that change how the function is computed or trained, not what it
 # is: a file exported under one value loads under another.
-_NOT_THE_FUNCTION = ("dtype", "attention", "conv", "norm", "exit_head", "dropout",
-                     "stochastic_depth", "exit_dropout", "head_zero_init", "stop_gradient_reuse")
+_NOT_THE_FUNCTION = ("dtype", "dropout", "stochastic_depth", "exit_dropout", "head_zero_init",
+                     "stop_gradient_reuse", "reuse_init")
 
 
 # ----------------------------------------------------------------------------
@@ -244,6 +247,57 @@ def load(path: str, config) -> tuple[dict, dict]:
   variables, meta = read(path)
   check_matches(meta, variables, config, path)
   return variables, meta
+
+
+def export_variables(config, variables: Mapping[str, Any], out: str, budgets: Sequence[float],
+                     *, reference_model=None, source: Optional[Mapping] = None,
+                     mesh=None) -> dict:
+  """Writes the parameters file `out` of `variables`, trained with `config`.
+
+  For each budget it stores the entropy thresholds calibrated on the
+  validation split (held out of training; never test) for mean MACs <=
+  budget x the reference MACs: the model's last exit, or `reference_model`'s
+  (a model config, e.g. the ViT a RAViT is compared with). `source`: where
+  the variables came from (e.g. workdir and step). Returns the meta written,
+  with the file's size.
+  """
+  from adaptive_vision import data as data_lib
+  from adaptive_vision import models
+  from adaptive_vision.eval import predict
+  check_matches({"model": model_fields(config.model)}, variables, config,
+                "the variables to export")
+  exit_macs = models.exit_macs(config.model)
+  if reference_model is not None:
+    reference_macs = models.exit_macs(reference_model)[-1]
+    reference = f"baseline {reference_model.name}"
+  else:
+    reference_macs, reference = exit_macs[-1], "the last exit"
+  logits, labels = predict.evaluate(config, variables, mesh=mesh, splits=("val",))["val"]
+  try:
+    class_names = data_lib.class_names(config.data)
+  except (ValueError, FileNotFoundError):
+    class_names = None
+  meta = {
+      "model": model_fields(config.model),
+      "exit_macs": [float(m) for m in exit_macs],
+      "preprocessing": preprocessing(config),
+      "class_names": list(class_names) if class_names else None,
+      "calibration": calibration(logits, labels, exit_macs, [float(b) for b in budgets],
+                                 reference_macs=reference_macs, reference=reference),
+      "source": dict(source or {}, config=json.loads(config.to_json_best_effort())),
+  }
+  size = save(out, variables, meta)
+  return dict(meta, size=size)
+
+
+def training_config(meta: Mapping) -> dict:
+  """The config the file's model was trained with (JSON values), as stored by
+  `export_variables`; fields a newer library added are missing from older
+  files, so a caller fills them from its defaults."""
+  config = (meta.get("source") or {}).get("config")
+  if not config:
+    raise ValueError("the parameters file holds no training config; give --config")
+  return config
 
 
 def thresholds_for(meta: Mapping, num_exits: int, *, budget: Optional[float] = None,

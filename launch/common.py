@@ -41,6 +41,24 @@ def setup(distributed: bool = False, *, coordinator_address: Optional[str] = Non
   logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def config_from_params(path: str):
+  """The config a parameters file of launch.export was trained with (the file
+  describes itself), over the library's current defaults for fields it
+  predates. Raises ValueError for a file that is not one."""
+  import ml_collections
+  from adaptive_vision import export
+  from configs import common as config_common
+  _, meta = export.read(path)
+
+  def merge(base, stored):
+    out = dict(base)
+    for k, v in stored.items():
+      out[k] = merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+  merged = merge(config_common.base_config().to_dict(), export.training_config(meta))
+  return ml_collections.ConfigDict(merged)
+
+
 def fail(message: str, code: int = 2):
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(code)

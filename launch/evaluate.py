@@ -3,15 +3,17 @@ r"""Per-exit logits of a trained run, and its early-exit report.
   python -m launch.evaluate --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
       [--baseline runs/vit_cifar10] [--out results/ravit_cifar10_cpu] [--name ravit]
 
-  python -m launch.evaluate --config configs/ravit_cifar10.py --params ravit_cifar10.npz \
-      --out results/ravit_from_params [--baseline runs/vit_cifar10]
+  python -m launch.evaluate --params results/params/ravit_cifar10.npz \
+      --out results/ravit_from_params [--baseline runs/vit_cifar10] [--data_path DIR]
 
 Restores the newest checkpoint in --workdir, writes `val_logits.npz` and
 `test_logits.npz` there (exit_logits [E, N, K], labels [N], cumulative
 exit_macs [E]), and, with --out, the report (report.json, report.md,
 accuracy_vs_macs.png) beside copies of the npz files. With --params (a file
-of launch.export) instead of --workdir, the variables come from that file,
-checked against --config's model, and the npz files go to --out. Thresholds
+of launch.export) instead of --workdir, the variables and the config come
+from that file (the file describes itself; a --config given is checked
+against it), and the npz files go to --out; --data_path points the data at
+another copy of the dataset than the one the file was trained on. Thresholds
 are calibrated on the validation split held out of training, never on test.
 """
 
@@ -40,6 +42,8 @@ def define_flags() -> None:
   flags.DEFINE_string("name", None, "the model's name in tables and plots")
   flags.DEFINE_list("budgets", ["0.55", "0.7"], "MACs budgets as fractions of the baseline")
   flags.DEFINE_bool("reuse_logits", False, "use existing *_logits.npz instead of recomputing")
+  flags.DEFINE_string("data_path", None, "with --params: the dataset folder (default: the "
+                      "training config's data.path stored in the file)")
 
 
 def compute_logits(config, workdir: str, config_arg: str = "...", variables=None) -> None:
@@ -48,7 +52,7 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
   `config_arg`: the --config argument, for the command that trains a missing run."""
   import numpy as np
   from adaptive_vision import models
-  from adaptive_vision.eval import logits as logits_lib
+  from adaptive_vision.eval import predict
   from adaptive_vision.train import checkpointing, loop
 
   loop.validate_config(config, workdir)
@@ -56,12 +60,10 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
     variables = checkpointing.restore_variables(
         workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
                       f"--workdir {workdir}`")
-  macs = np.asarray(models.exit_macs(config.model))
-  os.makedirs(workdir, exist_ok=True)
-  for split, (logits, labels) in loop.exit_logits(config, variables).items():
-    path = os.path.join(workdir, f"{split}_logits.npz")
-    logits_lib.save_logits(path, logits, labels, macs)
-    print(f"{split}: {len(labels)} examples, exit accuracies "
+  results = predict.evaluate(config, variables)
+  paths = predict.write_logits(workdir, results, models.exit_macs(config.model))
+  for path, (logits, labels) in zip(paths, results.values()):
+    print(f"{os.path.basename(path).split('_')[0]}: {len(labels)} examples, exit accuracies "
           + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
           + f" -> {path}", file=sys.stderr)
 
@@ -72,16 +74,24 @@ def main(argv):
     common.fail("give --workdir (a run) or --params (a file of launch.export), one of them")
   if FLAGS.params and not FLAGS.out:
     common.fail("--params needs --out: where the logits and the report go")
+  if FLAGS.workdir and FLAGS.config is None:
+    common.fail("--workdir needs --config: the config file the run was trained with")
+  if FLAGS.data_path and not FLAGS.params:
+    common.fail("--data_path goes with --params (a run's --config names its data)")
   common.setup()
   workdir = FLAGS.workdir or FLAGS.out
   with common.clear_errors():
-    variables = None
+    variables, config = None, FLAGS.config
     if FLAGS.params:
       from adaptive_vision import export
-      variables = export.load_params(FLAGS.params, FLAGS.config)
+      if config is None:
+        config = common.config_from_params(FLAGS.params)
+      if FLAGS.data_path:
+        config.data.path = FLAGS.data_path
+      variables = export.load_params(FLAGS.params, config)
     if not FLAGS.reuse_logits or not os.path.exists(os.path.join(workdir, "test_logits.npz")):
-      compute_logits(FLAGS.config, workdir, config_flags.get_config_filename(FLAGS["config"]),
-                     variables)
+      compute_logits(config, workdir, config_flags.get_config_filename(FLAGS["config"])
+                     if FLAGS.config is not None else "...", variables)
     if FLAGS.out:
       name = FLAGS.name or (os.path.basename(os.path.normpath(FLAGS.workdir)) if FLAGS.workdir
                             else os.path.splitext(os.path.basename(FLAGS.params))[0])
@@ -94,5 +104,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config"])
   common.run(main)

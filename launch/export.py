@@ -7,11 +7,12 @@ r"""A trained run's variables in one portable file, with calibrated thresholds.
 Reads the newest checkpoint of --workdir and writes --out: a NumPy .npz of
 the params (and BatchNorm statistics) keyed by their '/'-joined paths, plus
 meta.json (model config, parameter shapes, exit MACs, eval preprocessing,
-class names, source step) -- see adaptive_vision/export.py. For each budget
-it stores the entropy thresholds calibrated on the validation split (held
-out of training; never test) for mean MACs <= budget x the reference MACs:
-the model's last exit, or with --baseline_config that config's model (e.g.
-the ViT a RAViT is compared with, as launch.evaluate's report does).
+class names, the whole training config, source step) -- see
+adaptive_vision/export.py, which does the work. For each budget it stores
+the entropy thresholds calibrated on the validation split (held out of
+training; never test) for mean MACs <= budget x the reference MACs: the
+model's last exit, or with --baseline_config that config's model (e.g. the
+ViT a RAViT is compared with, as launch.evaluate's report does).
 `launch.predict --budget B` and `launch.evaluate --params` read the file.
 """
 
@@ -42,45 +43,20 @@ def define_flags() -> None:
 
 def export(config, workdir: str, out: str, budgets, baseline_config=None,
            config_arg: str = "...") -> dict:
-  import json
-  from adaptive_vision import data as data_lib
+  """Restores the newest checkpoint of `workdir` and writes `out`
+  (`adaptive_vision.export.export_variables`)."""
   from adaptive_vision import export as export_lib
-  from adaptive_vision import models
   from adaptive_vision.train import checkpointing, loop
   loop.validate_config(config, workdir)
   variables = checkpointing.restore_variables(
       workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
                     f"--workdir {workdir}`")
-  export_lib.check_matches({"model": export_lib.model_fields(config.model)}, variables,
-                           config, f"the checkpoint of {workdir}")
-  exit_macs = models.exit_macs(config.model)
-  if baseline_config is not None:
-    reference_macs = models.exit_macs(baseline_config.model)[-1]
-    reference = f"baseline {baseline_config.model.name}"
-  else:
-    reference_macs, reference = exit_macs[-1], "the last exit"
-  logits, labels = loop.exit_logits(config, variables, ("val",))["val"]
-  try:
-    class_names = data_lib.class_names(config.data)
-  except (ValueError, FileNotFoundError):
-    class_names = None
-  step = None
-  steps_file = os.path.join(workdir, "checkpoints")
-  if os.path.isdir(steps_file):
-    done = [int(d) for d in os.listdir(steps_file) if d.isdigit()]
-    step = max(done) if done else None
-  meta = {
-      "model": export_lib.model_fields(config.model),
-      "exit_macs": [float(m) for m in exit_macs],
-      "preprocessing": export_lib.preprocessing(config),
-      "class_names": list(class_names) if class_names else None,
-      "calibration": export_lib.calibration(logits, labels, exit_macs, [float(b) for b in budgets],
-                                            reference_macs=reference_macs, reference=reference),
-      "source": {"workdir": os.path.abspath(workdir), "step": step,
-                 "config": json.loads(config.to_json_best_effort())},
-  }
-  size = export_lib.save(out, variables, meta)
-  return dict(meta, size=size)
+  ckpts = os.path.join(workdir, "checkpoints")
+  done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  return export_lib.export_variables(
+      config, variables, out, budgets,
+      reference_model=None if baseline_config is None else baseline_config.model,
+      source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
 
 
 def main(argv):

@@ -21,10 +21,10 @@ ALLOWED = {
     "losses": {"config", "exits"},
     "early_exit": {"exits"},
     "inference": {"backend", "early_exit", "exits"},
-    "export": {"data", "early_exit", "models"},
-    "eval": {"atomic", "backend", "config", "data", "early_exit", "exits", "export", "machine",
+    "eval": {"atomic", "backend", "config", "data", "early_exit", "exits", "machine",
              "models", "sharding"},
-    "classify": {"backend", "data", "inference", "models"},
+    "export": {"data", "early_exit", "eval", "models"},
+    "classify": {"backend", "config", "data", "inference", "models"},
     "train": {"atomic", "backend", "config", "data", "eval", "export", "losses", "machine",
               "models", "sharding", "exits"},
 }

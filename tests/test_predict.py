@@ -23,6 +23,7 @@ from adaptive_vision import data as data_lib
 from adaptive_vision import classify, early_exit, export, models
 from adaptive_vision.data.sources import SyntheticSource
 from adaptive_vision.inference import full_cascade_predict
+from adaptive_vision.eval import predict as eval_predict
 from adaptive_vision.train import checkpointing, loop
 from configs import erde_cifar10, ravit_cifar10, vit_cifar10
 
@@ -129,7 +130,7 @@ def test_export_writes_one_checked_portable_file(exported):
   # Thresholds calibrated on the validation split only, as early_exit.calibrate does.
   cal = meta["calibration"]
   assert cal["split"] == "val" and cal["num_examples"] == TINY["data.val_size"]
-  val_logits, val_labels = loop.exit_logits(config, variables, ("val",))["val"]
+  val_logits, val_labels = eval_predict.evaluate(config, variables, splits=("val",))["val"]
   macs = models.exit_macs(config.model)
   for point in cal["budgets"]:
     want = early_exit.calibrate(val_logits, val_labels, macs, max_mean_macs=point["budget"] * macs[-1])
@@ -150,8 +151,10 @@ def test_predict_prints_the_full_cascade_policy_per_image(exported):
   everyone = _reference(config, variables, paths, [0.0])  # all exit_logits
   threshold = _mid_threshold(everyone["exit_logits"])
   macs = models.exit_macs(config.model)
-  for flag in (["--threshold", threshold], ["--budget", "0.55"]):
-    proc = _launch("predict", f"--config={RAVIT}", "--params", exported["params"],
+  # With --config, and without: the file describes itself.
+  for flag, config_flag in ((["--threshold", threshold], [f"--config={RAVIT}"]),
+                            (["--budget", "0.55"], [])):
+    proc = _launch("predict", *config_flag, "--params", exported["params"],
                    exported["root"] / "images", *flag)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = _parse(proc.stdout)
@@ -233,8 +236,8 @@ def test_predict_bad_input_is_one_line_and_exit_code_2(exported, tmp_path):
 @pytest.mark.slow
 def test_evaluate_from_the_params_file(exported, tmp_path):
   out = tmp_path / "from_params"
-  proc = _launch("evaluate", f"--config={RAVIT}", *_overrides(), "--params", exported["params"],
-                 "--out", out)
+  # No --config: the file holds the config it was trained with.
+  proc = _launch("evaluate", "--params", exported["params"], "--out", out)
   assert proc.returncode == 0, proc.stderr[-3000:]
   with np.load(out / "test_logits.npz") as a, np.load(exported["workdir"] / "test_logits.npz") as b:
     np.testing.assert_allclose(a["exit_logits"], b["exit_logits"], rtol=1e-5, atol=1e-6)

@@ -25,6 +25,7 @@ from adaptive_vision import data as data_lib
 from adaptive_vision import export as export_lib
 from adaptive_vision import losses, models
 from adaptive_vision import sharding as shd
+from adaptive_vision.eval import predict as eval_predict
 from adaptive_vision.config import require
 from adaptive_vision.train import checkpointing, optim, steps
 from adaptive_vision.train import teacher_cache as teacher_cache_lib
@@ -166,14 +167,14 @@ def load_teacher(teacher_cfg, variables=None, layers=None) -> tuple[nn.Module, d
 
 def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
           total_steps: Optional[int] = None, train_size: Optional[int] = None,
-          teacher_variables: Optional[dict] = None, eval_only: bool = False) -> Trainer:
+          teacher_variables: Optional[dict] = None) -> Trainer:
   """Assembles the trainer of `config` on `mesh` (default: the config's mesh).
 
   `total_steps` sets the learning-rate schedule's length (default: from the
   config and the train split's size, `train_size` if given). With a teacher
   configured, its variables are restored from teacher.checkpoint unless
-  `teacher_variables` are given. `eval_only` loads no teacher and builds no
-  train step (`train_step` is None): what evaluating a trained run needs.
+  `teacher_variables` are given. Evaluation needs no trainer:
+  `adaptive_vision.eval.predict.evaluate`.
   """
   mesh = shd.make_mesh(require(config, "mesh")) if mesh is None else mesh
   be = backend_lib.choose(require(config, "backend"), mesh, "train")
@@ -188,7 +189,7 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
 
   teacher, teacher_inputs, t_vars = None, None, None
   forward, cache = None, None
-  if require(config, "teacher") and not eval_only:
+  if require(config, "teacher"):
     teacher, t_vars = load_teacher(config.teacher, teacher_variables, be.layers)
     teacher_inputs = functools.partial(models.inputs_from_batch, config.teacher.model)
     root = teacher_cache_lib.cache_root(config)
@@ -204,18 +205,16 @@ def build(config, mesh: Optional[jax.sharding.Mesh] = None, *,
           out_shardings=shd.batch_sharding(mesh))
     t_vars = jax.device_put(t_vars, shd.replicated(mesh))
   inputs = functools.partial(models.inputs_from_batch, config.model)
-  step_fn, train_step = None, None
-  if not eval_only:
-    step_fn = steps.make_train_step(model, tx, loss_fn, schedule, inputs=inputs,
-                                    teacher=None if cache else teacher,
-                                    teacher_inputs=teacher_inputs,
-                                    teacher_from_batch=cache is not None)
-    train_step = steps.jit_train_step(
-        step_fn, mesh, state_sharding,
-        jax.tree_util.tree_map(lambda _: shd.replicated(mesh), t_vars), jit=be.jit)
-  eval_step = steps.jit_eval_step(steps.make_eval_step(model, inputs=inputs), mesh,
-                                  state_sharding.params, state_sharding.batch_stats,
-                                  jit=be.jit)
+  step_fn = steps.make_train_step(model, tx, loss_fn, schedule, inputs=inputs,
+                                  teacher=None if cache else teacher,
+                                  teacher_inputs=teacher_inputs,
+                                  teacher_from_batch=cache is not None)
+  train_step = steps.jit_train_step(
+      step_fn, mesh, state_sharding,
+      jax.tree_util.tree_map(lambda _: shd.replicated(mesh), t_vars), jit=be.jit)
+  eval_step = eval_predict.jit_eval_step(eval_predict.make_eval_step(model, inputs=inputs),
+                                         mesh, state_sharding.params,
+                                         state_sharding.batch_stats, jit=be.jit)
   return Trainer(config=config, mesh=mesh, backend=be, model=model, views=views, total_steps=total,
                  tx=tx, schedule=schedule, loss_fn=loss_fn, init_fn=init_fn,
                  abstract_state=abstract, state_sharding=state_sharding,

@@ -121,14 +121,6 @@ def check_same_recipe(config, workdir: str) -> None:
                      "use a new --workdir, or set --config.allow_config_change=True to resume anyway")
 
 
-def exit_logits(config, variables: dict, splits=("val", "test")) -> dict:
-  """{split: (exit_logits [E, N, K], labels [N])} of trained `variables`
-  (params, and batch_stats if any), computed as the trainer's evaluation does."""
-  trainer = build_lib.build(config, eval_only=True)
-  params, batch_stats = trainer.place_variables(variables)
-  return {split: predict.evaluate_split(trainer, params, batch_stats, split) for split in splits}
-
-
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
@@ -213,7 +205,9 @@ def train_and_evaluate(config, workdir: str) -> dict:
   def run_eval(step):
     out = {}
     for split in require(config, "eval_splits"):
-      logits, labels = predict.evaluate_split(trainer, state.params, state.batch_stats, split)
+      logits, labels = predict.evaluate_split(config, trainer.eval_step, state.params,
+                                              state.batch_stats, split, trainer.mesh,
+                                              trainer.views)
       accs = predict.exit_accuracies(logits, labels)
       rec = {f"accuracy/exit{i}": a for i, a in enumerate(accs)}
       rec.update(split=split, accuracy=accs[-1], num_examples=len(labels))

@@ -1,4 +1,5 @@
-"""Jitted, sharded train and eval steps (pure functions of state and batch)."""
+"""The jitted, sharded train step (a pure function of state and batch); the eval
+step is evaluation's (adaptive_vision/eval/predict.py)."""
 
 from __future__ import annotations
 
@@ -88,26 +89,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation,
   return step
 
 
-def make_eval_step(model: nn.Module, *, inputs: Callable[[dict], Any]):
-  """Returns `step(params, batch_stats, batch) -> exit logits [E, B, K]`."""
-
-  def step(params, batch_stats, batch):
-    logits, _ = model.apply(_variables(params, batch_stats), inputs(batch), train=False)
-    return jnp.stack([l.astype(jnp.float32) for l in _exits(logits, "model")])
-
-  return step
-
-
 def jit_train_step(step, mesh, state_sharding, teacher_sharding=None, *, jit=jax.jit):
   """`step` jitted over `mesh` (with `jit`, e.g. a backend's `Backend.jit`)."""
   batch = shd.batch_sharding(mesh)
   return jit(step, in_shardings=(state_sharding, batch, teacher_sharding),
                       out_shardings=(state_sharding, shd.replicated(mesh)),
                       donate_argnums=(0,))
-
-
-def jit_eval_step(step, mesh, params_sharding, stats_sharding, *, jit=jax.jit):
-  return jit(step, in_shardings=(params_sharding, stats_sharding,
-                                          shd.batch_sharding(mesh)),
-                      out_shardings=jax.sharding.NamedSharding(
-                          mesh, jax.sharding.PartitionSpec(None, shd.DATA)))
