@@ -13,6 +13,13 @@ accuracy_vs_macs.png) beside copies of the npz files. With --params (a file
 of launch.export) instead of --workdir, the variables come from that file,
 checked against --config's model, and the npz files go to --out. Thresholds
 are calibrated on the validation split held out of training, never on test.
+
+The folders it writes to are locked as launch.train locks a workdir (one
+writer at a time; adaptive_vision/workdir_lock.py): --workdir (or, with
+--params, --out) while the npz files are written, --out while the report is.
+If another live process holds one of them (a run still training in
+--workdir, another evaluate writing the same --out), the command stops with
+one line naming it, exit code 2.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
   checkpoint there or of `variables` (e.g. `export.load_params`).
   `config_arg`: the --config argument, for the command that trains a missing run."""
   import numpy as np
-  from adaptive_vision import models
+  from adaptive_vision import models, workdir_lock
   from adaptive_vision.eval import logits as logits_lib
   from adaptive_vision.train import checkpointing, loop
 
@@ -57,13 +64,13 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
         workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
                       f"--workdir {workdir}`")
   macs = np.asarray(models.exit_macs(config.model))
-  os.makedirs(workdir, exist_ok=True)
-  for split, (logits, labels) in loop.exit_logits(config, variables).items():
-    path = os.path.join(workdir, f"{split}_logits.npz")
-    logits_lib.save_logits(path, logits, labels, macs)
-    print(f"{split}: {len(labels)} examples, exit accuracies "
-          + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
-          + f" -> {path}", file=sys.stderr)
+  with workdir_lock.hold(workdir, **workdir_lock.settings(config)):
+    for split, (logits, labels) in loop.exit_logits(config, variables).items():
+      path = os.path.join(workdir, f"{split}_logits.npz")
+      logits_lib.save_logits(path, logits, labels, macs)
+      print(f"{split}: {len(labels)} examples, exit accuracies "
+            + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
+            + f" -> {path}", file=sys.stderr)
 
 
 def main(argv):
@@ -85,10 +92,13 @@ def main(argv):
     if FLAGS.out:
       name = FLAGS.name or (os.path.basename(os.path.normpath(FLAGS.workdir)) if FLAGS.workdir
                             else os.path.splitext(os.path.basename(FLAGS.params))[0])
+      from adaptive_vision import workdir_lock
       from adaptive_vision.eval import files
-      files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
-                        budgets=[float(b) for b in FLAGS.budgets],
-                        title=f"{name} early exits")
+      with workdir_lock.hold(FLAGS.out, target=f"--out {FLAGS.out}",
+                             **workdir_lock.settings(FLAGS.config)):
+        files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
+                          budgets=[float(b) for b in FLAGS.budgets],
+                          title=f"{name} early exits")
       print(f"wrote the report to {FLAGS.out}", file=sys.stderr)
 
 

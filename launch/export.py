@@ -13,6 +13,12 @@ out of training; never test) for mean MACs <= budget x the reference MACs:
 the model's last exit, or with --baseline_config that config's model (e.g.
 the ViT a RAViT is compared with, as launch.evaluate's report does).
 `launch.predict --budget B` and `launch.evaluate --params` read the file.
+
+--out is written in one piece (a temporary file renamed over it) while the
+command holds the lock `.<name of --out>.lock` beside it (as launch.train
+locks a workdir, adaptive_vision/workdir_lock.py): a second export to the
+same file while one writes it stops with one line naming the first, exit
+code 2. Exports of other files to the same folder do not wait for each other.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
   import json
   from adaptive_vision import data as data_lib
   from adaptive_vision import export as export_lib
-  from adaptive_vision import models
+  from adaptive_vision import models, workdir_lock
   from adaptive_vision.train import checkpointing, loop
   loop.validate_config(config, workdir)
   variables = checkpointing.restore_variables(
@@ -79,7 +85,10 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
       "source": {"workdir": os.path.abspath(workdir), "step": step,
                  "config": json.loads(config.to_json_best_effort())},
   }
-  size = export_lib.save(out, variables, meta)
+  folder, name = os.path.split(os.path.abspath(out))
+  with workdir_lock.hold(folder, name=f".{name}.lock", target=f"--out {out}",
+                         **workdir_lock.settings(config)):
+    size = export_lib.save(out, variables, meta)
   return dict(meta, size=size)
 
 
