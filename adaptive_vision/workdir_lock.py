@@ -38,7 +38,10 @@ A dead holder's lock is taken over without a race between newcomers: the
 newcomer renames the stale file to a name of its own, checks that what it
 moved is the lock it judged dead (if not, another newcomer got there first
 and it puts the file back), deletes it, and creates its own with O_EXCL, which
-only one process can do. The takeover is printed as one line. A holder whose
+only one process can do. The takeover is printed as one line by the process
+that takes the lock (when several start at the same instant, a winner that
+started after another had deleted the dead lock never saw it, and says
+nothing). A holder whose
 lock was taken over (it could not renew it for a whole lease, e.g. a stalled
 host) notices at its next heartbeat and ends at once, writing nothing more
 (`on_lost`); a lock file removed by hand is created again.
@@ -445,9 +448,11 @@ def acquire(folder: str, *, lease_seconds: float, heartbeat_seconds: float,
     alive, why = _judge(seen, me, float(lease_seconds), now, folder_id)
     if alive:
       raise Held(_held_message(target, path, seen, me, float(lease_seconds), now), seen.info)
-    if _set_aside(path, seen):
-      holder = _holder(seen.info) if seen.info else "an unreadable lock"
-      took_over = f"took over the lock of {target} from {holder}: dead ({why})"
+    # Announced if this process then creates the lock, whichever newcomer
+    # removed the dead one (another may have moved it first).
+    holder = _holder(seen.info) if seen.info else "an unreadable lock"
+    took_over = f"took over the lock of {target} from {holder}: dead ({why})"
+    _set_aside(path, seen)
   raise Held(f"{target}: {path} kept changing while this process tried to take it (several "
              "processes starting at once?); run the same command again",
              seen.info if seen else None)

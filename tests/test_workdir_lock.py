@@ -286,8 +286,8 @@ def test_newcomers_racing_for_a_dead_holders_lock_one_wins(tmp_path, holder, hol
     outs = [(p.pid, *p.communicate(timeout=120)) for p in racers]
     winners = [pid for pid, out, _ in outs if "won" in out]
     assert len(winners) == 1, outs
-    # The winner announces the takeover if it was the one that removed the
-    # dead lock (else another newcomer removed it and the winner found none).
+    # The winner announces the takeover if it saw the dead lock (a newcomer
+    # that started after another had removed it finds none).
     assert sum("took over" in out for _, out, _ in outs) <= 1, outs
     for pid, out, err in outs:
       if pid != winners[0]:
