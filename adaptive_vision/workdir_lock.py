@@ -134,7 +134,8 @@ def _start_ticks(pid: int) -> Optional[int]:
 def identity() -> dict:
   """Who this process is, as a lock names its holder."""
   job = next((f"{v}={os.environ[v]}" for v in JOB_VARIABLES if os.environ.get(v)), None)
-  return {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
+  return {"host": socket.gethostname(), "pid": os.getpid(),
+          "start_ticks": _start_ticks(os.getpid()),
           "boot_id": _first_line("/proc/sys/kernel/random/boot_id"), "pid_ns": _pid_namespace(),
           "job": job}
 

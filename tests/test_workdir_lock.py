@@ -41,7 +41,8 @@ with workdir_lock.hold(sys.argv[1], lease_seconds=180, heartbeat_seconds=30,
 
 
 def _env():
-  return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+  path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+  return {**os.environ, "PYTHONPATH": path}
 
 
 def start_holder(folder, name=wl.LOCK_NAME, env=None):
