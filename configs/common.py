@@ -85,6 +85,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (<teacher.checkpoint>/logits_cache) or a folder stores them per step, so
   # students of one seed share them (adaptive_vision/train/teacher_cache.py).
   c.teacher_cache = ""
+  # One writer per workdir (adaptive_vision/workdir_lock.py): the holder renews
+  # its lock every heartbeat_seconds; a holder on another host that has not
+  # renewed it for lease_seconds counts as dead and its lock is taken over.
+  c.workdir_lock = ml_collections.ConfigDict(dict(lease_seconds=180.0, heartbeat_seconds=30.0))
   return c
 
 

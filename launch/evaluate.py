@@ -15,6 +15,13 @@ from that file (the file describes itself; a --config given is checked
 against it), and the npz files go to --out; --data_path points the data at
 another copy of the dataset than the one the file was trained on. Thresholds
 are calibrated on the validation split held out of training, never on test.
+
+The folders it writes to are locked as launch.train locks a workdir (one
+writer at a time; adaptive_vision/workdir_lock.py): --workdir (or, with
+--params, --out) while the npz files are written, --out while the report is.
+If another live process holds one of them (a run still training in
+--workdir, another evaluate writing the same --out), the command stops with
+one line naming it, exit code 2.
 """
 
 from __future__ import annotations
@@ -51,7 +58,7 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
   checkpoint there or of `variables` (e.g. `export.load_params`).
   `config_arg`: the --config argument, for the command that trains a missing run."""
   import numpy as np
-  from adaptive_vision import models
+  from adaptive_vision import models, workdir_lock
   from adaptive_vision.eval import predict
   from adaptive_vision.train import checkpointing, loop
 
@@ -61,7 +68,8 @@ def compute_logits(config, workdir: str, config_arg: str = "...", variables=None
         workdir, hint=f"train it first with `python -m launch.train --config {config_arg} "
                       f"--workdir {workdir}`")
   results = predict.evaluate(config, variables)
-  paths = predict.write_logits(workdir, results, models.exit_macs(config.model))
+  with workdir_lock.hold(workdir, **workdir_lock.settings(config)):
+    paths = predict.write_logits(workdir, results, models.exit_macs(config.model))
   for path, (logits, labels) in zip(paths, results.values()):
     print(f"{os.path.basename(path).split('_')[0]}: {len(labels)} examples, exit accuracies "
           + ", ".join(f"{100 * float(np.mean(l.argmax(-1) == labels)):.2f}%" for l in logits)
@@ -95,10 +103,13 @@ def main(argv):
     if FLAGS.out:
       name = FLAGS.name or (os.path.basename(os.path.normpath(FLAGS.workdir)) if FLAGS.workdir
                             else os.path.splitext(os.path.basename(FLAGS.params))[0])
+      from adaptive_vision import workdir_lock
       from adaptive_vision.eval import files
-      files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
-                        budgets=[float(b) for b in FLAGS.budgets],
-                        title=f"{name} early exits")
+      with workdir_lock.hold(FLAGS.out, target=f"--out {FLAGS.out}",
+                             **workdir_lock.settings(FLAGS.config)):
+        files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
+                          budgets=[float(b) for b in FLAGS.budgets],
+                          title=f"{name} early exits")
       print(f"wrote the report to {FLAGS.out}", file=sys.stderr)
 
 

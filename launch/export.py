@@ -14,6 +14,12 @@ training; never test) for mean MACs <= budget x the reference MACs: the
 model's last exit, or with --baseline_config that config's model (e.g. the
 ViT a RAViT is compared with, as launch.evaluate's report does).
 `launch.predict --budget B` and `launch.evaluate --params` read the file.
+
+--out is written in one piece (a temporary file renamed over it) while the
+command holds the lock `.<name of --out>.lock` beside it (as launch.train
+locks a workdir, adaptive_vision/workdir_lock.py): a second export to the
+same file while one writes it stops with one line naming the first, exit
+code 2. Exports of other files to the same folder do not wait for each other.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
   """Restores the newest checkpoint of `workdir` and writes `out`
   (`adaptive_vision.export.export_variables`)."""
   from adaptive_vision import export as export_lib
+  from adaptive_vision import workdir_lock
   from adaptive_vision.train import checkpointing, loop
   loop.validate_config(config, workdir)
   variables = checkpointing.restore_variables(
@@ -53,10 +60,13 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
                     f"--workdir {workdir}`")
   ckpts = os.path.join(workdir, "checkpoints")
   done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
-  return export_lib.export_variables(
-      config, variables, out, budgets,
-      reference_model=None if baseline_config is None else baseline_config.model,
-      source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
+  folder, name = os.path.split(os.path.abspath(out))
+  with workdir_lock.hold(folder, name=f".{name}.lock", target=f"--out {out}",
+                         **workdir_lock.settings(config)):
+    return export_lib.export_variables(
+        config, variables, out, budgets,
+        reference_model=None if baseline_config is None else baseline_config.model,
+        source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
 
 
 def main(argv):

@@ -7,9 +7,20 @@ r"""Train and evaluate a config.
 Started again with the same command, a run resumes from the newest complete
 checkpoint in DIR (after a crash, a kill or a preemption alike).
 
+One process writes a workdir: the run holds DIR/.lock while it runs (in
+multi-process runs, process 0 holds it for all). A second command on DIR
+stops with one line naming the holder (host, pid, since when) and writes
+nothing. A holder that was killed leaves its lock behind; the next run takes
+it over (one line says so) and resumes as usual. A holder on another host
+(a shared filesystem) counts as dead once it has not renewed the lock for
+workdir_lock.lease_seconds (default 180; renewed every heartbeat_seconds, 30);
+see adaptive_vision/workdir_lock.py.
+
 Exit codes: 0 done; 2 bad input (flags, config, data, workdir of another model,
-unreadable checkpoints, a data order that cannot continue on this topology),
-one line on stderr, nothing trained; 3 loss or gradients became NaN/inf (the
+unreadable checkpoints, a data order that cannot continue on this topology)
+or a workdir in use by another live process, one line on stderr, nothing
+trained or written (also 2: a run whose lock another host took over after
+it failed to renew it for a whole lease stops at once); 3 loss or gradients became NaN/inf (the
 last good checkpoint is kept); 1 SIGTERM (a checkpoint of the current step was
 saved; run the same command again); 4 a checkpoint, metrics line or result
 could not be written (disk full, read-only folder): one line naming the file

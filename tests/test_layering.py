@@ -13,6 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # modules and packages of adaptive_vision. Keep in step with docs/design.md.
 ALLOWED = {
     "config": set(), "flops": set(), "machine": set(), "atomic": set(), "exits": set(),
+    "workdir_lock": set(),
     "models": {"flops", "exits"},
     "cpu": {"models"},
     "backend": {"models", "cpu"},
@@ -26,7 +27,7 @@ ALLOWED = {
     "export": {"data", "early_exit", "eval", "models"},
     "classify": {"backend", "config", "data", "inference", "models"},
     "train": {"atomic", "backend", "config", "data", "eval", "export", "losses", "machine",
-              "models", "sharding", "exits"},
+              "models", "sharding", "exits", "workdir_lock"},
 }
 
 

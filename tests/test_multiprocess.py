@@ -9,6 +9,11 @@ position); the same command restores it on both, and the result matches one
 process fed the same global batches (the two parts concatenated) to float
 tolerance: per-step losses, parameters, test logits.
 
+One lock for the whole job: process 0 holds the workdir's lock, the other
+process takes none; a second two-process job on a workdir in use stops in
+both processes (neither waits in a collective), process 0 naming the holder,
+and writes nothing.
+
 Topology changes: a two-process run stopped at step 6 and resumed as one
 process, and a one-process run resumed as two, with replicated and with FSDP
 parameters, end with the per-step losses, parameters and test logits of a
@@ -21,8 +26,10 @@ import argparse
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -30,6 +37,7 @@ import numpy as np
 import pytest
 
 from adaptive_vision import data as data_lib
+from adaptive_vision import workdir_lock
 from adaptive_vision.eval import predict
 from adaptive_vision import sharding as shd
 from adaptive_vision.train import build, checkpointing, loop
@@ -37,6 +45,7 @@ from adaptive_vision.train.metrics import read_metrics
 from launch import multihost
 
 import test_reliability as rel  # the tiny config, on the command line and in process
+from test_workdir_lock import snapshot, start_holder
 
 # Subprocesses and whole runs: `pytest -m 'not slow'` skips them (CI runs all).
 pytestmark = pytest.mark.slow
@@ -84,6 +93,20 @@ def single_process_reference(c):
   return step_losses, jax.device_get(state.params), logits, labels
 
 
+def start_processes(workdir, log_prefix):
+  """The two processes of `launch.train ... --distributed` on localhost, each
+  logging to <log_prefix><i>.log."""
+  args = argparse.Namespace(num_processes=2, devices_per_process=2, python=sys.executable)
+  procs, logs = [], []
+  for i, (extra, cmd) in enumerate(multihost.local_commands(args, train_args(workdir),
+                                                            multihost.free_port())):
+    logs.append(Path(f"{log_prefix}{i}.log"))
+    with open(logs[-1], "wb") as log:
+      procs.append(subprocess.Popen(cmd, cwd=REPO, env={**rel.cli_env(), **extra},
+                                    stdout=log, stderr=subprocess.STDOUT))
+  return procs, logs
+
+
 @pytest.mark.skipif(not _gloo_available(),
                     reason="this jaxlib has no gloo CPU collectives: multi-process CPU "
                            "training cannot run here")
@@ -91,16 +114,12 @@ def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
   workdir = tmp_path / "mp"
   # Phase 1: the two processes train; SIGTERM reaches process 1 only (as when a
   # scheduler preempts one host). Both save the same step and exit.
-  args = argparse.Namespace(num_processes=2, devices_per_process=2, python=sys.executable)
-  procs, logs = [], []
-  for i, (extra, cmd) in enumerate(multihost.local_commands(args, train_args(workdir),
-                                                            multihost.free_port())):
-    logs.append(tmp_path / f"process{i}.log")
-    with open(logs[-1], "wb") as log:
-      procs.append(subprocess.Popen(cmd, cwd=REPO, env={**rel.cli_env(), **extra},
-                                    stdout=log, stderr=subprocess.STDOUT))
+  procs, logs = start_processes(workdir, tmp_path / "process")
   try:
     rel.wait_until(lambda: len(rel.logged_steps(str(workdir))) >= 2, procs[0], timeout=400)
+    # One lock for the job, process 0's; process 1 took none.
+    holder = workdir_lock.read(str(workdir))
+    assert holder["pid"] == procs[0].pid and holder["host"] == socket.gethostname()
     procs[1].send_signal(signal.SIGTERM)
     codes = [p.wait(timeout=300) for p in procs]
   finally:
@@ -109,18 +128,46 @@ def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
         p.kill()
   texts = [l.read_text() for l in logs]
   assert codes == [1, 1], texts
+  assert workdir_lock.read(str(workdir)) is None  # released by process 0 on its way out
+  assert not any("took over" in t for t in texts), texts
   saved = [int(t.split("saved a checkpoint at step ")[1].split()[0]) for t in texts]
   assert saved[0] == saved[1] and saved[0] < STEPS, saved  # the same step on both
   step_dir = workdir / "checkpoints" / str(saved[0])
   assert sorted(os.listdir(step_dir / "data")) == [
       "commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(step_dir / "state"))
+  # A second two-process job while another process holds the workdir: both of
+  # its processes stop (exit 2), process 0 naming the holder; nothing written.
+  holder = start_holder(str(workdir), env=rel.cli_env())
+  try:
+    before = snapshot(str(workdir))
+    t0 = time.time()
+    refused, refused_logs = start_processes(workdir, tmp_path / "refused")
+    try:
+      refused_codes = [p.wait(timeout=300) for p in refused]
+      refused_after = time.time() - t0
+    finally:
+      for p in refused:
+        if p.poll() is None:
+          p.kill()
+    assert snapshot(str(workdir)) == before
+  finally:
+    holder.terminate()
+    holder.wait(timeout=30)
+  refused_texts = [l.read_text() for l in refused_logs]
+  errors = [[l for l in t.splitlines() if l.startswith("error:")] for t in refused_texts]
+  assert refused_codes == [2, 2], refused_texts
+  assert len(errors[0]) == 1 and errors[0][0].startswith(
+      f"error: workdir {workdir} is in use by pid {holder.pid} on host "), refused_texts[0]
+  assert errors[1] == [f"error: process 0 could not take the lock of workdir {workdir} (its "
+                       "error names the holder); nothing was written"], refused_texts[1]
   # Phase 2: the same command (through launch/multihost.py); both processes
   # restore that step and finish.
   out = run_multihost("local", "--num_processes", "2", "--devices_per_process", "2",
                   "--timeout", "400", "--", *train_args(workdir))
   assert out.returncode == 0, out.stderr[-4000:]
   assert f"resuming from checkpoint at step {saved[0]}" in out.stderr
+  assert "took over" not in out.stderr and workdir_lock.read(str(workdir)) is None
   assert out.stderr.count("done: step") == 1  # printed by process 0 only
   info = read_metrics(str(workdir), "info")[0]
   assert info["processes"] == 2 and info["devices"] == 4
@@ -135,6 +182,8 @@ def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
   with np.load(workdir / "test_logits.npz") as f:
     labels, logits = f["labels"], f["exit_logits"]
   rel.record("multiprocess", steps=STEPS, processes=2, devices=4, preempted_at=saved[0],
+             lock_holder_pid_is_process_0=True, second_job_codes=refused_codes,
+             second_job_refused_after_s=round(refused_after, 1),
              max_loss_diff=float(np.max(np.abs(got_losses - want_losses))),
              max_param_diff=max(float(np.max(np.abs(np.asarray(a) - b))) for a, b in
                                 zip(params, jax.tree_util.tree_leaves(want_params))),

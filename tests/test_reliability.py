@@ -12,6 +12,11 @@
 * NaN/inf: the run stops naming the step and the metric; the last good
   checkpoint stays readable and finite.
 * Bad input on the command line: exit code 2, one line, nothing written.
+* One writer per workdir: a second command on a workdir in use stops in one
+  line naming the holder and changes nothing; a killed holder's lock is taken
+  over (one line) and the run resumes exactly; a holder on another host
+  blocks until its lease ends; launch.evaluate and launch.export refuse a
+  folder another process writes.
 
 metrics.jsonl after a kill: the resumed run drops the lines written after the
 checkpoint it restored (they are computed and written again), so the file
@@ -31,6 +36,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -41,9 +47,11 @@ import numpy as np
 import pytest
 
 from adaptive_vision import sharding as shd
+from adaptive_vision import workdir_lock
 from adaptive_vision.train import build, checkpointing, loop
 from adaptive_vision.train.metrics import read_metrics
 from configs import vit_cifar10
+from test_workdir_lock import fake_lock, snapshot, start_holder
 
 # Failed restores of damaged checkpoints leave orbax coroutines unawaited.
 pytestmark = [pytest.mark.slow,
@@ -230,6 +238,7 @@ def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, 
   proc.wait()
   log2 = Path(proc.log_path).read_text()
   assert f"resuming from checkpoint at step {newest}" in log2
+  assert log2.count("took over the lock of workdir") == 1  # the killed run's
   assert not set(left) & set(writing(workdir))  # the restart removed kill 1's leftovers
   newest2 = complete_steps(workdir)[-1]
   redone2 = max(logged_steps(workdir)) - newest2
@@ -237,6 +246,7 @@ def test_sigkill_anytime_then_same_command_resumes_exactly(reference, tmp_path, 
   code, log = finish(start(workdir, log=str(tmp_path / "run3.log")))
   assert code == 0, log
   assert f"resuming from checkpoint at step {newest2}" in log
+  assert log.count("took over the lock of workdir") == (1 if killed2 else 0)
   assert not writing(workdir)
   record("sigkill", repeat=repeat, kill1_after_ckpt=after, kill1_mid_write=mid_write,
          kill1_resumed_from=newest, kill1_steps_redone=redone1, kill2_delay_s=round(delay, 3),
@@ -257,6 +267,7 @@ def test_sigterm_saves_current_step_and_restart_loses_nothing(reference, tmp_pat
   proc.send_signal(signal.SIGTERM)
   code, log = finish(proc)
   assert code == 1, log
+  assert workdir_lock.read(workdir) is None  # released on the way out
   lines = [l for l in log.splitlines() if l.startswith("SIGTERM received")]
   assert len(lines) == 1, log
   step = int(lines[0].split("checkpoint at step ")[1].split()[0])
@@ -424,6 +435,153 @@ def test_nan_names_step_and_metric_and_last_good_checkpoint_is_intact(tmp_path):
   ckpt.close()
   assert step == steps[-1]
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree_util.tree_leaves(state.params))
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def _unchanged_by(workdir, command, **kwargs):
+  """Runs `command` and checks that it changed nothing in `workdir` (names,
+  bytes, modification times). Returns run_cli's result."""
+  before = snapshot(workdir)
+  result = command(**kwargs)
+  assert snapshot(workdir) == before
+  return result
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_a_second_command_on_a_busy_workdir_is_refused_and_changes_nothing(reference, tmp_path,
+                                                                           repeat):
+  """The same command started again while the first runs (a resubmitted job,
+  a scheduler's restart before the old process died): the second stops in one
+  line naming the first and writes nothing; the first ends as if alone."""
+  workdir = str(tmp_path / "run")
+  proc = start(workdir)
+  after = random.Random().choice([2, 4, 6, 8, 10])
+  wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] >= after, proc)
+  holder = workdir_lock.read(workdir)
+  assert holder["pid"] == proc.pid and holder["host"] == socket.gethostname()
+  # Stopped while the second command runs, so that any change to the workdir is the second's.
+  os.kill(proc.pid, signal.SIGSTOP)
+  try:
+    stopped_at = complete_steps(workdir)[-1]
+    code, lines, stderr, seconds = _unchanged_by(
+        workdir, lambda: run_cli(train_cmd(workdir)[3:]))
+  finally:
+    os.kill(proc.pid, signal.SIGCONT)
+  assert code == 2, stderr
+  assert lines == [
+      f"error: workdir {workdir} is in use by pid {proc.pid} on host {socket.gethostname()}, "
+      f"since {holder['since']}: wait for it to finish, stop it (kill {proc.pid}), or, if you "
+      f"are sure it is dead, remove {workdir}/.lock; then run the same command again"], stderr
+  code, log = finish(proc)
+  assert code == 0, log
+  assert "took over" not in log
+  assert workdir_lock.read(workdir) is None and not glob.glob(f"{workdir}/.lock*")
+  record("second_writer", repeat=repeat, first_stopped_at_checkpoint=stopped_at,
+         refused_after_s=round(seconds, 1), steps=STEPS)
+  assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_a_killed_holders_lock_is_taken_over_and_the_run_resumes_exactly(reference, tmp_path,
+                                                                          repeat):
+  workdir = str(tmp_path / "run")
+  proc = start(workdir)
+  after = random.Random().choice([2, 4, 6, 8, 10])
+  wait_until(lambda: complete_steps(workdir) and complete_steps(workdir)[-1] >= after, proc)
+  proc.kill()
+  proc.wait()
+  dead = workdir_lock.read(workdir)
+  assert dead["pid"] == proc.pid  # SIGKILL runs no clean-up: the lock stays
+  newest = complete_steps(workdir)[-1]
+  code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
+  assert code == 0, log
+  assert [l for l in log.splitlines() if "took over" in l] == [
+      f"took over the lock of workdir {workdir} from pid {proc.pid} on host "
+      f"{socket.gethostname()}, since {dead['since']}: dead (the process is gone)"], log
+  assert f"resuming from checkpoint at step {newest}" in log
+  assert workdir_lock.read(workdir) is None and not glob.glob(f"{workdir}/.lock*")
+  record("killed_holder", repeat=repeat, killed_after_checkpoint=after, resumed_from=newest,
+         steps=STEPS)
+  assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize("repeat", range(REPEATS))
+def test_a_holder_on_another_host_blocks_until_its_lease_ends(reference, tmp_path, repeat):
+  """A lock naming another host (a shared filesystem): its pid means nothing
+  here, its heartbeat does. Within its lease the run is refused; after it,
+  the lock is taken over and the run goes on from its checkpoints."""
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference, workdir)
+  rng = random.Random()
+  age = rng.randint(5, 150)
+  path, info = fake_lock(workdir, mtime_age=age, host="node-b.cluster", pid=4242,
+                         boot_id="another-boot", job="SLURM_JOB_ID=777", lease_seconds=180.0)
+  code, lines, stderr, seconds = _unchanged_by(workdir, lambda: run_cli(train_cmd(workdir)[3:]))
+  assert code == 2, stderr
+  assert len(lines) == 1, stderr
+  match = re.fullmatch(
+      rf"error: workdir {re.escape(workdir)} is in use by pid 4242 on host node-b\.cluster, "
+      rf"job SLURM_JOB_ID=777, since {info['since']}, last heartbeat (\d+) s ago \(if it has "
+      rf"died, its lease of 180 s ends in (\d+) s\): wait for it to finish or stop it on "
+      rf"node-b\.cluster, or, if you are sure it is dead, remove {re.escape(path)}; then run "
+      rf"the same command again", lines[0])
+  assert match, lines[0]
+  heard = int(match.group(1))
+  assert age <= heard <= age + seconds + 1 and int(match.group(2)) == 180 - heard
+  # The holder misses its heartbeats for longer than its lease.
+  silent = rng.randint(181, 600)
+  t = time.time() - silent
+  os.utime(path, (t, t))
+  code, log = finish(start(workdir, log=str(tmp_path / "run2.log")))
+  assert code == 0, log
+  took = [l for l in log.splitlines() if "took over" in l]
+  assert len(took) == 1 and re.fullmatch(
+      rf"took over the lock of workdir {re.escape(workdir)} from pid 4242 on host "
+      rf"node-b\.cluster, job SLURM_JOB_ID=777, since {info['since']}: dead \(no heartbeat "
+      rf"for \d+ s, lease 180 s\)", took[0]), log
+  assert f"resuming from checkpoint at step {STEPS}" in log
+  assert workdir_lock.read(workdir) is None
+  record("other_host", repeat=repeat, heartbeat_age_s=age, refused_after_s=round(seconds, 1),
+         silent_s=silent)
+  assert_same_run(workdir, reference)
+
+
+def test_evaluate_and_export_refuse_a_folder_another_process_writes(reference, tmp_path):
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference, workdir)
+  tiny_flags = train_cmd(workdir)[5:]  # --workdir W and the tiny --config.* flags
+
+  def launch(name, *args):
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", f"launch.{name}", "--config",
+                           "configs/vit_cifar10.py:runlocal", *tiny_flags, *args], cwd=REPO,
+                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    lines = [l for l in proc.stderr.splitlines()
+             if l.strip() and not re.match(r"[IWEF]\d{4} ", l)]
+    return proc.returncode, lines, proc.stderr, time.time() - t0
+
+  holder = start_holder(workdir, env=cli_env())  # e.g. a run still training there
+  _started.append(holder)
+  code, lines, stderr, _ = _unchanged_by(workdir, lambda: launch("evaluate"))
+  assert code == 2, stderr
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: workdir {workdir} is in use by pid {holder.pid} on host "), stderr
+  holder.terminate()
+  assert holder.wait(timeout=30) == 0
+  params = tmp_path / "params"
+  params.mkdir()
+  holder = start_holder(str(params), ".tiny.npz.lock", env=cli_env())  # another export of it
+  _started.append(holder)
+  code, lines, stderr, _ = _unchanged_by(
+      str(params), lambda: launch("export", f"--out={params}/tiny.npz"))
+  assert code == 2, stderr
+  assert len(lines) == 1 and lines[0].startswith(
+      f"error: --out {params}/tiny.npz is in use by pid {holder.pid} on host "), stderr
+  code, _, stderr, _ = launch("export", f"--out={params}/other.npz")  # another file: no wait
+  assert code == 0, stderr
+  assert sorted(os.listdir(params)) == [".tiny.npz.lock", "other.npz"]
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -1,5 +1,6 @@
 """Trainer: sharded step equals single-device step, runlocal run, exact resume, bad input."""
 
+import json
 import os
 import re
 
@@ -220,6 +221,17 @@ def test_workdir_of_another_model_is_refused(tmp_path):
   with pytest.raises(ValueError, match="different model"):
     loop.train_and_evaluate(other, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+
+
+def test_a_workdir_from_before_the_workdir_lock_keys_resumes(tmp_path):
+  """workdir_lock.* is operational: a run whose config.json predates it resumes."""
+  c = tiny_config()
+  old = json.loads(c.to_json_best_effort())
+  del old["workdir_lock"]
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  (tmp_path / "checkpoints" / "4").mkdir(parents=True)
+  c.workdir_lock.lease_seconds = 600.0
+  loop.check_same_recipe(c, str(tmp_path))  # no "another recipe" refusal
 
 
 @pytest.mark.slow

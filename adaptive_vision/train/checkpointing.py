@@ -183,7 +183,7 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except
         restored, error = None, e
-      if not _on_all_processes(error is None):
+      if not on_all_processes(error is None):
         # In multi-process runs a checkpoint counts only if every process read
         # its part, so all processes resume from the same step.
         failures.append((step, error or RuntimeError("another process could not read it")))
@@ -298,7 +298,8 @@ class CheckpointRestoreError(ValueError):
   """Checkpoints exist but none of them restores."""
 
 
-def _on_all_processes(ok: bool) -> bool:
+def on_all_processes(ok: bool) -> bool:
+  """`ok` on every process (the same answer on all of them)."""
   if jax.process_count() == 1:
     return ok
   from jax.experimental import multihost_utils

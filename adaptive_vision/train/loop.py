@@ -3,6 +3,7 @@ signals live; everything it calls is pure)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adaptive_vision import atomic, data as data_lib
-from adaptive_vision import losses, machine, models
+from adaptive_vision import losses, machine, models, workdir_lock
 from adaptive_vision.eval import logits as logits_lib
 from adaptive_vision.eval import predict
 from adaptive_vision.config import require
@@ -53,6 +54,7 @@ def check_workdir(workdir: str) -> None:
 def validate_config(config, workdir: str) -> None:
   """Cheap checks that run before any data is read or anything compiles."""
   check_workdir(workdir)
+  workdir_lock.settings(config)  # the workdir lock's lease and heartbeat
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size {config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -83,7 +85,7 @@ _OPERATIONAL = ("log_every", "eval_every", "checkpoint_every", "stop_at_step", "
                 "async_checkpoints", "eval_batch_size", "eval_splits", "mesh", "param_sharding",
                 "allow_config_change", "data.num_workers", "data.prefetch_buffer_size",
                 "data.cache_dir", "data.path",
-                "teacher.checkpoint", "backend")
+                "teacher.checkpoint", "backend", "workdir_lock")
 
 
 def _flatten(d, prefix=""):
@@ -121,21 +123,47 @@ def check_same_recipe(config, workdir: str) -> None:
                      "use a new --workdir, or set --config.allow_config_change=True to resume anyway")
 
 
+@contextlib.contextmanager
+def hold_workdir(config, workdir: str):
+  """The job's one lock on `workdir` (adaptive_vision/workdir_lock.py), held by
+  process 0 for all processes. If it cannot be taken, every process raises
+  workdir_lock.Held (process 0's names the holder) before writing anything."""
+  settings = workdir_lock.settings(config)
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(workdir_lock.hold(workdir, **settings))
+      except Exception as e:  # pylint: disable=broad-except  # Held, or no lock could be written
+        refused = e
+    if not checkpointing.on_all_processes(refused is None):
+      if refused is not None:
+        raise refused
+      raise workdir_lock.Held(f"process 0 could not take the lock of workdir {workdir} "
+                              "(its error names the holder); nothing was written")
+    yield
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
   """Trains `config` in `workdir`, resuming from its newest checkpoint.
 
-  Returns the final evaluation metrics. Raises NonFiniteError on NaN/inf and
-  Preempted (after saving) on SIGTERM.
+  Returns the final evaluation metrics. Raises NonFiniteError on NaN/inf,
+  Preempted (after saving) on SIGTERM, and workdir_lock.Held, having written
+  nothing, when another live process writes in `workdir`.
   """
   validate_config(config, workdir)
-  primary = jax.process_index() == 0
   # Reads (or finds missing) the dataset before anything is written to workdir.
   info = data_lib.dataset_info(config.data)
   try:  # with any missing parents, like runs/ in a fresh clone
     os.makedirs(workdir, exist_ok=True)
   except OSError as e:
     raise ValueError(f"cannot create --workdir {workdir}: {e.strerror or e}") from e
+  with hold_workdir(config, workdir):  # before anything is written in it
+    return _train_and_evaluate(config, workdir, info)
 
+
+def _train_and_evaluate(config, workdir: str, info: dict) -> dict:
+  primary = jax.process_index() == 0
   steps_per_epoch = max(info["train_size"] // config.batch_size, 1)
   trainer = build_lib.build(config, train_size=info["train_size"])
   total_steps = trainer.total_steps
