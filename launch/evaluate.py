@@ -106,7 +106,7 @@ def main(argv):
       from adaptive_vision import workdir_lock
       from adaptive_vision.eval import files
       with workdir_lock.hold(FLAGS.out, target=f"--out {FLAGS.out}",
-                             **workdir_lock.settings(FLAGS.config)):
+                             **workdir_lock.settings(config)):
         files.report_runs(FLAGS.out, {name: workdir}, baseline=FLAGS.baseline,
                           budgets=[float(b) for b in FLAGS.budgets],
                           title=f"{name} early exits")

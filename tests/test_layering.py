@@ -13,7 +13,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # modules and packages of adaptive_vision. Keep in step with docs/design.md.
 ALLOWED = {
     "config": set(), "flops": set(), "machine": set(), "atomic": set(), "exits": set(),
-    "workdir_lock": set(),
+    "workdir_lock": {"atomic", "config"},
     "models": {"flops", "exits"},
     "cpu": {"models"},
     "backend": {"models", "cpu"},
