@@ -91,13 +91,19 @@ def missing(name: str) -> str | None:
   return PREREQUISITES[name]()
 
 
+def unavailable(what: str) -> None:
+  """A prerequisite found missing while the test runs (e.g. a mount refused):
+  skip here, fail under CI=true, with one line saying what is missing."""
+  if CI:
+    pytest.fail(f"missing on the CI machine: {what}", pytrace=False)
+  pytest.skip(f"missing here: {what}")
+
+
 def require(name: str) -> None:
   """In a test body: skip (or, under CI=true, fail) when `name` is missing."""
   what = missing(name)
   if what:
-    if CI:
-      pytest.fail(f"missing on the CI machine: {what}", pytrace=False)
-    pytest.skip(f"missing here: {what}")
+    unavailable(what)
 
 
 def pytest_configure(config):

@@ -55,14 +55,6 @@ STEPS = 12
 REPEATS = rel.REPEATS
 
 
-def _gloo_available() -> bool:
-  try:
-    from jax._src.lib import _jax
-  except ImportError:  # layout changed: let the test run and show what happens
-    return True
-  return hasattr(_jax, "make_gloo_tcp_collectives")
-
-
 def run_multihost(*args, timeout=420):
   env = rel.cli_env()
   return subprocess.run(
@@ -107,9 +99,7 @@ def start_processes(workdir, log_prefix):
   return procs, logs
 
 
-@pytest.mark.skipif(not _gloo_available(),
-                    reason="this jaxlib has no gloo CPU collectives: multi-process CPU "
-                           "training cannot run here")
+@pytest.mark.requires("gloo")
 def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
   workdir = tmp_path / "mp"
   # Phase 1: the two processes train; SIGTERM reaches process 1 only (as when a
@@ -242,9 +232,7 @@ def _outputs(workdir):
     return losses, params, f["exit_logits"], f["labels"]
 
 
-@pytest.mark.skipif(not _gloo_available(),
-                    reason="this jaxlib has no gloo CPU collectives: multi-process CPU "
-                           "training cannot run here")
+@pytest.mark.requires("gloo")
 @pytest.mark.parametrize("repeat", range(REPEATS))
 @pytest.mark.parametrize("sharding", list(SHARDING))
 @pytest.mark.parametrize("before,after", [("2x2", "1x2"), ("1x2", "2x2")])

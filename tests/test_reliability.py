@@ -45,6 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from conftest import unavailable
 
 from adaptive_vision import sharding as shd
 from adaptive_vision import workdir_lock
@@ -742,7 +743,7 @@ def small_disk(tmp_path):
   disk.mkdir()
   out = _mount("-t", "tmpfs", "-o", "size=32m", "tmpfs", disk)
   if out.returncode:
-    pytest.skip(f"cannot mount a tmpfs here ({out.stderr.strip()}); a full disk needs root")
+    unavailable(f"a tmpfs mount for the full-disk tests (root; {out.stderr.strip()})")
   yield disk
   # Recursively (a bind mount inside); lazily when a run still holds files there.
   if subprocess.run(["umount", "-R", str(disk)], capture_output=True).returncode:
@@ -843,7 +844,7 @@ def test_unwritable_folder_stops_in_one_line_and_same_command_resumes(reference,
   out = _chattr("+i", ckpts)
   if out.returncode:
     proc.kill()
-    pytest.skip(f"chattr +i is refused here ({out.stderr.strip()})")
+    unavailable(f"chattr +i for the unwritable-folder test ({out.stderr.strip()})")
   try:
     code, log = finish(proc)
     listing = sorted(os.listdir(ckpts))
