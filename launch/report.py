@@ -28,6 +28,16 @@ seed's validation logits):
      seeds_paired_differences.png and copies of the npz files
      (<method>_s<seed>_<split>_logits.npz).
 
+A cascade against its baseline over seeds (the claim table: test accuracy at
+<= each budget x the baseline's MACs, thresholds calibrated on each seed's
+validation logits, paired differences with 95% intervals, the claims):
+
+  python -m launch.report --seeds 0,1,2 --run ravit=runs/ravit_s{seed} \
+      --baseline runs/vit_s{seed} --budgets 0.55,0.7,0.72 \
+      --claims 0.72:1.7:must,0.7:0.5:goal --out results/ravit_cifar10_cpu
+
+  -> claim_table.json, claim_table.md and copies of the npz files.
+
 A training run's summary (accuracy per exit, MACs, images/s, wall time, machine):
 
   python -m launch.report --summarize runs/vit_cifar10 --out results/vit_cifar10_cpu \
@@ -58,6 +68,8 @@ flags.DEFINE_list("seeds", [], "seed study: the seeds that fill {seed} in each -
 flags.DEFINE_string("reference", "erde", "seed study: the method compared with the others")
 flags.DEFINE_list("seed_budgets", ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"],
                   "seed study: budgets as fractions of the teacher's final-exit MACs")
+flags.DEFINE_list("claims", [], "cascade seed study: budget:points:label, e.g. 0.72:1.7:must "
+                  "(seed-mean accuracy at <= budget x the baseline's MACs within points of it)")
 flags.DEFINE_string("summarize", None, "workdir of a training run to summarize")
 flags.DEFINE_string("command", "", "summarize: the command that produced the run")
 flags.DEFINE_string("note", "", "summarize: a free-text note for the Markdown")
@@ -80,11 +92,28 @@ def main(argv):
     common.fail("give --out and exactly one of: --run name=workdir (a report), "
                 "--a/--b name=workdir (a comparison), --summarize workdir"
                 + (f"; got {' and '.join(modes)}" if len(modes) > 1 else ""))
-  if FLAGS.seeds and not (FLAGS.run and FLAGS.teacher):
-    common.fail("a seed study needs --run name=folder_with_{seed} and --teacher workdir")
+  if FLAGS.seeds and not (FLAGS.run and (FLAGS.teacher or FLAGS.baseline)):
+    common.fail("a seed study needs --run name=folder_with_{seed} and --teacher workdir "
+                "(methods against a teacher) or --baseline folder_with_{seed} (a cascade "
+                "against its baseline)")
   from adaptive_vision.eval import files
   with common.clear_errors():
-    if FLAGS.seeds:
+    if FLAGS.seeds and not FLAGS.teacher:
+      if len(FLAGS.run) != 1:
+        common.fail("a cascade seed study takes one --run name=folder_with_{seed}")
+      name, pattern = _named("run", FLAGS.run[0])
+      claims = []
+      for item in FLAGS.claims:
+        parts = item.split(":")
+        if len(parts) != 3:
+          common.fail(f"--claims {item!r}: use budget:points:label, e.g. 0.72:1.7:must")
+        claims.append((float(parts[0]), float(parts[1]), parts[2]))
+      files.cascade_seed_report(FLAGS.out, name, pattern, FLAGS.baseline,
+                                [int(s) for s in FLAGS.seeds],
+                                budgets=[float(b) for b in FLAGS.budgets], claims=claims,
+                                title=FLAGS.title)
+      written = f"{FLAGS.out}/{files.CLAIMS_MD}, {files.CLAIMS_JSON}"
+    elif FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
       study = files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
                                 reference=FLAGS.reference,

@@ -104,6 +104,42 @@ def summarize_run(workdir: str, out: str, *, command: str = "", note: str = "") 
 
 
 SEEDS_JSON, SEEDS_MD, SEEDS_PNG = "seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png"
+CLAIMS_JSON, CLAIMS_MD = "claim_table.json", "claim_table.md"
+
+
+def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern: str,
+                        seeds: Sequence[int], *, budgets: Sequence[float],
+                        claims: Sequence[tuple[float, float, str]] = (),
+                        title: str = "Cascade vs baseline over seeds") -> dict[str, Any]:
+  """The claim table (`cascade_seeds.claim_table`) of run folders `pattern` and
+  `baseline_pattern` with a `{seed}` placeholder: writes claim_table.{json,md}
+  and copies of the npz files (`<name>_s<seed>_<split>_logits.npz`,
+  `baseline_s<seed>_<split>_logits.npz`) into `out_dir`."""
+  from adaptive_vision.eval import cascade_seeds
+  loaded = {}
+  for who, pat in ((name, pattern), ("baseline", baseline_pattern)):
+    if "{seed}" not in pat:
+      raise ValueError(f"{pat}: the folder needs a {{seed}} placeholder, e.g. runs/{who}_s{{seed}}")
+    loaded[who] = []
+    for seed in seeds:
+      run_dir = pat.format(seed=seed)
+      val, test = load_run(run_dir, "val"), load_run(run_dir, "test")
+      if val is None or test is None:
+        raise FileNotFoundError(f"{run_dir} lacks val_logits.npz or test_logits.npz; write "
+                                "them with python -m launch.evaluate")
+      loaded[who].append((val, test))
+      for split in ("val", "test"):
+        copy = os.path.join(out_dir, f"{who}_s{seed}_{split}_logits.npz")
+        src = os.path.join(run_dir, f"{split}_logits.npz")
+        if os.path.abspath(src) != os.path.abspath(copy):
+          os.makedirs(out_dir, exist_ok=True)
+          atomic.copy_file(src, copy)
+  table = cascade_seeds.claim_table(loaded[name], loaded["baseline"], seeds, budgets=budgets,
+                                    claims=claims)
+  os.makedirs(out_dir, exist_ok=True)
+  atomic.write_json(os.path.join(out_dir, CLAIMS_JSON), jsonable(table), indent=1)
+  atomic.write_text(os.path.join(out_dir, CLAIMS_MD), cascade_seeds.markdown(table, title))
+  return table
 SEEDS_DIFF_PNG = "seeds_paired_differences.png"
 
 

@@ -1,0 +1,59 @@
+"""The cascade-vs-baseline claim table: thresholds from validation only, paired
+differences per seed with their interval, and the claims."""
+
+import numpy as np
+import pytest
+
+from adaptive_vision.eval import cascade_seeds, intervals
+from adaptive_vision.eval.logits import ExitLogits
+
+
+def _logits(rng, n, correct_rate, exits, macs):
+  """Exit logits whose exit e is right on about correct_rate[e] of n images."""
+  labels = rng.integers(0, 10, n)
+  out = []
+  for rate in correct_rate[:exits]:
+    z = rng.normal(size=(n, 10))
+    right = rng.random(n) < rate
+    z[np.arange(n), np.where(right, labels, (labels + 1) % 10)] += 4.0
+    out.append(z)
+  return ExitLogits(np.stack(out).astype(np.float32), labels, np.asarray(macs, np.float64))
+
+
+def test_intervals():
+  s = intervals.paired([0.02, 0.025, 0.03])
+  assert s["mean"] == pytest.approx(0.025) and s["std"] == pytest.approx(0.005)
+  half = 4.302653 * 0.005 / np.sqrt(3)  # t(0.975, 2)
+  assert s["ci"] == pytest.approx([0.025 - half, 0.025 + half], rel=1e-5)
+  assert s["above_zero"] and not s["below_zero"]
+  wide = intervals.paired([0.01, -0.005, 0.02])
+  assert not wide["above_zero"] and "trend only" in intervals.verdict(wide, "a", "b")
+  assert "a beats b" in intervals.verdict(s, "a", "b")
+  assert intervals.paired([0.01])["ci"] is None
+
+
+def test_claim_table_calibrates_on_validation_and_pairs_seeds():
+  rng = np.random.default_rng(0)
+  macs = [10.0, 30.0]
+  cascade, baseline = [], []
+  for s in range(3):
+    cascade.append((_logits(rng, 400, (0.6, 0.8), 2, macs), _logits(rng, 400, (0.6, 0.8), 2, macs)))
+    baseline.append((_logits(rng, 400, (0.82,), 1, [40.0]), _logits(rng, 400, (0.82,), 1, [40.0])))
+  t = cascade_seeds.claim_table(cascade, baseline, [0, 1, 2], budgets=(0.5, 0.8),
+                                claims=[(0.8, 5.0, "loose"), (0.5, 0.0, "tight")])
+  for row, (c, b) in zip(t["rows"], zip(cascade, baseline)):
+    assert row["baseline_test"] == pytest.approx(np.mean(b[1].exit_logits[0].argmax(-1)
+                                                         == b[1].labels))
+    for point in row["budgets"]:
+      assert point["test_macs_fraction"] <= point["budget"] + 0.1  # calibrated on val, not test
+      assert point["difference"] == pytest.approx(point["test_accuracy"] - row["baseline_test"])
+  full = t["summary"]["budgets"][1]
+  assert full["difference"]["n"] == 3 and len(full["difference"]["ci"]) == 2
+  loose, tight = t["claims"]
+  assert loose["met"] and not tight["met"]
+  assert loose["gap_points"] == pytest.approx(
+      100 * (t["summary"]["baseline_test"]["mean"] - full["test_accuracy"]["mean"]))
+  md = cascade_seeds.markdown(t, "title")
+  assert "| mean ± std |" in md and "**met**" in md and "**missed**" in md
+  with pytest.raises(ValueError, match="one cascade and one baseline run per seed"):
+    cascade_seeds.claim_table(cascade[:2], baseline, [0, 1, 2])
