@@ -40,7 +40,7 @@ from adaptive_vision import data as data_lib
 from adaptive_vision import workdir_lock
 from adaptive_vision.eval import predict
 from adaptive_vision import sharding as shd
-from adaptive_vision.train import build, checkpointing, loop
+from adaptive_vision.train import build, checkpointing
 from adaptive_vision.train.metrics import read_metrics
 from launch import multihost
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-from typing import Any, Sequence
+from typing import Sequence
 
 from adaptive_vision.exits import as_exits  # noqa: F401  (re-exported)
 
