@@ -52,12 +52,11 @@ def build(model_cfg, layers=None):
 
   `layers` (`models.layers.Layers`, default plain flax) is where the model's
   layers come from: the one seam through which a backend hands it faster
-  kernels with the same variables (`adaptive_vision.backend`).
+  kernels with the same variables (`adaptive_vision.backend`). A family whose
+  module has no `layers` field is built as it is.
   """
   module = _family(model_cfg.name).build(model_cfg)
-  if layers is not None:
-    if "layers" not in {f.name for f in dataclasses.fields(module)}:
-      raise ValueError(f"model {model_cfg.name!r} does not take layers")
+  if layers is not None and "layers" in {f.name for f in dataclasses.fields(module)}:
     module = module.clone(layers=layers)
   return module
 
