@@ -36,7 +36,8 @@ def machine() -> dict:
   flags = machine_lib.cpu_flags()
   return {"description": machine_lib.describe(),
           "cpu_flags": sorted(f for f in flags if f.startswith(("avx", "amx", "fma"))),
-          "cores_usable": len(os.sched_getaffinity(0)), "load_average": [round(x, 2) for x in os.getloadavg()],
+          "cores_usable": len(os.sched_getaffinity(0)),
+          "load_average": [round(x, 2) for x in os.getloadavg()],
           **versions}
 
 

@@ -93,6 +93,11 @@ def _compare(times: dict, base: str, variant: str, predicted: float) -> dict:
               what=f"{variant} over {base}")
 
 
+def _best(variants: dict, names, key: str) -> str:
+  """The baseline at its best: the faster of its compilations."""
+  return min(names, key=lambda n: variants[n][key])
+
+
 def _fractions(exits, num_exits: int) -> str:
   f = np.bincount(exits, minlength=num_exits) / len(exits)
   return "/".join(f"{100 * x:.0f}" for x in f) + "%"
@@ -107,7 +112,7 @@ def latency(cfg) -> dict:
     x = _test_inputs(models_[name], c.images)
     singles[name] = [tuple(v[i:i + 1] for v in x) if isinstance(x, tuple) else x[i:i + 1]
                      for i in range(c.images)]
-  calls, variants, exits = {}, {}, {}
+  calls, variants = {}, {}
   for cascade, base in FAMILIES:
     m = models_[cascade]
     thresholds, criterion = _thresholds(m, c.budget)
@@ -120,9 +125,9 @@ def latency(cfg) -> dict:
     outs = [fn(x) for x in singles[model]]  # compiles what batch 1 needs
     macs = models_[model]["macs"]
     if isinstance(outs[0], dict):
-      exits[name] = np.array([int(o["exit_index"][0]) for o in outs])
-      variants[name] = {"mean_macs": float(np.mean(np.asarray(macs)[exits[name]])),
-                        "exits_taken": _fractions(exits[name], len(macs))}
+      exits = np.array([int(o["exit_index"][0]) for o in outs])
+      variants[name] = {"mean_macs": float(np.mean(np.asarray(macs)[exits])),
+                        "exits_taken": _fractions(exits, len(macs))}
     else:
       variants[name] = {"mean_macs": macs[-1]}
     common.log(f"{name}: first pass {time.perf_counter() - start:.1f} s")
@@ -139,22 +144,23 @@ def latency(cfg) -> dict:
     variants[name]["ms_per_image"] = 1e3 * t
   comparisons, figures = {}, {}
   for cascade, base in FAMILIES:
-    best = min((f"{base}_final_{o}" for o in backends), key=lambda n: variants[n]["ms_per_image"])
+    best = _best(variants, [f"{base}_final_{o}" for o in backends], "ms_per_image")
     for opt in backends:
       name = f"{cascade}_{opt}"
-      comparisons[f"{name}_vs_{best}"] = _compare(
+      comparisons[f"{name}_vs_{base}_final"] = _compare(
           times, best, name, variants[best]["mean_macs"] / variants[name]["mean_macs"])
     figures[f"{cascade}_batch1_realized_over_predicted"] = \
-        comparisons[f"{cascade}_lib_vs_{best}"]["realized_over_predicted"]
+        comparisons[f"{cascade}_lib_vs_{base}_final"]["realized_over_predicted"]
     figures[f"{cascade}_best_baseline"] = best
   if "xla" in backends:  # how the options compare, per program
     for name in ("vit_final", "ravit", "student_final", "student"):
       comparisons[f"{name}_xla_vs_lib"] = dict(common.speedup(times, f"{name}_lib", f"{name}_xla"),
                                                what="XLA's default options over the library's")
   figures["early_exit_batch1_realized_over_predicted"] = min(
-      figures[f"{c}_batch1_realized_over_predicted"] for c, _ in FAMILIES)
-  return {"settings": dict(c.to_dict(), params=cfg.params.to_dict(), backend=backends["lib"].describe(),
-                           options={o: dict(be.compiler_options or ()) for o, be in backends.items()}),
+      figures[f"{cascade}_batch1_realized_over_predicted"] for cascade, _ in FAMILIES)
+  options = {o: dict(be.compiler_options or ()) for o, be in backends.items()}
+  return {"settings": dict(c.to_dict(), params=cfg.params.to_dict(),
+                           backend=backends["lib"].describe(), options=options),
           "variants": variants, "comparisons": comparisons, "figures": figures,
           "notes": ["_lib: the library's serve options (what launch.predict runs), _xla: XLA's "
                     "default CPU options; each realized / predicted is against the faster "
@@ -202,17 +208,16 @@ def batched(cfg) -> dict:
       times = common.rounds(list(calls), run, c.rounds)
       for name, t in common.medians(times).items():
         variants[name].update(ms_per_batch=1e3 * t, images_per_s=n / t)
-      best = min((f"{g}_{base}_final_{o}" for o in backends),
-                 key=lambda k: variants[k]["ms_per_batch"])
+      best = _best(variants, [f"{g}_{base}_final_{o}" for o in backends], "ms_per_batch")
       for budget in c.budgets:
         name = f"{g}_dynamic{budget:g}"
         pred = variants[best]["mean_macs"] / variants[name]["mean_macs"]
-        comparisons[f"{name}_vs_{best}"] = _compare(times, best, name, pred)
+        comparisons[f"{name}_vs_{base}_final"] = _compare(times, best, name, pred)
         comparisons[f"{name}_vs_no_exit"] = _compare(
             times, f"{g}_no_exit", name, m["macs"][-1] / variants[name]["mean_macs"])
-        realized.append(comparisons[f"{name}_vs_{best}"]["realized_over_predicted"])
+        realized.append(comparisons[f"{name}_vs_{base}_final"]["realized_over_predicted"])
         no_exit.append(comparisons[f"{name}_vs_no_exit"]["median"])
-      comparisons[f"{g}_no_exit_vs_{best}"] = _compare(
+      comparisons[f"{g}_no_exit_vs_{base}_final"] = _compare(
           times, best, f"{g}_no_exit", variants[best]["mean_macs"] / m["macs"][-1])
   return {"settings": dict(c.to_dict(), params=cfg.params.to_dict(), backend=lib.describe(),
                            devices=1),

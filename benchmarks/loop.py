@@ -63,8 +63,9 @@ def measure(cfg) -> dict:
   state = [trainer.init_state()]
   rng = np.random.default_rng(0)
   s = config.data.image_size
+  labels = rng.integers(0, config.model.num_classes, b).astype(np.int32)
   batch = shd.global_batch({"image": rng.normal(size=(b, s, s, 3)).astype(np.float32),
-                            "label": rng.integers(0, config.model.num_classes, b).astype(np.int32)}, trainer.mesh)
+                            "label": labels}, trainer.mesh)
   window = 3 * c.steps // 4  # the steps between the loop's first and last log line
 
   def bare() -> float:

@@ -60,7 +60,8 @@ def measure(cfg) -> dict:
                              torch_resnet.spec_from_config(configs["teacher"], c.batch)),
            "student_torch": ("benchmarks.torch_resnet",
                              torch_resnet.spec_from_config(configs["student"], c.batch)),
-           "vit_torch": ("benchmarks.torch_vit", torch_vit.spec_from_config(configs["vit"], c.batch))}
+           "vit_torch": ("benchmarks.torch_vit",
+                         torch_vit.spec_from_config(configs["vit"], c.batch))}
   children = {name: common.Child(module, dict(spec, name=name))
               for name, (module, spec) in specs.items()}
   try:
