@@ -2,7 +2,7 @@
 
 Every variant runs in a process of its own, set up as its launcher sets it
 up, and takes `steps` train steps per round on a synthetic batch already in
-place; the parent (no JAX) alternates them (`common.rounds`):
+place; the parent (no JAX backend) alternates them (`common.rounds`):
 
   teacher        ERDE teacher (configs/erde_cifar10.py:role=teacher, ResNet-20 and
                  two exit heads), `train.build`'s step, as `launch.train` runs it
