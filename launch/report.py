@@ -9,7 +9,9 @@ val_logits.npz for the points calibrated on validation):
   -> report.json, report.md, accuracy_vs_macs.png and copies of the npz files.
 
 Model A against model B on test (and, with --teacher, A within --budget of the
-teacher's final-exit MACs, thresholds calibrated on A's validation logits):
+teacher's final-exit MACs, thresholds calibrated on A's validation logits, and
+whether it is within --teacher_gap_points of the teacher's accuracy: the
+claims under test are these two flags, 0.25 and 1 point by default):
 
   python -m launch.report --a erde=runs/erde_erde --b kd=runs/erde_kd \
       --teacher runs/erde_teacher --out results/erde_cifar10_cpu/erde_vs_kd
@@ -63,7 +65,10 @@ flags.DEFINE_string("title", "Early-exit report", "report title")
 flags.DEFINE_string("a", None, "compare: name=workdir of model A")
 flags.DEFINE_string("b", None, "compare: name=workdir of model B")
 flags.DEFINE_string("teacher", None, "compare: workdir of the teacher (MACs-budget point)")
-flags.DEFINE_float("budget", 0.25, "compare: fraction of the teacher's final-exit MACs")
+flags.DEFINE_float("budget", 0.25, "compare and seed study: the claim's fraction of the "
+                   "teacher's final-exit MACs")
+flags.DEFINE_float("teacher_gap_points", 1.0, "compare and seed study: the claim, within this "
+                   "many accuracy points of the teacher's final exit at --budget")
 flags.DEFINE_list("seeds", [], "seed study: the seeds that fill {seed} in each --run")
 flags.DEFINE_string("reference", "erde", "seed study: the method compared with the others")
 flags.DEFINE_list("seed_budgets", ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"],
@@ -116,7 +121,8 @@ def main(argv):
     elif FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
       study = files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
-                                reference=FLAGS.reference,
+                                reference=FLAGS.reference, teacher_budget=FLAGS.budget,
+                                gap_points=FLAGS.teacher_gap_points,
                                 budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
       names = [files.SEEDS_MD, files.SEEDS_JSON, files.SEEDS_PNG]
       written = f"{FLAGS.out}/" + ", ".join(names + ([files.SEEDS_DIFF_PNG] if study["paired"]
@@ -133,7 +139,8 @@ def main(argv):
       if not (FLAGS.a and FLAGS.b):
         common.fail("a comparison needs both --a name=workdir and --b name=workdir")
       files.compare_runs(FLAGS.out, _named("a", FLAGS.a), _named("b", FLAGS.b),
-                         teacher=FLAGS.teacher, budget=FLAGS.budget)
+                         teacher=FLAGS.teacher, budget=FLAGS.budget,
+                         gap_points=FLAGS.teacher_gap_points)
       written = f"{FLAGS.out}.md and .json"
     print(f"wrote {written}", file=sys.stderr)
 

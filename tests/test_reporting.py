@@ -160,7 +160,7 @@ def test_compare_runs_writes_both_comparisons_and_the_teacher_point(tmp_path):
                           [1e6, 2e6] if name != "teacher" else [4e6, 8e6])
   out = str(tmp_path / "cmp" / "a_vs_b")
   result = files.compare_runs(out, ("a", dirs["a"]), ("b", dirs["b"]), teacher=dirs["teacher"],
-                              budget=0.25)
+                              budget=0.25, gap_points=1.0)
   saved = json.load(open(out + ".json"))
   assert saved["a"] == "a" and saved["same_thresholds"]["points"] == 20
   assert saved["matched_macs"]["mean_difference"] > 0  # A is the more accurate model
@@ -261,8 +261,8 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
                labels, [1e6, 2e6, 3e6])
   out = tmp_path / "study"
   study = files.seed_report(str(out), {m: str(tmp_path / f"{m}_s{{seed}}") for m in ("kd", "erde")},
-                            [0, 1, 2], str(teacher), reference="erde",
-                            budgets=[0.05, 0.1, 0.2, 0.3], title="toy")
+                            [0, 1, 2], str(teacher), reference="erde", teacher_budget=0.25,
+                            gap_points=1.0, budgets=[0.05, 0.1, 0.2, 0.3], title="toy")
   # Hand check of one cell: the mean and sample std over seeds of the final exit.
   finals = []
   for s in (0, 1, 2):
@@ -303,16 +303,19 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   pairs["cheap_kd"] = [tuple(dataclasses.replace(x, exit_macs=x.exit_macs / 2) for x in pair)
                        for pair in pairs.pop("kd")]
   other = seeds.seed_study(pairs, logits_lib.load_logits(teacher / "test_logits.npz"),
-                           reference="erde", budgets=[0.05, 0.1, 0.2, 0.3])
+                           reference="erde", teacher_budget=0.25, gap_points=1.0,
+                           budgets=[0.05, 0.1, 0.2, 0.3])
   assert other["claims"]["budgets_unreachable"] == []
   assert not other["claims"]["erde >= cheap_kd everywhere"]["met"]
   with pytest.raises(ValueError, match="same number"):
-    seeds.seed_study({"a": [], "b": []}, logits_lib.load_logits(teacher / "test_logits.npz"))
+    seeds.seed_study({"a": [], "b": []}, logits_lib.load_logits(teacher / "test_logits.npz"),
+                     reference="a", teacher_budget=0.25, gap_points=1.0)
   # One seed has no spread: its report shows values, never "± 0.00".
   from adaptive_vision.eval import markdown
   one = seeds.seed_study({m: pairs_[:1] for m, pairs_ in pairs.items()},
                          logits_lib.load_logits(teacher / "test_logits.npz"), seeds=[0],
-                         reference="erde", budgets=[0.2, 0.3])
+                         reference="erde", teacher_budget=0.25, gap_points=1.0,
+                         budgets=[0.2, 0.3])
   md = markdown.seeds_markdown(one, "one seed")
   assert " ± " not in md and "One seed (0) per method, so no spread" in md
   assert "seed bands" not in md

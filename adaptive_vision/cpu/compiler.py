@@ -6,7 +6,12 @@ the 3x3 convolution at 16x16x32 and 8x8x64, batch 128, takes 3.5-3.9 ms
 against 6.0-7.1 ms through YNNPACK on a Zen 4 EPYC, and the ERDE train steps
 run 1.07-1.10x faster, paired (results/bench_notes.md); the ViT step is level.
 So training programs keep YNNPACK for dots and reductions and leave
-convolutions to XLA.
+convolutions to XLA. Serving programs take the same options: at batch 1
+(`python -m benchmarks.run latency`, which compiles every model both ways)
+the ResNets compile to the same program either way on one CPU device (their
+convolutions are native kernels), and the ViT and RAViT, whose one
+convolution is the patch embedding, measured level or up to 4% slower with
+XLA's defaults; no model kind wants other options at serve time.
 
 `options(workload)` gives them as `jax.jit(compiler_options=...)` for one
 program; `process.prepare` sets the same as XLA_FLAGS so that a user's own

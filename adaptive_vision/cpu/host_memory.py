@@ -53,7 +53,7 @@ def keep_freed_memory() -> bool:
 
 def glibc_defaults() -> bool:
   """Back to glibc's mmap and trim defaults (the arena limit stays): the
-  other side of the paired benchmark (benchmarks.run cnn)."""
+  other side of an A/B in one process (results/bench_notes.md, kept heap pages)."""
   libc = _glibc()
   if libc is None:
     return False

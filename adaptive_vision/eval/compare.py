@@ -84,12 +84,11 @@ def compare(a: Any, b: Any, *, thresholds: Sequence[float] | None = None,
           "matched_macs": {"rows": matched, **stats(matched)}}
 
 
-# The paper's claim: the student within 1 accuracy point of the teacher's final exit.
-TEACHER_GAP_POINTS = 1.0
-
-
-def teacher_budget_point(a_val, a_test, teacher_test, budget_fraction: float) -> dict:
-  """Model A within `budget_fraction` of the teacher's final-exit MACs.
+def teacher_budget_point(a_val, a_test, teacher_test, budget_fraction: float,
+                         gap_points: float) -> dict:
+  """Model A within `budget_fraction` of the teacher's final-exit MACs, and
+  whether its accuracy there is within `gap_points` of the teacher's final exit
+  (the claim under test; launch.report's --budget and --teacher_gap_points).
 
   Per-exit thresholds are calibrated on A's VALIDATION logits (the most
   accurate policy whose mean MACs fit the budget there), then applied to A's
@@ -109,5 +108,5 @@ def teacher_budget_point(a_val, a_test, teacher_test, budget_fraction: float) ->
   gap = None if point is None else 100 * (t_acc - point["accuracy"])
   return {"teacher_final_accuracy": t_acc, "teacher_final_macs": t_macs,
           "budget_macs": budget, "a_calibrated_on_val_within_budget": point,
-          "gap_points": gap, "target_points": TEACHER_GAP_POINTS,
-          "met": bool(gap is not None and gap <= TEACHER_GAP_POINTS)}
+          "gap_points": gap, "target_points": gap_points,
+          "met": bool(gap is not None and gap <= gap_points)}

@@ -75,20 +75,23 @@ def report_runs(out_dir: str | os.PathLike, runs: Mapping[str, str | os.PathLike
 
 
 def compare_runs(out: str, a: tuple[str, str], b: tuple[str, str], *,
-                 teacher: str | None = None, budget: float = 0.25) -> dict[str, Any]:
+                 teacher: str | None = None, budget: float | None = None,
+                 gap_points: float | None = None) -> dict[str, Any]:
   """Model A against model B on test (`<out>.json`, `<out>.md`); with a teacher,
   A's accuracy within `budget` of the teacher's final-exit MACs, calibrated on
-  A's validation logits."""
+  A's validation logits, and whether it is within `gap_points` of the teacher's."""
   (na, da), (nb, db) = a, b
   test_a, test_b = load_run(da, "test"), load_run(db, "test")
   result = {"a": na, "b": nb, **compare_lib.compare(test_a, test_b)}
   if teacher:
+    if budget is None or gap_points is None:
+      raise ValueError("a comparison with a teacher needs its budget and gap_points")
     val_a = load_run(da, "val")
     if val_a is None:
       raise FileNotFoundError(f"{da}/val_logits.npz is missing: the budget point is "
                               "calibrated on validation; write it with python -m launch.evaluate")
     result["teacher_target"] = compare_lib.teacher_budget_point(
-        val_a, test_a, load_run(teacher, "test"), budget)
+        val_a, test_a, load_run(teacher, "test"), budget, gap_points)
     result["budget"] = budget
   atomic.write_json(out + ".json", jsonable(result), indent=1)
   atomic.write_text(out + ".md", markdown.compare_markdown(result))
@@ -144,7 +147,8 @@ SEEDS_DIFF_PNG = "seeds_paired_differences.png"
 
 
 def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], teacher: str, *,
-                reference: str = "erde", budgets: Sequence[float] = seeds_lib.DEFAULT_BUDGETS,
+                reference: str, teacher_budget: float, gap_points: float,
+                budgets: Sequence[float] = seeds_lib.DEFAULT_BUDGETS,
                 title: str = "Methods over seeds") -> dict[str, Any]:
   """The seed study of run folders `runs[method]`, a pattern with `{seed}`
   (e.g. runs/erde_kd_s{seed}), each holding {val,test}_logits.npz.
@@ -169,7 +173,8 @@ def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], tea
       pairs[method].append((val, load_run(run_dir, "test")))
       sources[f"{method}_s{s}"] = run_dir
   study = seeds_lib.seed_study(pairs, load_run(teacher, "test"), seeds=seeds,
-                               reference=reference, budgets=budgets)
+                               reference=reference, teacher_budget=teacher_budget,
+                               gap_points=gap_points, budgets=budgets)
   for name, run_dir in dict(sources, teacher=teacher).items():
     for split in ("val", "test"):
       src = os.path.join(run_dir, f"{split}_logits.npz")
