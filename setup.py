@@ -9,8 +9,8 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     packages=find_packages(include=["adaptive_vision", "adaptive_vision.*"]),
-    # The C++ kernels are compiled on first use, for the machine (adaptive_vision/native).
-    package_data={"adaptive_vision.native": ["*.cc", "*.h"]},
+    # The C++ kernels are compiled on first use, for the machine (adaptive_vision/cpu/native).
+    package_data={"adaptive_vision.cpu.native": ["*.cc", "*.h"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35,<0.11",
