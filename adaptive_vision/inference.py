@@ -19,9 +19,12 @@ are the fewest sizes that do: 8, 10, 12, 14, 16, 19, 22, ..., 646, 727, 819,
 922, ... (each the largest the bound allows after the previous, about 6 per
 doubling, the same for every N), those below N, then N: 27 sizes for N=256,
 38 for N=1000 or 1024, 44 for 2048; `max_padding` trades the bound for fewer
-(0.25: 21 at N=1000). Segment 0 runs on exactly N, so at most
-`program_bound(N)` = 1 + (E - 1) * len(buckets) programs are compiled per N
-and placement, and only for the buckets counts fall into (`num_compiled`).
+(0.25: 21 at N=1000). Segment 0 runs on exactly N and segment 1 on one of
+the B buckets; a later segment's program also depends on the bucket of the
+segment before it (its carry's rows), so at most `program_bound(N)` =
+1 + B + (E - 2) B^2 programs are compiled per N and placement (1 + B for a
+two-exit model), and only for the buckets counts fall into
+(`num_compiled`): a stream of batches at fixed thresholds lands in a few.
 Padding, rather than splitting a count into several power-of-two chunks,
 keeps one call per segment, whose fixed cost (dispatch, argument handling,
 an accelerator's latency floor at small batch) is then paid once. `buckets`
@@ -34,9 +37,12 @@ segment k reads (found once per input layout by tracing it: view k of a
 RAViT, none for a ResNet's later stages, which continue from the carry;
 numpy inputs are gathered on the host, device inputs on device), and one
 boolean vector of exit decisions comes back. The carry (RAViT's class token
-/ logits, a ResNet's feature map) stays on device in an [N, ...] buffer, and
-the logits of the exit taken are scattered into an [N, K] device buffer that
-is fetched once at the end.
+/ logits, a ResNet's feature map) stays on device as segment k produced it,
+one row per example it ran on; segment k+1 takes the rows of the examples
+still there by their positions (sent with the index vector), so no [N, ...]
+buffer is filled and scattered (for a ResNet's feature maps that cost ~8% of
+the batch's time). The logits of the exit taken are scattered into an [N, K]
+device buffer that is fetched once at the end.
 
 `SingleDispatchCascade` is the other executor, for images that come one at a
 time (real-time and edge use) or in small batches: the whole early-exit
@@ -192,7 +198,7 @@ class DynamicCascade(_Thresholds):
     self.num_exits = _check_segmented(model)
     self.thresholds = thresholds
     self.num_compiled = 0          # traces of the segment programs
-    self.programs: set = set()     # keys (segment, bucket, N, inputs read, gather)
+    self.programs: set = set()     # keys (segment, bucket, N, inputs read, gather, carry rows)
     self._plans: dict = {}         # input layout -> inputs each segment reads
     self._sizes: dict = {}         # N -> bucket sizes
     self.bucket_sizes(1)           # bad buckets fail here, not at the first batch
@@ -207,8 +213,10 @@ class DynamicCascade(_Thresholds):
     return self._sizes[n]
 
   def program_bound(self, n: int) -> int:
-    """Most programs compiled for batches of n (one input placement)."""
-    return 1 + (self.num_exits - 1) * len(self.bucket_sizes(n))
+    """Most programs compiled for batches of n (one input placement): segment
+    k >= 2 depends on its bucket and on segment k-1's."""
+    b = len(self.bucket_sizes(n))
+    return 1 + (b if self.num_exits > 1 else 0) + max(self.num_exits - 2, 0) * b * b
 
   def _bucket(self, count: int, n: int) -> int:
     sizes = self.bucket_sizes(n)
@@ -243,9 +251,11 @@ class DynamicCascade(_Thresholds):
 
   # -- the jitted step -------------------------------------------------------
 
-  def _step_impl(self, variables, read, idx, carry_full, final_logits, threshold, *,
+  def _step_impl(self, variables, read, idx, pos, carry, final_logits, threshold, *,
                  k: int, layout):
-    """Segment k on the examples `idx` (padded with n); returns (fires, logits buffer, carry).
+    """Segment k on the examples `idx` (padded with n); returns (fires, logits
+    buffer, carry). `carry`: segment k-1's, one row per example it ran on;
+    `pos`: the row of each of `idx`'s examples there.
 
     `read`: the input leaves segment k reads, already its rows (gathered on
     the host) or all N rows (to gather here); `layout` (static) = (input
@@ -255,8 +265,10 @@ class DynamicCascade(_Thresholds):
     n = final_logits.shape[0]
     size = idx.shape[0]
     treedef, gathers, unread = layout
+    carry_leaves = jax.tree_util.tree_leaves(carry)
+    carry_rows = carry_leaves[0].shape[0] if carry_leaves else None
     self.programs.add((k, size, n, tuple((x.shape[1:], str(x.dtype)) for x in read),
-                       tuple(g for g in gathers if g is not None)))
+                       tuple(g for g in gathers if g is not None), carry_rows))
     valid = idx < n
     take = lambda x: jnp.take(x, idx, axis=0, mode="clip")
     read, unread = iter(read), iter(unread)
@@ -269,7 +281,8 @@ class DynamicCascade(_Thresholds):
         x = next(read)
         leaves.append(take(x) if gather else x)
     inputs = jax.tree_util.tree_unflatten(treedef, leaves)
-    prev = None if carry_full is None else jax.tree_util.tree_map(take, carry_full)
+    prev = None if carry is None else jax.tree_util.tree_map(
+        lambda c: jnp.take(c, pos, axis=0, mode="clip"), carry)
     logits, carry = self.model.apply(variables, k, inputs, prev,
                                      method=type(self.model).segment)
     logits = logits.astype(jnp.float32)
@@ -277,13 +290,7 @@ class DynamicCascade(_Thresholds):
     fires = valid if last else valid & early_exit.logits_fire(logits, threshold, self.criterion)
     # Rows that exit here write their logits; others (and padding) are dropped.
     final_logits = final_logits.at[jnp.where(fires, idx, n)].set(logits, mode="drop")
-    if last:
-      return fires, final_logits, None
-    stay = jnp.where(valid & ~fires, idx, n)
-    new_carry = jax.tree_util.tree_map(
-        lambda c: jnp.zeros((n,) + c.shape[1:], c.dtype).at[stay].set(c, mode="drop"),
-        carry)
-    return fires, final_logits, new_carry
+    return fires, final_logits, (None if last else carry)
 
   # -- inference ---------------------------------------------------------------
 
@@ -308,18 +315,20 @@ class DynamicCascade(_Thresholds):
                   padded_counts=padded)
     final_logits = jnp.zeros((n, num_classes), jnp.float32)
     remaining = np.arange(n, dtype=np.int32)
-    carry = None
+    carry, kept = None, None  # the previous segment's carry; positions of who stays
     thresholds = self._thresholds
     for k in range(self.num_exits):
       count = remaining.shape[0]
       if count == 0:
         break  # nobody left: skip this segment and the following ones
       if k == 0:
-        size, idx = n, remaining  # everyone, in order: no gather
+        size, idx, pos = n, remaining, None  # everyone, in order: no gather
       else:
         size = self._bucket(count, n)
         idx = np.full((size,), n, dtype=np.int32)
         idx[:count] = remaining
+        pos = np.zeros((size,), dtype=np.int32)  # padding takes row 0, then is dropped
+        pos[:count] = kept
       read, gathers, unread = [], [], []
       for x, reads in zip(leaves, plan[k]):
         if not reads:
@@ -333,11 +342,12 @@ class DynamicCascade(_Thresholds):
           read.append(np.take(x, np.minimum(idx, n - 1), axis=0))
       t = thresholds[k] if k < self.num_exits - 1 else np.float32(0.0)
       fires, final_logits, carry = self._step(
-          self.variables, tuple(read), idx, carry, final_logits, t, k=k,
+          self.variables, tuple(read), idx, pos, carry, final_logits, t, k=k,
           layout=(treedef, tuple(gathers), tuple(unread)))
       counts[k], padded[k] = count, size
       fired = np.asarray(fires)[:count]  # the one small transfer per segment
       exit_index[remaining[fired]] = k
+      kept = np.flatnonzero(~fired).astype(np.int32)  # their rows in this segment's carry
       remaining = remaining[~fired]
     logits = np.asarray(final_logits)
     return dict(predictions=logits.argmax(-1).astype(np.int32), exit_index=exit_index,

@@ -118,7 +118,7 @@ def test_matches_policy_on_all_exits(num_branches, criterion):
   assert seen_exits == set(range(num_branches))  # every exit was taken at some point
   assert cascade.num_compiled <= cascade.program_bound(N)
   # Segment k was given view k alone: the other views' rows never travel.
-  for k, _, _, read, _ in cascade.programs:
+  for k, _, _, read, _, _ in cascade.programs:
     assert read == ((views[k].shape[1:], "float32"),)
 
 
@@ -168,7 +168,8 @@ def test_compiled_programs_stay_bounded(num_branches, buckets):
   e = num_branches
   cascade = DynamicCascade(model, variables, [0.0] * (e - 1), buckets=buckets)
   bound = cascade.program_bound(N)
-  assert bound == 1 + (e - 1) * len(cascade.bucket_sizes(N))
+  b = len(cascade.bucket_sizes(N))  # segment k >= 2 depends on its bucket and the one before
+  assert bound == 1 + b + (e - 2) * b * b
   rng = np.random.default_rng(0)
   compositions, trials = set(), []
   for trial in range(14):
@@ -198,7 +199,7 @@ def test_compiled_programs_stay_bounded(num_branches, buckets):
 def test_explicit_buckets_are_honoured():
   model, variables, views, exit_logits, _ = _setup(3)
   cascade = DynamicCascade(model, variables, [0.0, 0.0], buckets=(5, 11))
-  assert cascade.bucket_sizes(N) == (5, 11, N) and cascade.program_bound(N) == 7
+  assert cascade.bucket_sizes(N) == (5, 11, N) and cascade.program_bound(N) == 1 + 3 + 9
   padded_seen = set()
   for thresholds in _threshold_sets(exit_logits, "entropy"):
     cascade.thresholds = thresholds
@@ -363,7 +364,7 @@ def test_dynamic_resnet_matches_policy(criterion):
   assert seen == set(range(e))  # every exit was taken at some point
   for c in (cascade, on_device):
     assert c.num_compiled == len(c.programs) <= c.program_bound(N)
-    for k, _, _, read, gather in c.programs:
+    for k, _, _, read, gather, _ in c.programs:
       assert (read, gather) == (((((16, 16, 3), "float32"),), (False,)) if k == 0 else ((), ()))
 
 
