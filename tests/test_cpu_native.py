@@ -97,11 +97,15 @@ def test_native_conv_runs_the_kernels_where_they_apply():
 @pytest.mark.requires("native")
 @pytest.mark.parametrize("shape,window,classes", [
     ((1, 32, 32, 16), (2, 2), 10),  # the ERDE student's first exit, batch 1
-    ((5, 16, 16, 32), (2, 2), 10),  # a batch: the images are shared out over the threads
-    ((2, 7, 5, 20), (2, 2), 10),    # odd sizes drop the last row/column; channels not a multiple of 16
-    ((2, 9, 1, 16), (2, 1), 3),     # a 1-pixel dimension is not pooled; fewer classes than a pass
+    # a batch: the images are shared out over the threads
+    pytest.param((5, 16, 16, 32), (2, 2), 10, marks=pytest.mark.slow),
+    # odd sizes drop the last row/column; channels not a multiple of 16
+    pytest.param((2, 7, 5, 20), (2, 2), 10, marks=pytest.mark.slow),
+    # a 1-pixel dimension is not pooled; fewer classes than a pass
+    pytest.param((2, 9, 1, 16), (2, 1), 3, marks=pytest.mark.slow),
     ((3, 1, 1, 64), (1, 1), 100),   # CIFAR-100: several passes of dot products
-    ((1, 8, 8, 8), (2, 2), 16),     # the half-width student's 8 channels
+    # the half-width student's 8 channels
+    pytest.param((1, 8, 8, 8), (2, 2), 16, marks=pytest.mark.slow),
 ])
 def test_exit_head_kernel_equals_xla(shape, window, classes):
   rng = np.random.default_rng(0)

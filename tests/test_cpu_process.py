@@ -55,6 +55,7 @@ def test_training_programs_leave_convolutions_to_xla_and_keep_the_values():
                              rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_the_trainer_compiles_its_step_with_the_options():
   """The train step the trainer builds (configs/erde_cifar10.py, ResNet-20) has
   no YNNPACK convolution, while the same step under XLA's default has some:

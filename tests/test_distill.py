@@ -12,6 +12,9 @@ from adaptive_vision import sharding as shd
 from adaptive_vision.train import build, checkpointing, loop
 from configs import erde_cifar10
 
+# Each test trains a teacher or a student: whole runs.
+pytestmark = pytest.mark.slow
+
 
 def small(c, teacher_role=False):
   c.data.synthetic_train_size = 128

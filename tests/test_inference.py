@@ -101,7 +101,7 @@ def _threshold_sets(exit_logits, criterion):
   return sets
 
 
-@pytest.mark.parametrize("num_branches", [2, 3])
+@pytest.mark.parametrize("num_branches", [2, pytest.param(3, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
 def test_matches_policy_on_all_exits(num_branches, criterion):
   model, variables, views, exit_logits, _ = _setup(num_branches)
@@ -213,6 +213,7 @@ def test_explicit_buckets_are_honoured():
   assert cascade.num_compiled <= 7
 
 
+@pytest.mark.slow
 def test_reuse_none_and_both_cascades():
   for reuse in ("none", "both"):
     model, variables, views, exit_logits, _ = _setup(3, reuse)
@@ -340,7 +341,7 @@ def _resnet_setup():
   return model, variables, images, exit_logits, apply
 
 
-@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+@pytest.mark.parametrize("criterion", ["entropy", pytest.param("max_prob", marks=pytest.mark.slow)])
 def test_dynamic_resnet_matches_policy(criterion):
   """The bucketed executor serves a ResNet through `segment`: same answers as
   the static policy, and the later stages take only the carry (no image rows)."""
@@ -400,8 +401,10 @@ def _check_single_dispatch(model, variables, inputs, exit_logits, criterion, emb
 
 
 @pytest.mark.parametrize("decide", DECIDES)
-@pytest.mark.parametrize("num_branches,criterion", [(2, "entropy"), (3, "entropy"),
-                                                    (2, "max_prob")])
+@pytest.mark.parametrize("num_branches,criterion", [(2, "entropy"),
+                                                    pytest.param(3, "entropy", marks=pytest.mark.slow),
+                                                    pytest.param(2, "max_prob",
+                                                                 marks=pytest.mark.slow)])
 def test_single_dispatch_ravit_matches_policy(num_branches, criterion, decide):
   model, variables, views, exit_logits, _ = _setup(num_branches)
   _check_single_dispatch(model, variables, views, exit_logits, criterion,
@@ -409,7 +412,7 @@ def test_single_dispatch_ravit_matches_policy(num_branches, criterion, decide):
 
 
 @pytest.mark.parametrize("decide", DECIDES)
-@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+@pytest.mark.parametrize("criterion", ["entropy", pytest.param("max_prob", marks=pytest.mark.slow)])
 def test_single_dispatch_resnet_matches_policy(criterion, decide):
   model, variables, images, exit_logits, _ = _resnet_setup()
   _check_single_dispatch(model, variables, images, exit_logits, criterion,

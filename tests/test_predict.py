@@ -207,6 +207,7 @@ def test_predict_runs_each_call_on_the_calling_thread(monkeypatch):
     assert proc.stdout.split()[-1] in ready, (workload, proc.stdout)
 
 
+@pytest.mark.slow
 def test_predict_bad_input_is_one_line_and_exit_code_2(exported, tmp_path):
   (tmp_path / "empty" / "sub").mkdir(parents=True)
   (tmp_path / "empty" / "notes.txt").write_text("no images here")
@@ -262,6 +263,7 @@ def _hand_made_file(path, config, variables, val_inputs, val_labels, budgets=(0.
   return logits
 
 
+@pytest.mark.slow
 def test_resnet_and_vit_files_predict_like_the_full_cascade(tmp_path):
   from test_resnet import _abstract_variables, materialize
   paths = _write_images(tmp_path / "images", n=10)

@@ -11,6 +11,8 @@ from adaptive_vision.models import ravit
 from adaptive_vision.models.ravit import RAViT
 
 NUM_CLASSES = 5
+# The fast loop keeps the richest and the emptiest reuse; CI runs them all.
+_SLOW = pytest.mark.slow
 
 
 def _branch(resolution, width=16, **kw):
@@ -66,7 +68,8 @@ def test_output_shapes(resolutions, widths):
   assert models.as_exits(exit_logits) == exit_logits
 
 
-@pytest.mark.parametrize("reuse", ["token", "logits", "both", "none", "patch", "token+patch"])
+@pytest.mark.parametrize("reuse", [pytest.param(r, marks=_SLOW) for r in ("token", "logits", "both", "patch")]
+                         + ["none", "token+patch"])
 def test_branchwise_equals_full_call(reuse):
   res = (8, 16, 32)
   model = RAViT(branches=_branches(res, (16, 24, 16)), num_classes=NUM_CLASSES, reuse=reuse)
@@ -108,9 +111,9 @@ def _perturb(tree, seed, scale=0.5):
       treedef, [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)])
 
 
-@pytest.mark.parametrize("reuse,changes", [("token", True), ("logits", True),
-                                           ("both", True), ("none", False),
-                                           ("patch", True), ("token+logits+patch", True)])
+@pytest.mark.parametrize("reuse,changes", [
+    pytest.param(r, True, marks=_SLOW) for r in ("token", "logits", "both", "patch")]
+    + [("none", False), ("token+logits+patch", True)])
 def test_reuse_links_branches(reuse, changes):
   res = (8, 16)
   model = RAViT(branches=_branches(res), num_classes=NUM_CLASSES, reuse=reuse)
@@ -135,7 +138,8 @@ def test_reuse_links_branches(reuse, changes):
     np.testing.assert_array_equal(np.asarray(q1), np.asarray(l1))
 
 
-@pytest.mark.parametrize("reuse", ["token", "both", "token+patch"])
+@pytest.mark.parametrize("reuse", [pytest.param(r, marks=_SLOW) for r in ("token", "both")]
+                         + ["token+patch"])
 def test_stop_gradient_reuse(reuse):
   res = (8, 16)
   views = _views(res)
@@ -231,7 +235,9 @@ def test_patch_reuse_parameters_and_shapes():
   assert carry["patch_tokens"].shape == (2, 4, 16)  # 2x2 grid of branch 0
 
 
-@pytest.mark.parametrize("reuse", ["token", "logits", "both", "patch", "token+patch"])
+@pytest.mark.parametrize("reuse", [pytest.param(r, marks=_SLOW)
+                                   for r in ("token", "logits", "both", "patch")]
+                         + ["token+patch"])
 def test_zero_init_reuse_starts_as_plain_vit(reuse):
   # With reuse_init='zeros', at initialization the helped branch computes
   # exactly what the same branch computes without reuse, whatever branch 0

@@ -41,7 +41,7 @@ def _setup_state(c, mesh):
   return trainer.init_state(jax.random.PRNGKey(0)), trainer.train_step
 
 
-@pytest.mark.parametrize("strategy", ["replicate", "fsdp"])
+@pytest.mark.parametrize("strategy", ["replicate", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_sharded_step_matches_single_device(strategy):
   assert jax.device_count() == 8, "conftest fakes 8 CPU devices"
   c = tiny_config(param_sharding=strategy)
