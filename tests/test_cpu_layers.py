@@ -190,7 +190,8 @@ def test_batch_norms_are_nn_batchnorm_in_variables_values_and_running_averages(c
 @pytest.mark.parametrize("choices,width", [
     # hand-written convolution gradients vs XLA's (the native kernels cover it in the fast loop)
     pytest.param(dict(conv="gemm"), 0.5, marks=pytest.mark.slow),
-    (dict(norm="fused"), 0.5),       # hand-written BatchNorm gradient vs JAX's
+    # hand-written BatchNorm gradient vs JAX's
+    pytest.param(dict(norm="fused"), 0.5, marks=pytest.mark.slow),
     # the native kernels; full width so that every stage has 16k channels
     pytest.param(dict(conv="native", norm="native", exit_head="native"), 1.0,
                  marks=pytest.mark.requires("native")),

@@ -62,12 +62,12 @@ def test_teacher_budget_point_is_calibrated_on_validation_not_test():
   val = ExitLogits(logits(True), labels, macs)
   test = ExitLogits(logits(False), labels, macs)
   teacher = ExitLogits(logits(True)[1:], labels, np.array([20.0]))
-  out = curves.teacher_budget_point(val, test, teacher, 0.5)   # budget 10 MACs
+  out = curves.teacher_budget_point(val, test, teacher, 0.5, gap_points=1.0)  # budget 10 MACs
   point = out["a_calibrated_on_val_within_budget"]
   want = early_exit.calibrate(val.exit_logits, labels, macs, max_mean_macs=10.0)
   expect = early_exit.evaluate_policy(test.exit_logits, labels, want, macs)
   assert point["accuracy"] == pytest.approx(float(expect["accuracy"]))
   assert point["accuracy"] < 0.2      # exit 0 is wrong on test; validation could not know
   assert out["teacher_final_accuracy"] == 1.0 and out["met"] is False
-  assert curves.teacher_budget_point(val, test, teacher, 0.01)[
+  assert curves.teacher_budget_point(val, test, teacher, 0.01, gap_points=1.0)[
       "a_calibrated_on_val_within_budget"] is None   # nothing fits 0.2 MACs

@@ -23,6 +23,10 @@ from adaptive_vision.models.ravit import RAViT
 # Both ways a single-dispatch cascade decides: XLA's ops, and the CPU
 # backend's C++ kernel.
 DECIDES = ["xla", pytest.param("native", marks=pytest.mark.requires("native"))]
+# The native decision in the single-dispatch programs: in the slow set (its kernel
+# against XLA is in tests/test_cpu_native.py).
+DECIDES_SLOW_NATIVE = ["xla", pytest.param("native", marks=[pytest.mark.requires("native"),
+                                                          pytest.mark.slow])]
 
 
 def _backend(decide: str):
@@ -122,7 +126,7 @@ def test_matches_policy_on_all_exits(num_branches, criterion):
     assert read == ((views[k].shape[1:], "float32"),)
 
 
-@pytest.mark.parametrize("num_branches", [2, 3])
+@pytest.mark.parametrize("num_branches", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_everyone_exits_first_and_nobody_exits_early(num_branches):
   model, variables, views, exit_logits, _ = _setup(num_branches)
   e = num_branches
@@ -162,7 +166,8 @@ def test_full_cascade_predict_is_the_policy():
                              padded_counts=np.full(2, N)), exit_logits, t, "entropy")
 
 
-@pytest.mark.parametrize("num_branches,buckets", [(2, None), (3, None), (3, (0.25, 0.5))])
+@pytest.mark.parametrize("num_branches,buckets", [(2, None), pytest.param(3, None, marks=pytest.mark.slow),
+                                                  (3, (0.25, 0.5))])
 def test_compiled_programs_stay_bounded(num_branches, buckets):
   model, variables, views, exit_logits, apply = _setup(num_branches)
   e = num_branches
@@ -400,7 +405,7 @@ def _check_single_dispatch(model, variables, inputs, exit_logits, criterion, emb
   assert cascade.num_compiled == 2  # one program per input shape (N and 1)
 
 
-@pytest.mark.parametrize("decide", DECIDES)
+@pytest.mark.parametrize("decide", DECIDES_SLOW_NATIVE)
 @pytest.mark.parametrize("num_branches,criterion", [(2, "entropy"),
                                                     pytest.param(3, "entropy", marks=pytest.mark.slow),
                                                     pytest.param(2, "max_prob",
@@ -411,7 +416,7 @@ def test_single_dispatch_ravit_matches_policy(num_branches, criterion, decide):
                          embed=num_branches == 2, decide=decide)
 
 
-@pytest.mark.parametrize("decide", DECIDES)
+@pytest.mark.parametrize("decide", DECIDES_SLOW_NATIVE)
 @pytest.mark.parametrize("criterion", ["entropy", pytest.param("max_prob", marks=pytest.mark.slow)])
 def test_single_dispatch_resnet_matches_policy(criterion, decide):
   model, variables, images, exit_logits, _ = _resnet_setup()

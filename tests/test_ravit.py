@@ -50,8 +50,8 @@ def _run_branchwise(model, variables, views):
   return logits
 
 
-@pytest.mark.parametrize("resolutions,widths", [((8, 16), (16, 24)),
-                                                ((8, 16, 32), (16, 24, 16))])
+@pytest.mark.parametrize("resolutions,widths", [
+    ((8, 16), (16, 24)), pytest.param((8, 16, 32), (16, 24, 16), marks=_SLOW)])
 def test_output_shapes(resolutions, widths):
   model = RAViT(branches=_branches(resolutions, widths), num_classes=NUM_CLASSES)
   views = _views(resolutions, batch=3)
@@ -69,7 +69,7 @@ def test_output_shapes(resolutions, widths):
 
 
 @pytest.mark.parametrize("reuse", [pytest.param(r, marks=_SLOW) for r in ("token", "logits", "both", "patch")]
-                         + ["none", "token+patch"])
+                         + [pytest.param("none", marks=_SLOW), "token+patch"])
 def test_branchwise_equals_full_call(reuse):
   res = (8, 16, 32)
   model = RAViT(branches=_branches(res, (16, 24, 16)), num_classes=NUM_CLASSES, reuse=reuse)

@@ -61,6 +61,7 @@ def test_sharded_step_matches_single_device(strategy):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_loss_is_the_public_erde_loss():
   """The step runs losses.erde_loss itself (chosen by config.loss.name), on the
   model's tuple of exits and the teacher's matched exits; the entropy weight
