@@ -65,8 +65,11 @@ flags.DEFINE_string("title", "Early-exit report", "report title")
 flags.DEFINE_string("a", None, "compare: name=workdir of model A")
 flags.DEFINE_string("b", None, "compare: name=workdir of model B")
 flags.DEFINE_string("teacher", None, "compare: workdir of the teacher (MACs-budget point)")
-flags.DEFINE_float("budget", 0.25, "compare and seed study: the claim's fraction of the "
-                   "teacher's final-exit MACs")
+flags.DEFINE_float("budget", 0.25, "compare: the claim's fraction of the teacher's "
+                   "final-exit MACs")
+flags.DEFINE_list("teacher_budgets", ["0.25"], "seed study: the fractions of the teacher's "
+                  "final-exit MACs at which every method is read against the teacher (the "
+                  "claim: the reference within --teacher_gap_points of it)")
 flags.DEFINE_float("teacher_gap_points", 1.0, "compare and seed study: the claim, within this "
                    "many accuracy points of the teacher's final exit at --budget")
 flags.DEFINE_list("seeds", [], "seed study: the seeds that fill {seed} in each --run")
@@ -121,7 +124,8 @@ def main(argv):
     elif FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
       study = files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,
-                                reference=FLAGS.reference, teacher_budget=FLAGS.budget,
+                                reference=FLAGS.reference,
+                                teacher_budget=[float(b) for b in FLAGS.teacher_budgets],
                                 gap_points=FLAGS.teacher_gap_points,
                                 budgets=[float(b) for b in FLAGS.seed_budgets], title=FLAGS.title)
       names = [files.SEEDS_MD, files.SEEDS_JSON, files.SEEDS_PNG]

@@ -285,9 +285,21 @@ def test_seed_study_means_paired_differences_and_claims(tmp_path):
   assert study["claims"]["erde >= kd everywhere"]["met"]
   assert study["claims"]["erde better than kd on average"]["met"]
   assert study["final_beats_middle"]["erde"] == [True, True, True]
-  tc = study["claims"]["teacher"]
+  (tc,) = study["claims"]["teacher"]
   assert tc["budget_fraction"] == 0.25 and tc["seed"] in (0, 1, 2)
   assert tc["met"] == (tc["gap_points"] <= 1.0)
+  # "Better on average" needs the 95% interval of the per-seed averaged
+  # difference above zero; budgets that give the same policy count once.
+  avg = study["paired"]["erde-kd"]["average_shared_thresholds"]
+  assert avg["above_zero"] and avg["ci"][0] > 0
+  per_seed = np.subtract(study["shared_thresholds"]["erde"][0]["accuracy"]["values"],
+                         study["shared_thresholds"]["kd"][0]["accuracy"]["values"])
+  assert len(avg["values"]) == 3 and per_seed.shape == (3,)
+  rows = study["budgets"]["erde"]
+  for j in range(1, len(rows)):
+    same = rows[j - 1]["thresholds"] == rows[j]["thresholds"]
+    if same and rows[j]["thresholds"][0] is not None:
+      assert rows[j].get("same_policy_as") is not None
   assert sorted(os.listdir(out)) == sorted(
       ["seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png",
        "seeds_paired_differences.png"]

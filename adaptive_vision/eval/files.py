@@ -147,7 +147,7 @@ SEEDS_DIFF_PNG = "seeds_paired_differences.png"
 
 
 def seed_report(out_dir: str, runs: Mapping[str, str], seeds: Sequence[int], teacher: str, *,
-                reference: str, teacher_budget: float, gap_points: float,
+                reference: str, teacher_budget: float | Sequence[float], gap_points: float,
                 budgets: Sequence[float] = seeds_lib.DEFAULT_BUDGETS,
                 title: str = "Methods over seeds") -> dict[str, Any]:
   """The seed study of run folders `runs[method]`, a pattern with `{seed}`

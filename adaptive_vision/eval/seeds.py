@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from adaptive_vision import early_exit
+from adaptive_vision.eval import intervals
 from adaptive_vision.eval.compare import default_thresholds
 from adaptive_vision.eval.logits import ExitLogits
 from adaptive_vision.eval.report import calibrated_on_val
@@ -64,7 +65,8 @@ def _check_runs(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]]) -> 
 
 
 def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
-               teacher_test: ExitLogits, *, reference: str, teacher_budget: float,
+               teacher_test: ExitLogits, *, reference: str,
+               teacher_budget: float | Sequence[float],
                gap_points: float, seeds: Sequence[int] | None = None,
                thresholds: Sequence[float] | None = None,
                budgets: Sequence[float] = DEFAULT_BUDGETS,
@@ -118,12 +120,23 @@ def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
 
   # A budget that no seed of any method can meet on validation (below every
   # cheapest exit) says nothing about one method against another: it is left
-  # out of the claims and listed.
+  # out of the claims and listed. A budget whose calibrated policy is the
+  # previous budget's for every method and seed (the budget no longer binds)
+  # is the same point: it is reported once, with the previous one.
   reachable = [any(p[j] is not None for pts in raw_budget.values() for p in pts)
                for j in range(len(budgets))]
+  policy = lambda j: tuple(tuple(None if p[j] is None else tuple(np.round(p[j]["thresholds"], 6))
+                                 for p in raw_budget[m]) for m in runs)
+  distinct = [j == 0 or policy(j) != policy(j - 1) for j in range(len(budgets))]
+  for method in runs:
+    for j, row in enumerate(budget_rows[method]):
+      if not distinct[j]:
+        row["same_policy_as"] = float(budgets[max(i for i in range(j) if distinct[i])])
+  counted = [j for j in range(len(budgets)) if reachable[j] and distinct[j]]
   paired, claims = {}, {"reference": reference,
                         "budgets_unreachable": [float(f) for f, r in zip(budgets, reachable)
-                                                if not r]}
+                                                if not r],
+                        "budgets_counted": [float(budgets[j]) for j in counted]}
   for other in runs:
     if other == reference:
       continue
@@ -132,14 +145,23 @@ def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
     d_budget = [[None if a[j] is None or b[j] is None
                  else a[j]["test_accuracy"] - b[j]["test_accuracy"] for j in range(len(budgets))]
                 for a, b in zip(raw_budget[reference], raw_budget[other])]
+    # Per seed: the difference averaged over the sweep, and over the distinct
+    # reachable budgets; over seeds, their mean and 95% interval.
+    per_seed_budget_mean = [
+        None if any(d[j] is None for j in counted) or not counted
+        else float(np.mean([d[j] for j in counted])) for d in d_budget]
     paired[key] = {
-        "shared_thresholds": [{"threshold": float(t), "difference": stats(d_shared[:, i])}
+        "shared_thresholds": [{"threshold": float(t), "difference": stats(d_shared[:, i]),
+                               "interval": intervals.paired(d_shared[:, i])}
                               for i, t in enumerate(grid)],
-        "budgets": [{"fraction": float(f), "difference": stats([d[j] for d in d_budget])}
-                    for j, f in enumerate(budgets)]}
+        "budgets": [{"fraction": float(f), "difference": stats([d[j] for d in d_budget]),
+                     "interval": intervals.paired([d[j] for d in d_budget]),
+                     "counted": j in counted}
+                    for j, f in enumerate(budgets)],
+        "average_shared_thresholds": intervals.paired(d_shared.mean(axis=1)),
+        "average_budgets": intervals.paired(per_seed_budget_mean)}
     shared_means = [r["difference"]["mean"] for r in paired[key]["shared_thresholds"]]
-    budget_means = [r["difference"]["mean"] for r, ok in zip(paired[key]["budgets"], reachable)
-                    if ok]
+    budget_means = [paired[key]["budgets"][j]["difference"]["mean"] for j in counted]
     known = [m for m in shared_means + budget_means if m is not None]
     claims[f"{reference} >= {other} everywhere"] = {
         "met": bool(known) and all(m >= 0 for m in known)
@@ -149,16 +171,31 @@ def seed_study(runs: Mapping[str, Sequence[tuple[ExitLogits, ExitLogits]]],
         "budgets_at_least": sum(m is not None and m >= 0 for m in budget_means),
         "budgets_points": len(budget_means),
         "worst_mean_difference": min(known) if known else None}
+    avg_t, avg_b = paired[key]["average_shared_thresholds"], paired[key]["average_budgets"]
     claims[f"{reference} better than {other} on average"] = {
-        "met": bool(known) and float(np.mean(known)) > 0,
+        # Separated from seed noise only where the 95% interval of the
+        # averaged paired difference lies above zero; otherwise a trend.
+        "met": bool(avg_t["above_zero"] and (avg_b["above_zero"] or avg_b["mean"] is None)),
         "mean_difference_shared_thresholds": float(np.mean(shared_means)),
         "mean_difference_budgets": (float(np.mean([m for m in budget_means if m is not None]))
-                                    if any(m is not None for m in budget_means) else None)}
+                                    if any(m is not None for m in budget_means) else None),
+        "shared_thresholds": intervals.verdict(avg_t, reference, other),
+        "budgets": intervals.verdict(avg_b, reference, other)}
 
-  claims["teacher"] = _teacher_claim(runs[reference], seeds, t_acc, t_macs, criterion,
-                                     teacher_budget, gap_points)
+  budgets_for_teacher = ([teacher_budget] if isinstance(teacher_budget, (int, float))
+                         else list(teacher_budget))
+  # Every method at each teacher budget (the ~10x reading); the claim is the
+  # reference's, at each budget.
+  claims["teacher_readings"] = [
+      {"budget_fraction": float(b), "methods": {
+          m: _teacher_claim(runs[m], seeds, t_acc, t_macs, criterion, b, gap_points)
+          for m in runs}} for b in budgets_for_teacher]
+  claims["teacher"] = [r["methods"][reference] for r in claims["teacher_readings"]]
   return {"seeds": seeds, "methods": list(runs), "criterion": criterion,
-          "teacher": {"final_accuracy": t_acc, "final_macs": t_macs},
+          "teacher": {"final_accuracy": t_acc, "final_macs": t_macs,
+                      "exit_accuracy": [float(a) for a in early_exit.per_exit_accuracy(
+                          teacher_test.exit_logits, teacher_test.labels)],
+                      "exit_macs": [float(m) for m in teacher_test.exit_macs]},
           "per_exit": per_exit, "final_beats_middle": final_vs_middle,
           "shared_thresholds": shared, "budgets": budget_rows, "paired": paired,
           "claims": claims}
@@ -176,6 +213,7 @@ def _teacher_claim(pairs, seeds, t_acc: float, t_macs: float, criterion: str,
          "target_points": gap_points, "teacher_final_accuracy": t_acc}
   if not feasible:
     return dict(out, met=False, note="no seed has a policy within the budget on validation")
+  out["seed_test_accuracies"] = [None if p is None else p["test_accuracy"] for p in points]
   best = max(feasible, key=lambda i: points[i]["val_accuracy"])
   gap = 100 * (t_acc - points[best]["test_accuracy"])
   mean_acc = float(np.mean([points[i]["test_accuracy"] for i in feasible]))
