@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices (for sharding tests), no network, temp caches,
+"""Test setup: 8 fake CPU devices (for sharding tests), no network, a compilation cache,
 and prerequisites that CI must have.
 
 A test that needs something a machine may lack says so with
@@ -25,6 +25,17 @@ jax.config.update("jax_threefry_partitionable", True)
 # ~80 s with threefry, ~15 s with rbg on a loaded 2-core machine); the CPU
 # backend's process settings make the same choice (adaptive_vision/cpu/process.py).
 jax.config.update("jax_default_prng_impl", "rbg")
+
+ROOT_CACHE = pathlib.Path(os.environ.get("ADAPTIVE_VISION_CACHE") or "~/.cache/adaptive_vision")
+# XLA:CPU compilation is most of the tests' time: compiled programs persist between
+# test sessions (keyed by program, options and jaxlib), so a rerun of the inner
+# loop compiles only what changed. CI's cache folder is new each run, so CI
+# compiles everything. ADAPTIVE_VISION_TEST_COMPILE_CACHE=0 turns it off.
+if os.environ.get("ADAPTIVE_VISION_TEST_COMPILE_CACHE", "1") != "0":
+  jax.config.update("jax_compilation_cache_dir",
+                    str(ROOT_CACHE.expanduser() / "test_compilation_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_compilation_cache_max_size", 2 << 30)  # bytes, least recently used go
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
