@@ -1,6 +1,11 @@
 """The study's selection metric, from validation logits only (PLAN.md).
 
   python results/ravit_cifar10_cpu/study/study_metric.py RUN_DIR [RUN_DIR ...]
+  python results/ravit_cifar10_cpu/study/study_metric.py --choose RUN_DIR [RUN_DIR ...]
+
+--choose prints only the folder the rule picks: the highest validation
+accuracy at <= 0.72x; candidates within 0.2 points of the best are ties,
+broken by the lower validation mean MACs.
 
 For each run folder (holding val_logits.npz): per-exit accuracy on
 validation, and the validation accuracy and mean MACs at entropy thresholds
@@ -36,6 +41,23 @@ def metric(folder: str) -> dict:
   return out
 
 
+TIE_POINTS = 0.2
+
+
+def choose(results: list[dict]) -> str:
+  """The rule of PLAN.md over `metric` results: the run folder it picks."""
+  ok = [r for r in results if isinstance(r.get("0.72"), dict)]
+  if not ok:
+    raise ValueError("no candidate reaches <= 0.72x the baseline's MACs")
+  best = max(r["0.72"]["val_accuracy"] for r in ok)
+  tied = [r for r in ok if r["0.72"]["val_accuracy"] >= best - TIE_POINTS]
+  return min(tied, key=lambda r: r["0.72"]["mean_macs_fraction"])["run"]
+
+
 if __name__ == "__main__":
-  for folder in sys.argv[1:]:
-    print(json.dumps(metric(folder)))
+  args = sys.argv[1:]
+  if args and args[0] == "--choose":
+    print(choose([metric(folder) for folder in args[1:]]))
+  else:
+    for folder in args:
+      print(json.dumps(metric(folder)))
