@@ -46,8 +46,8 @@ if stage 3; then
 fi
 
 # 4. The choice (validation rule), then seeds 1 and 2 of it and of the ViT.
-#    Seed 0 of the cascade is its study run; seed 0 of the ViT is the
-#    baseline of results/ravit_cifar10_cpu/ (the same command with seed=0).
+#    Seed 0 of the cascade is its study run. The ViT trains all three seeds
+#    with this code, so that each run's metrics.jsonl is kept beside its logits.
 chosen_args() {  # the chosen run's config arguments, from its summary's command
   local chosen; chosen=$(metric --choose "$STUDY"/r[0-9]_*)
   python -c "import json, re, sys; print(re.search(r'--config \S+?\.py:(\S+)',
@@ -68,6 +68,10 @@ if stage 5; then
   [[ -e runs/ravit_s0 ]] || ln -s "study/$(basename "$(metric --choose "$STUDY"/r[0-9]_*)")" runs/ravit_s0
   python -m launch.report --seeds 0,1,2 --run ravit=runs/ravit_s{seed} --baseline runs/vit_s{seed} \
       --budgets 0.55,0.7,0.72 --claims 0.72:1.7:must,0.7:0.5:goal --out results/ravit_cifar10_cpu
+  for seed in 0 1 2; do
+    cp "runs/ravit_s$seed/metrics.jsonl" "results/ravit_cifar10_cpu/ravit_s${seed}_metrics.jsonl"
+    cp "runs/vit_s$seed/metrics.jsonl" "results/ravit_cifar10_cpu/baseline_s${seed}_metrics.jsonl"
+  done
   CHOSEN=$(chosen_args)
   python -m launch.export --config "$R:$CHOSEN" --workdir runs/ravit_s0 --out results/params/ravit_cifar10.npz \
       --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py
