@@ -41,7 +41,11 @@ and it puts the file back), deletes it, and creates its own with O_EXCL, which
 only one process can do. The takeover is printed as one line by the process
 that takes the lock (when several start at the same instant, a winner that
 started after another had deleted the dead lock never saw it, and says
-nothing). A holder whose
+nothing). One narrow window remains: a newcomer that judged the dead lock
+but renames only after another newcomer replaced it moves that live lock
+aside for the instant of its check; a third newcomer creating the lock in
+that instant holds it too, and the first holder finds the foreign lock at
+its next heartbeat and stops (below). A holder whose
 lock was taken over (it could not renew it for a whole lease, e.g. a stalled
 host) notices at its next heartbeat and ends at once, writing nothing more
 (`on_lost`); a lock file removed by hand is created again.

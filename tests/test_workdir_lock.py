@@ -252,16 +252,29 @@ def test_a_live_lock_moved_aside_by_mistake_is_put_back(tmp_path):
 
 
 RACER = """
-import sys, time
+import os, sys, time
 from adaptive_vision import workdir_lock
-time.sleep(max(float(sys.argv[2]) - time.time(), 0))
+folder, barrier, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+
+def wait_for(prefix):  # every racer has written its marker (or 60 s passed)
+  deadline = time.time() + 60
+  while sum(f.startswith(prefix) for f in os.listdir(barrier)) < n and time.time() < deadline:
+    time.sleep(0.005)
+
+# Start together once all racers are imported (imports take seconds on a busy
+# machine), and hold the lock until all have tried: a racer that came after the
+# winner had released would rightly win a free lock and prove nothing.
+open(os.path.join(barrier, f"ready-{os.getpid()}"), "w").close()
+wait_for("ready-")
 try:
-  with workdir_lock.hold(sys.argv[1], lease_seconds=180, heartbeat_seconds=30,
+  with workdir_lock.hold(folder, lease_seconds=180, heartbeat_seconds=30,
                          announce=lambda line: print("took over", flush=True)):
     print("won", flush=True)
-    time.sleep(float(sys.argv[3]))
+    open(os.path.join(barrier, f"tried-{os.getpid()}"), "w").close()
+    wait_for("tried-")
 except workdir_lock.Held as e:
   print("held:", e.holder["pid"] if e.holder else None, flush=True)
+  open(os.path.join(barrier, f"tried-{os.getpid()}"), "w").close()
 """
 
 
@@ -280,8 +293,9 @@ def test_newcomers_racing_for_a_dead_holders_lock_one_wins(tmp_path, holder, hol
       proc.wait()
     else:
       fake_lock(str(folder), host="node-b", pid=4242, mtime_age=500)
-    at = time.time() + 1.5
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(at), "3"],
+    barrier = tmp_path / f"barrier{round_}"
+    barrier.mkdir()
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(folder), str(barrier), "6"],
                                env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True) for _ in range(6)]
     outs = [(p.pid, *p.communicate(timeout=120)) for p in racers]
