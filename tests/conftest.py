@@ -31,6 +31,8 @@ import importlib.util  # noqa: E402
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+from adaptive_vision.cache_dir import cache_dir  # noqa: E402
+
 if FAST_COMPILE:
   jax.jit(lambda x: x + 1)(0).block_until_ready()  # XLA parses XLA_FLAGS here, once
   os.environ["XLA_FLAGS"] = XLA_FLAGS
@@ -41,7 +43,7 @@ jax.config.update("jax_threefry_partitionable", True)
 # backend's process settings make the same choice (adaptive_vision/cpu/process.py).
 jax.config.update("jax_default_prng_impl", "rbg")
 
-ROOT_CACHE = pathlib.Path(os.environ.get("ADAPTIVE_VISION_CACHE") or "~/.cache/adaptive_vision")
+ROOT_CACHE = cache_dir()
 # XLA:CPU compilation is most of the tests' time: compiled programs persist between
 # test sessions (keyed by program, options and jaxlib), so a rerun of the inner
 # loop compiles only what changed. CI's cache folder is new each run, so CI

@@ -13,11 +13,12 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 # modules and packages of adaptive_vision. Keep in step with docs/design.md.
 ALLOWED = {
     "config": set(), "flops": set(), "machine": set(), "atomic": set(), "exits": set(),
+    "cache_dir": set(),
     "workdir_lock": {"atomic", "config"},
     "models": {"flops", "exits"},
-    "cpu": {"models"},
+    "cpu": {"models", "cache_dir"},
     "backend": {"models", "cpu"},
-    "data": {"config"},
+    "data": {"config", "cache_dir"},
     "sharding": {"config"},
     "losses": {"config", "exits"},
     "early_exit": {"exits"},

@@ -31,6 +31,8 @@ import subprocess
 import sys
 from typing import Optional
 
+from adaptive_vision.cache_dir import cache_dir
+
 YNN_FUSION_TYPE = "xla_cpu_experimental_ynn_fusion_type"
 _NO_CONV = "LIBRARY_FUSION_TYPE_DOT,LIBRARY_FUSION_TYPE_REDUCE"
 # XLA's CPU default is the two above plus LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION.
@@ -45,8 +47,7 @@ WORKLOAD_OPTIONS = {
 
 def _cache_file() -> pathlib.Path:
   import jaxlib
-  root = os.environ.get("ADAPTIVE_VISION_CACHE") or "~/.cache/adaptive_vision"
-  return pathlib.Path(root).expanduser() / "compiler" / f"ynn-option-{jaxlib.__version__}.json"
+  return cache_dir("compiler", f"ynn-option-{jaxlib.__version__}.json")
 
 
 _PROBE = ("import jax; jax.jit(lambda x: x + 1).lower(1.0).compile("

@@ -36,6 +36,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from adaptive_vision.cache_dir import cache_dir
 from adaptive_vision.config import require
 from adaptive_vision.data import augment as augment_lib
 
@@ -59,9 +60,8 @@ def data_field(data_cfg, key: str):
 
 def cache_root(data_cfg) -> Path:
   """data.cache_dir, else $ADAPTIVE_VISION_CACHE, else ~/.cache/adaptive_vision."""
-  root = (data_field(data_cfg, "cache_dir") or os.environ.get("ADAPTIVE_VISION_CACHE")
-          or "~/.cache/adaptive_vision")
-  return Path(root).expanduser()
+  root = data_field(data_cfg, "cache_dir")
+  return Path(root).expanduser() if root else cache_dir()
 
 
 def validate_config(data_cfg) -> None:

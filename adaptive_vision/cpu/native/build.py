@@ -20,6 +20,8 @@ import shutil
 import subprocess
 import tempfile
 
+from adaptive_vision.cache_dir import cache_dir as cache_root
+
 SOURCE_DIR = pathlib.Path(__file__).resolve().parent
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
@@ -38,8 +40,7 @@ def compiler() -> str | None:
 def cache_dir() -> pathlib.Path:
   """$ADAPTIVE_VISION_CACHE/native, else ~/.cache/adaptive_vision/native (the
   same root as the data cache's default)."""
-  root = os.environ.get("ADAPTIVE_VISION_CACHE") or "~/.cache/adaptive_vision"
-  return pathlib.Path(root).expanduser() / "native"
+  return cache_root("native")
 
 
 def _cpu_identity() -> str:
