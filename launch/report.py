@@ -38,7 +38,8 @@ validation logits, paired differences with 95% intervals, the claims):
       --baseline runs/vit_s{seed} --budgets 0.55,0.7,0.72 \
       --claims 0.72:1.7:must,0.7:0.5:goal --out results/ravit_cifar10_cpu
 
-  -> claim_table.json, claim_table.md and copies of the npz files.
+  -> claim_table.json, claim_table.md, claim_table.png (accuracy against MACs
+     over a grid of budgets, each calibrated on validation) and copies of the npz files.
 
 A training run's summary (accuracy per exit, MACs, images/s, wall time, machine):
 
@@ -120,7 +121,7 @@ def main(argv):
                                 [int(s) for s in FLAGS.seeds],
                                 budgets=[float(b) for b in FLAGS.budgets], claims=claims,
                                 title=FLAGS.title)
-      written = f"{FLAGS.out}/{files.CLAIMS_MD}, {files.CLAIMS_JSON}"
+      written = f"{FLAGS.out}/{files.CLAIMS_MD}, {files.CLAIMS_JSON}, {files.CLAIMS_PNG}"
     elif FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)
       study = files.seed_report(FLAGS.out, runs, [int(s) for s in FLAGS.seeds], FLAGS.teacher,

@@ -57,3 +57,27 @@ def test_claim_table_calibrates_on_validation_and_pairs_seeds():
   assert "| mean ± std |" in md and "**met**" in md and "**missed**" in md
   with pytest.raises(ValueError, match="one cascade and one baseline run per seed"):
     cascade_seeds.claim_table(cascade[:2], baseline, [0, 1, 2])
+
+
+def test_the_curve_is_the_same_calibration_over_a_grid_and_is_plotted(tmp_path):
+  from adaptive_vision.eval import files
+  from adaptive_vision.eval.logits import save_logits
+  rng = np.random.default_rng(1)
+  macs = [10.0, 30.0]
+  for s in range(2):
+    for who, rates, m in (("ravit", (0.6, 0.8), macs), ("vit", (0.82,), [40.0])):
+      for split in ("val", "test"):
+        x = _logits(rng, 300, rates, len(m), m)
+        save_logits(tmp_path / f"{who}_s{s}" / f"{split}_logits.npz", x.exit_logits, x.labels,
+                    x.exit_macs)
+  t = files.cascade_seed_report(str(tmp_path / "out"), "ravit", str(tmp_path / "ravit_s{seed}"),
+                                str(tmp_path / "vit_s{seed}"), [0, 1], budgets=(0.5, 0.8),
+                                claims=[(0.8, 5.0, "loose")])
+  for row in t["rows"]:
+    curve = {p["budget"]: p for p in row["curve"]}
+    assert min(curve) >= 0.25  # below the first exit (10 of 40 MACs) nothing is feasible
+    for point in row["budgets"]:  # the grid holds the table's budgets: same numbers
+      assert curve[point["budget"]]["test_accuracy"] == point["test_accuracy"]
+      assert curve[point["budget"]]["test_macs_fraction"] == point["test_macs_fraction"]
+  png = (tmp_path / "out" / "claim_table.png").read_bytes()
+  assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -107,7 +107,7 @@ def summarize_run(workdir: str, out: str, *, command: str = "", note: str = "") 
 
 
 SEEDS_JSON, SEEDS_MD, SEEDS_PNG = "seeds_report.json", "seeds_report.md", "seeds_accuracy_vs_macs.png"
-CLAIMS_JSON, CLAIMS_MD = "claim_table.json", "claim_table.md"
+CLAIMS_JSON, CLAIMS_MD, CLAIMS_PNG = "claim_table.json", "claim_table.md", "claim_table.png"
 
 
 def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern: str,
@@ -115,7 +115,7 @@ def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern:
                         claims: Sequence[tuple[float, float, str]] = (),
                         title: str = "Cascade vs baseline over seeds") -> dict[str, Any]:
   """The claim table (`cascade_seeds.claim_table`) of run folders `pattern` and
-  `baseline_pattern` with a `{seed}` placeholder: writes claim_table.{json,md}
+  `baseline_pattern` with a `{seed}` placeholder: writes claim_table.{json,md,png}
   and copies of the npz files (`<name>_s<seed>_<split>_logits.npz`,
   `baseline_s<seed>_<split>_logits.npz`) into `out_dir`."""
   from adaptive_vision.eval import cascade_seeds
@@ -142,6 +142,7 @@ def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern:
   os.makedirs(out_dir, exist_ok=True)
   atomic.write_json(os.path.join(out_dir, CLAIMS_JSON), jsonable(table), indent=1)
   atomic.write_text(os.path.join(out_dir, CLAIMS_MD), cascade_seeds.markdown(table, title))
+  plots.plot_claim_table(os.path.join(out_dir, CLAIMS_PNG), table, title)
   return table
 SEEDS_DIFF_PNG = "seeds_paired_differences.png"
 

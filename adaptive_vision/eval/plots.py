@@ -134,3 +134,54 @@ def plot_paired_differences(path: str | os.PathLike, study: Mapping[str, Any],
   fig.suptitle(f"{title}: paired differences (mean ± std over {n} seeds)" if n > 1
                else f"{title}: paired differences (one seed)")
   return atomic.save_figure(path, fig, dpi=110, bbox_inches="tight")
+
+
+def plot_claim_table(path: str | os.PathLike, table: Mapping[str, Any], title: str) -> str:
+  """The cascade's accuracy against its MACs (fraction of the baseline's), with
+  thresholds calibrated on each seed's validation split and read on test: one
+  thin line per seed, the seed mean with a ± one standard deviation band; the
+  baseline per seed and its mean (band ± std); the claims as targets."""
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+
+  fig = Figure(figsize=(8.5, 5.2))
+  FigureCanvasAgg(fig)
+  ax = fig.add_subplot(1, 1, 1)
+  rows = table["rows"]
+  for i, r in enumerate(rows):
+    c = r.get("curve") or []
+    ax.plot([p["test_macs_fraction"] for p in c], [100 * p["test_accuracy"] for p in c], "-",
+            color="C0", lw=0.8, alpha=0.45, label="cascade, each seed" if i == 0 else None)
+  shared = sorted(set.intersection(*(
+      {p["budget"] for p in r.get("curve") or []} for r in rows))) if rows else []
+  if shared:
+    at = lambda r, b: next(p for p in r["curve"] if p["budget"] == b)  # noqa: E731
+    x = np.array([[at(r, b)["test_macs_fraction"] for b in shared] for r in rows]).mean(0)
+    acc = 100 * np.array([[at(r, b)["test_accuracy"] for b in shared] for r in rows])
+    mean, std = acc.mean(0), (acc.std(0, ddof=1) if len(rows) > 1 else np.zeros(len(shared)))
+    ax.plot(x, mean, "-", color="C0", lw=2, label=f"cascade, mean of {len(rows)} seeds")
+    ax.fill_between(x, mean - std, mean + std, color="C0", alpha=0.18, lw=0)
+  base = [100 * r["baseline_test"] for r in rows]
+  bmean = float(np.mean(base))
+  bstd = float(np.std(base, ddof=1)) if len(base) > 1 else 0.0
+  ax.axhspan(bmean - bstd, bmean + bstd, color="k", alpha=0.08, lw=0)
+  ax.axhline(bmean, color="k", ls="--", lw=1, label=f"baseline, mean ({bmean:.2f}%)")
+  ax.plot([1.0] * len(base), base, "D", color="k", ms=5, label="baseline, each seed")
+  for j, b in enumerate(table["summary"]["budgets"]):
+    a, m = b["test_accuracy"], b["test_macs_fraction"]
+    if a["mean"] is None:
+      continue
+    ax.errorbar([m["mean"]], [100 * a["mean"]], yerr=[100 * (a["std"] or 0)],
+                fmt="X", color="C1", ms=8, mec="k", mew=0.5, capsize=3,
+                label="calibrated budgets, mean ± std" if j == 0 else None)
+  for c in table.get("claims") or ():
+    target = 100 * c["baseline_mean"] - c["points"]
+    ax.plot([c["budget"]], [target], "v", color="C3" if not c["met"] else "C2", ms=9,
+            label=f"{c['label']}: >= baseline - {c['points']:g} at <= {c['budget']:g}x "
+                  f"({'met' if c['met'] else 'missed'})")
+  ax.set_xlabel("mean MACs per image, fraction of the baseline's (test)")
+  ax.set_ylabel("test accuracy (%)")
+  ax.set_title(title)
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+  return atomic.save_figure(path, fig, dpi=120, bbox_inches="tight")
