@@ -251,10 +251,11 @@ def load(path: str, config) -> tuple[dict, dict]:
 
 def export_variables(config, variables: Mapping[str, Any], out: str, budgets: Sequence[float],
                      *, reference_model=None, source: Optional[Mapping] = None,
-                     mesh=None) -> dict:
+                     mesh=None, criterion: str = "entropy") -> dict:
   """Writes the parameters file `out` of `variables`, trained with `config`.
 
-  For each budget it stores the entropy thresholds calibrated on the
+  For each budget it stores the `criterion`'s ('entropy', the papers' rule, or
+  'max_prob') thresholds calibrated on the
   validation split (held out of training; never test) for mean MACs <=
   budget x the reference MACs: the model's last exit, or `reference_model`'s
   (a model config, e.g. the ViT a RAViT is compared with). `source`: where
@@ -283,7 +284,8 @@ def export_variables(config, variables: Mapping[str, Any], out: str, budgets: Se
       "preprocessing": preprocessing(config),
       "class_names": list(class_names) if class_names else None,
       "calibration": calibration(logits, labels, exit_macs, [float(b) for b in budgets],
-                                 reference_macs=reference_macs, reference=reference),
+                                 reference_macs=reference_macs, reference=reference,
+                                 criterion=criterion),
       "source": dict(source or {}, config=json.loads(config.to_json_best_effort())),
   }
   size = save(out, variables, meta)

@@ -2,14 +2,14 @@ r"""A trained run's variables in one portable file, with calibrated thresholds.
 
   python -m launch.export --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
       --out results/params/ravit_cifar10.npz [--budgets 0.55,0.7] \
-      [--baseline_config configs/vit_cifar10.py]
+      [--baseline_config configs/vit_cifar10.py] [--criterion entropy|max_prob]
 
 Reads the newest checkpoint of --workdir and writes --out: a NumPy .npz of
 the params (and BatchNorm statistics) keyed by their '/'-joined paths, plus
 meta.json (model config, parameter shapes, exit MACs, eval preprocessing,
 class names, the whole training config, source step) -- see
 adaptive_vision/export.py, which does the work. For each budget it stores
-the entropy thresholds calibrated on the validation split (held out of
+the --criterion's thresholds (entropy by default) calibrated on the validation split (held out of
 training; never test) for mean MACs <= budget x the reference MACs: the
 model's last exit, or with --baseline_config that config's model (e.g. the
 ViT a RAViT is compared with, as launch.evaluate's report does).
@@ -45,10 +45,13 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "the file to write (.npz)")
   flags.DEFINE_list("budgets", ["0.55", "0.7"],
                     "MACs budgets (fractions of the reference MACs) to calibrate thresholds for")
+  flags.DEFINE_enum("criterion", "entropy", ["entropy", "max_prob"],
+                    "the exit rule the thresholds are for: softmax entropy below the threshold "
+                    "(the papers') or the top softmax probability above it")
 
 
 def export(config, workdir: str, out: str, budgets, baseline_config=None,
-           config_arg: str = "...") -> dict:
+           config_arg: str = "...", criterion: str = "entropy") -> dict:
   """Restores the newest checkpoint of `workdir` and writes `out`
   (`adaptive_vision.export.export_variables`)."""
   from adaptive_vision import export as export_lib
@@ -66,7 +69,8 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
     return export_lib.export_variables(
         config, variables, out, budgets,
         reference_model=None if baseline_config is None else baseline_config.model,
-        source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
+        source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None},
+        criterion=criterion)
 
 
 def main(argv):
@@ -74,7 +78,7 @@ def main(argv):
   common.setup()
   with common.clear_errors():
     meta = export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.budgets, FLAGS.baseline_config,
-                  config_flags.get_config_filename(FLAGS["config"]))
+                  config_flags.get_config_filename(FLAGS["config"]), FLAGS.criterion)
   cal = meta["calibration"]
   print(f"wrote {FLAGS.out} ({meta['size'] / 2 ** 20:.1f} MiB, step {meta['source']['step']}); "
         f"validation ({cal['num_examples']} images) accuracy per exit "
@@ -83,7 +87,7 @@ def main(argv):
     if "error" in p:
       print(f"  budget {p['budget']:g}: {p['error']}", file=sys.stderr)
     else:
-      print(f"  budget {p['budget']:g} of {cal['reference']}'s MACs: thresholds "
+      print(f"  budget {p['budget']:g} of {cal['reference']}'s MACs: {cal['criterion']} thresholds "
             f"{[round(t, 4) for t in p['thresholds']]}, val accuracy "
             f"{100 * p['val_accuracy']:.2f}%, {p['val_mean_macs'] / 1e6:.2f} MMACs",
             file=sys.stderr)

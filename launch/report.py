@@ -79,6 +79,9 @@ flags.DEFINE_list("seed_budgets", ["0.1", "0.15", "0.2", "0.25", "0.3", "0.35"],
                   "seed study: budgets as fractions of the teacher's final-exit MACs")
 flags.DEFINE_list("claims", [], "cascade seed study: budget:points:label, e.g. 0.72:1.7:must "
                   "(seed-mean accuracy at <= budget x the baseline's MACs within points of it)")
+flags.DEFINE_enum("criterion", "entropy", ["entropy", "max_prob"], "cascade seed study: "
+                  "the exit rule calibrated on validation (softmax entropy, the papers', or "
+                  "the top softmax probability)")
 flags.DEFINE_string("summarize", None, "workdir of a training run to summarize")
 flags.DEFINE_string("command", "", "summarize: the command that produced the run")
 flags.DEFINE_string("note", "", "summarize: a free-text note for the Markdown")
@@ -120,7 +123,7 @@ def main(argv):
       files.cascade_seed_report(FLAGS.out, name, pattern, FLAGS.baseline,
                                 [int(s) for s in FLAGS.seeds],
                                 budgets=[float(b) for b in FLAGS.budgets], claims=claims,
-                                title=FLAGS.title)
+                                title=FLAGS.title, criterion=FLAGS.criterion)
       written = f"{FLAGS.out}/{files.CLAIMS_MD}, {files.CLAIMS_JSON}, {files.CLAIMS_PNG}"
     elif FLAGS.seeds:
       runs = dict(_named("run", item) for item in FLAGS.run)

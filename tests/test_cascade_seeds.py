@@ -81,3 +81,25 @@ def test_the_curve_is_the_same_calibration_over_a_grid_and_is_plotted(tmp_path):
       assert curve[point["budget"]]["test_macs_fraction"] == point["test_macs_fraction"]
   png = (tmp_path / "out" / "claim_table.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_the_exit_rule_is_a_choice_of_the_table_and_of_the_export():
+  from adaptive_vision import early_exit, export
+  rng = np.random.default_rng(2)
+  macs = [10.0, 30.0]
+  cascade = [(_logits(rng, 300, (0.6, 0.8), 2, macs), _logits(rng, 300, (0.6, 0.8), 2, macs))]
+  baseline = [(_logits(rng, 300, (0.82,), 1, [40.0]), _logits(rng, 300, (0.82,), 1, [40.0]))]
+  tables = {c: cascade_seeds.claim_table(cascade, baseline, [0], budgets=(0.6,), criterion=c)
+            for c in early_exit.CRITERIA}
+  for c, t in tables.items():
+    (point,) = t["rows"][0]["budgets"]
+    val, test = cascade[0]
+    want = early_exit.evaluate_policy(
+        test.exit_logits, test.labels,
+        early_exit.calibrate(val.exit_logits, val.labels, val.exit_macs, criterion=c,
+                             max_mean_macs=0.6 * 40.0), test.exit_macs, c)
+    assert point["test_accuracy"] == pytest.approx(want["accuracy"]), c
+    assert t["criterion"] == c and f"per-exit {c} thresholds" in cascade_seeds.markdown(t, "x")
+  (p,) = export.calibration(cascade[0][0].exit_logits, cascade[0][0].labels, macs, [0.6],
+                            reference_macs=40.0, reference="b", criterion="max_prob")["budgets"]
+  assert 0.0 <= p["thresholds"][0] <= 1.0  # a probability, not an entropy

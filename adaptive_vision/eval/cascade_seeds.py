@@ -115,7 +115,8 @@ def markdown(table: dict, title: str) -> str:
   lines = [f"# {title}", "",
            f"Seeds {', '.join(map(str, table['seeds']))}; test accuracy (%) of the baseline "
            f"and of the cascade at <= b x the baseline's MACs ({table['baseline_macs'] / 1e6:.2f} "
-           "MMACs), per-exit entropy thresholds calibrated on each seed's validation split; "
+           f"MMACs), per-exit {table['criterion']} thresholds calibrated on each seed's "
+           "validation split; "
            "differences are cascade - baseline of the same seed, in points. `claim_table.png`: "
            "the same calibration over a grid of budgets, each seed and the mean.", "",
            "| seed | baseline | " + " | ".join(

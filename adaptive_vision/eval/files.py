@@ -113,7 +113,8 @@ CLAIMS_JSON, CLAIMS_MD, CLAIMS_PNG = "claim_table.json", "claim_table.md", "clai
 def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern: str,
                         seeds: Sequence[int], *, budgets: Sequence[float],
                         claims: Sequence[tuple[float, float, str]] = (),
-                        title: str = "Cascade vs baseline over seeds") -> dict[str, Any]:
+                        title: str = "Cascade vs baseline over seeds",
+                        criterion: str = "entropy") -> dict[str, Any]:
   """The claim table (`cascade_seeds.claim_table`) of run folders `pattern` and
   `baseline_pattern` with a `{seed}` placeholder: writes claim_table.{json,md,png}
   and copies of the npz files (`<name>_s<seed>_<split>_logits.npz`,
@@ -138,7 +139,7 @@ def cascade_seed_report(out_dir: str, name: str, pattern: str, baseline_pattern:
           os.makedirs(out_dir, exist_ok=True)
           atomic.copy_file(src, copy)
   table = cascade_seeds.claim_table(loaded[name], loaded["baseline"], seeds, budgets=budgets,
-                                    claims=claims)
+                                    claims=claims, criterion=criterion)
   os.makedirs(out_dir, exist_ok=True)
   atomic.write_json(os.path.join(out_dir, CLAIMS_JSON), jsonable(table), indent=1)
   atomic.write_text(os.path.join(out_dir, CLAIMS_MD), cascade_seeds.markdown(table, title))
