@@ -75,16 +75,24 @@ if stage 4; then
 fi
 
 # 5. The claim table over 3 seeds (thresholds calibrated on each seed's
-#    validation split), each run's metrics.jsonl beside its logits, and the
-#    published parameters of the seed-0 cascade.
+#    validation split), for the paper's exit rule (entropy) and for the top
+#    softmax probability, each run's metrics.jsonl beside its logits, and the
+#    published parameters of the seed-0 cascade with the exit rule of the
+#    PLAN.md addendum (the higher seed-mean validation accuracy at <= 0.72x).
 if stage 5; then
   [[ -e runs/ravit_s0 ]] || ln -s "study/$CHOSEN_RUN" runs/ravit_s0
-  python -m launch.report --seeds 0,1,2 --run ravit=runs/ravit_s{seed} --baseline runs/vit_s{seed} \
-      --budgets 0.55,0.7,0.72 --claims 0.72:1.7:must,0.7:0.5:goal --out results/ravit_cifar10_cpu
+  for rule in entropy max_prob; do
+    out=results/ravit_cifar10_cpu; [[ $rule == entropy ]] || out=$out/$rule
+    python -m launch.report --seeds 0,1,2 --run ravit=runs/ravit_s{seed} --baseline runs/vit_s{seed} \
+        --budgets 0.55,0.7,0.72 --claims 0.72:1.7:must,0.7:0.5:goal --criterion $rule --out $out \
+        --title "RAViT vs ViT, CIFAR-10, 16 epochs, 3 seeds, $rule exits"
+  done
   for seed in 0 1 2; do
     cp "runs/ravit_s$seed/metrics.jsonl" "results/ravit_cifar10_cpu/ravit_s${seed}_metrics.jsonl"
     cp "runs/vit_s$seed/metrics.jsonl" "results/ravit_cifar10_cpu/baseline_s${seed}_metrics.jsonl"
   done
+  RULE=$(python "$STUDY/study_metric.py" --exit_rule runs/ravit_s0 runs/ravit_s1 runs/ravit_s2)
   python -m launch.export --config configs/ravit_cifar10.py:$CHOSEN --workdir runs/ravit_s0 \
-      --out results/params/ravit_cifar10.npz --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py
+      --out results/params/ravit_cifar10.npz --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py \
+      --criterion "$RULE"
 fi
