@@ -106,6 +106,19 @@ def _everyone_threshold(criterion: str, num_classes: int,
 # --------------------------------------------------------------------------
 
 
+def thresholds_at_exit(exit: int, num_exits: int, criterion: str,
+                       num_classes: int) -> np.ndarray:
+  """Thresholds under which every example leaves at exit `exit` (for timing a
+  cascade exit by exit): nobody fires before it, everyone fires there."""
+  _check_criterion(criterion)
+  if not 0 <= exit < num_exits:
+    raise ValueError(f"exit {exit} of a {num_exits}-exit model")
+  t = np.full(num_exits - 1, _nobody_threshold(criterion), np.float32)
+  if exit < num_exits - 1:
+    t[exit] = _everyone_threshold(criterion, num_classes)
+  return t
+
+
 def _stack(exit_logits: Any) -> jax.Array:
   """[E, N, K] array from an [E, N, K] array, one [N, K] array (one exit) or a
   sequence of [N, K] arrays (`exits.as_exits` normalises)."""
@@ -504,5 +517,5 @@ def per_exit_accuracy(exit_logits: Any, labels: Any) -> np.ndarray:
 __all__ = [
     "CRITERIA", "softmax_entropy", "max_probability", "exit_policy",
     "evaluate_policy_core", "evaluate_policy", "threshold_sweep", "calibrate",
-    "oracle", "per_exit_accuracy",
+    "oracle", "per_exit_accuracy", "thresholds_at_exit",
 ]

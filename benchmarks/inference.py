@@ -104,6 +104,7 @@ def _fractions(exits, num_exits: int) -> str:
 
 
 def latency(cfg) -> dict:
+  from adaptive_vision import early_exit
   from adaptive_vision.inference import SingleDispatchCascade
   c = cfg.latency
   models_, backends = _setup(cfg)
@@ -120,6 +121,12 @@ def latency(cfg) -> dict:
       calls[f"{base}_final_{opt}"] = (_final_exit(models_[base], be, embed=True), base)
       calls[f"{cascade}_{opt}"] = (SingleDispatchCascade(
           m["model"], m["variables"], thresholds, criterion, backend=be).predict, cascade)
+    # The profile: the same executor with every image sent to exit k, for each k.
+    for k in range(len(m["macs"])):
+      pinned = early_exit.thresholds_at_exit(k, len(m["macs"]), criterion,
+                                             m["config"].model.num_classes)
+      calls[f"{cascade}_at_exit{k}_lib"] = (SingleDispatchCascade(
+          m["model"], m["variables"], pinned, criterion, backend=backends["lib"]).predict, cascade)
   for name, (fn, model) in calls.items():
     start = time.perf_counter()
     outs = [fn(x) for x in singles[model]]  # compiles what batch 1 needs
@@ -127,7 +134,9 @@ def latency(cfg) -> dict:
     if isinstance(outs[0], dict):
       exits = np.array([int(o["exit_index"][0]) for o in outs])
       variants[name] = {"mean_macs": float(np.mean(np.asarray(macs)[exits])),
-                        "exits_taken": _fractions(exits, len(macs))}
+                        "exits_taken": _fractions(exits, len(macs)),
+                        "exit_fractions": (np.bincount(exits, minlength=len(macs))
+                                           / len(exits)).tolist()}
     else:
       variants[name] = {"mean_macs": macs[-1]}
     common.log(f"{name}: first pass {time.perf_counter() - start:.1f} s")
@@ -152,6 +161,17 @@ def latency(cfg) -> dict:
     figures[f"{cascade}_batch1_realized_over_predicted"] = \
         comparisons[f"{cascade}_lib_vs_{base}_final"]["realized_over_predicted"]
     figures[f"{cascade}_best_baseline"] = best
+    # Where the time goes: each exit's time (every image sent there) against the
+    # baseline's, beside its MAC share; and the executor against the time the
+    # per-exit times predict at the exit fractions it took.
+    macs = models_[cascade]["macs"]
+    at = [variants[f"{cascade}_at_exit{k}_lib"]["ms_per_image"] for k in range(len(macs))]
+    for k, t in enumerate(at):
+      figures[f"{cascade}_exit{k}_time_share"] = t / variants[best]["ms_per_image"]
+      figures[f"{cascade}_exit{k}_mac_share"] = macs[k] / variants[best]["mean_macs"]
+    fractions = variants[f"{cascade}_lib"]["exit_fractions"]
+    figures[f"{cascade}_time_predicted_over_measured"] = float(
+        np.dot(fractions, at) / variants[f"{cascade}_lib"]["ms_per_image"])
   if "xla" in backends:  # how the options compare, per program
     for name in ("vit_final", "ravit", "student_final", "student"):
       comparisons[f"{name}_xla_vs_lib"] = dict(common.speedup(times, f"{name}_lib", f"{name}_xla"),
@@ -165,7 +185,11 @@ def latency(cfg) -> dict:
           "notes": ["_lib: the library's serve options (what launch.predict runs), _xla: XLA's "
                     "default CPU options; each realized / predicted is against the faster "
                     "baseline (`*_best_baseline`)",
-                    f"budget {c.budget}: the thresholds stored in each params file"]}
+                    f"budget {c.budget}: the thresholds stored in each params file",
+                    "*_at_exit<k>_lib: every image sent to exit k (the profile); figures "
+                    "*_exit<k>_time_share / *_exit<k>_mac_share: that time and those MACs over "
+                    "the best baseline's; *_time_predicted_over_measured: the per-exit times "
+                    "weighted by the exit fractions taken, over the cascade's measured time"]}
 
 
 def batched(cfg) -> dict:

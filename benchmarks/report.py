@@ -84,5 +84,8 @@ def markdown(results: dict) -> str:
       lines += ["", "| variant | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
       lines += [f"| {n} | " + " | ".join(_cell(v.get(k)) for k in keys) + " |"
                 for n, v in variants.items()]
+    figures = s.get("figures", {})
+    if figures:
+      lines += ["", "Figures: " + "; ".join(f"{k} {_cell(v)}" for k, v in figures.items()) + "."]
     lines += [""] + [f"- {n}" for n in s.get("notes", [])]
   return "\n".join(lines).rstrip() + "\n"

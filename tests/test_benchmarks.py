@@ -70,6 +70,15 @@ def test_latency_section(tmp_path):
     assert f"{cascade}_xla_vs_lib" in s["comparisons"]
   assert f["early_exit_batch1_realized_over_predicted"] == min(
       f["ravit_batch1_realized_over_predicted"], f["student_batch1_realized_over_predicted"])
+  for cascade, exits in (("ravit", 2), ("student", 3)):  # the profile: one exit at a time
+    for k in range(exits):
+      onehot = [1.0 if j == k else 0.0 for j in range(exits)]
+      assert v[f"{cascade}_at_exit{k}_lib"]["exit_fractions"] == onehot
+      assert f[f"{cascade}_exit{k}_time_share"] > 0
+    best = v[f[f"{cascade}_best_baseline"]]
+    assert f[f"{cascade}_exit{exits - 1}_mac_share"] == pytest.approx(
+        v[f"{cascade}_at_exit{exits - 1}_lib"]["mean_macs"] / best["mean_macs"])
+    assert f[f"{cascade}_time_predicted_over_measured"] > 0
 
 
 @pytest.mark.slow

@@ -235,3 +235,15 @@ def test_validation_errors():
     ee.threshold_sweep(TWO, LABELS[:3], MACS2)
   with pytest.raises(ValueError, match="unknown exit criterion"):
     ee.exit_policy(TWO, [0.5], criterion="margin")
+
+
+@pytest.mark.parametrize("criterion", ["entropy", "max_prob"])
+def test_thresholds_at_exit_send_everyone_to_that_exit(criterion):
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 50, 10)).astype(np.float32) * 4
+  logits[:, :5] = 0.0  # uniform rows: the highest entropy, the lowest top probability
+  for k in range(3):
+    t = ee.thresholds_at_exit(k, 3, criterion, 10)
+    assert (np.asarray(ee.exit_policy(logits, t, criterion)) == k).all(), k
+  with pytest.raises(ValueError, match="exit 3 of a 3-exit model"):
+    ee.thresholds_at_exit(3, 3, criterion, 10)
