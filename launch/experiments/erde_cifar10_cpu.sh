@@ -48,6 +48,16 @@ python -m launch.report --seeds 0 --run erde=runs/erde_erde_s{seed} --run erde_m
     --run erde_off=runs/erde_entropy_off_s{seed} --run kd=runs/erde_kd_s{seed} --teacher runs/erde_teacher_params --reference erde \
     --out results/erde_cifar10_cpu/ablation/interim_seed_0 \
     --title "Interim: ERDE entropy-term ablation, seed 0 only, CIFAR-10, 15 epochs, 2-core CPU"
+# KD and ERDE seeds 3 and 4 (5 seeds each for the statistics), and their report.
+for seed in 3 4; do
+  for loss in kd erde; do
+    python -m launch.train --config configs/erde_cifar10.py:loss=$loss,epochs=15,seed=$seed,teacher_dir=$TEACHER_PARAMS \
+        --workdir runs/erde_${loss}_s$seed
+  done
+done
+python -m launch.report --seeds 0,1,2,3,4 --run kd=runs/erde_kd_s{seed} --run erde=runs/erde_erde_s{seed} \
+    --teacher runs/erde_teacher_params --reference erde --out results/erde_cifar10_cpu/seeds_0_4_kd_erde \
+    --title "ERDE vs KD, 5 seeds: ResNet-8 students of a ResNet-20 teacher, CIFAR-10, 15 epochs, 2-core CPU"
 # The seed-0 ERDE student as one file (launch.predict, benchmarks.run latency).
 python -m launch.export --config configs/erde_cifar10.py:loss=erde,epochs=15,seed=0,teacher_dir=$TEACHER_PARAMS \
     --workdir runs/erde_erde_s0 --out results/params/erde_student_s0.npz --budgets 0.55,0.7
