@@ -45,7 +45,12 @@ def plot_accuracy_vs_macs(path: str | os.PathLike, reports: Mapping[str, Mapping
   for i, (m, a) in enumerate(baselines):
     ax.plot([m / 1e6], [100 * a], "D", color="k", ms=8,
             label="baseline" if i == 0 else None)
-  ax.set_xlabel("mean MMACs per image")
+  return _finish(path, fig, ax, "mean MMACs per image", title)
+
+
+def _finish(path, fig, ax, xlabel: str, title: str) -> str:
+  """Labels, grid and the legend beside an accuracy-vs-compute axes; saves it."""
+  ax.set_xlabel(xlabel)
   ax.set_ylabel("test accuracy (%)")
   ax.set_title(title)
   ax.grid(True, alpha=0.3)
@@ -179,9 +184,4 @@ def plot_claim_table(path: str | os.PathLike, table: Mapping[str, Any], title: s
     ax.plot([c["budget"]], [target], "v", color="C3" if not c["met"] else "C2", ms=9,
             label=f"{c['label']}: >= baseline - {c['points']:g} at <= {c['budget']:g}x "
                   f"({'met' if c['met'] else 'missed'})")
-  ax.set_xlabel("mean MACs per image, fraction of the baseline's (test)")
-  ax.set_ylabel("test accuracy (%)")
-  ax.set_title(title)
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-  return atomic.save_figure(path, fig, dpi=120, bbox_inches="tight")
+  return _finish(path, fig, ax, "mean MACs per image, fraction of the baseline's (test)", title)
