@@ -259,7 +259,8 @@ def export_variables(config, variables: Mapping[str, Any], out: str, budgets: Se
   validation split (held out of training; never test) for mean MACs <=
   budget x the reference MACs: the model's last exit, or `reference_model`'s
   (a model config, e.g. the ViT a RAViT is compared with). `source`: where
-  the variables came from (e.g. workdir and step). Returns the meta written,
+  the variables came from (e.g. workdir and step; with a 'config', the
+  training config, else `config`). Returns the meta written,
   with the file's size.
   """
   from adaptive_vision import data as data_lib
@@ -286,7 +287,8 @@ def export_variables(config, variables: Mapping[str, Any], out: str, budgets: Se
       "calibration": calibration(logits, labels, exit_macs, [float(b) for b in budgets],
                                  reference_macs=reference_macs, reference=reference,
                                  criterion=criterion),
-      "source": dict(source or {}, config=json.loads(config.to_json_best_effort())),
+      # A source that names its training config (a re-calibrated file) keeps it.
+      "source": {"config": json.loads(config.to_json_best_effort()), **(source or {})},
   }
   size = save(out, variables, meta)
   return dict(meta, size=size)

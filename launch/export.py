@@ -3,8 +3,12 @@ r"""A trained run's variables in one portable file, with calibrated thresholds.
   python -m launch.export --config configs/ravit_cifar10.py --workdir runs/ravit_cifar10 \
       --out results/params/ravit_cifar10.npz [--budgets 0.55,0.7] \
       [--baseline_config configs/vit_cifar10.py] [--criterion entropy|max_prob]
+  python -m launch.export --config configs/ravit_cifar10.py --params results/params/ravit_cifar10.npz \
+      --out results/params/ravit_cifar10.npz --criterion max_prob ...
 
-Reads the newest checkpoint of --workdir and writes --out: a NumPy .npz of
+Reads the newest checkpoint of --workdir (or, with --params, the variables of
+a file this command wrote: thresholds for another exit rule or other budgets
+without the run's folder; its source and training config are kept) and writes --out: a NumPy .npz of
 the params (and BatchNorm statistics) keyed by their '/'-joined paths, plus
 meta.json (model config, parameter shapes, exit MACs, eval preprocessing,
 class names, the whole training config, source step) -- see
@@ -42,6 +46,8 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("baseline_config", None,
                                   "optional: budgets are fractions of this model's MACs")
   flags.DEFINE_string("workdir", None, "the run's workdir (holds checkpoints/)")
+  flags.DEFINE_string("params", None, "instead of --workdir: a file written by this command, "
+                      "whose variables are re-calibrated (--out may be the same file)")
   flags.DEFINE_string("out", None, "the file to write (.npz)")
   flags.DEFINE_list("budgets", ["0.55", "0.7"],
                     "MACs budgets (fractions of the reference MACs) to calibrate thresholds for")
@@ -73,12 +79,37 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
         criterion=criterion)
 
 
+def recalibrate(config, params: str, out: str, budgets, baseline_config=None,
+                criterion: str = "entropy") -> dict:
+  """`export` from the variables of a parameters file instead of a workdir:
+  the thresholds are calibrated again (on validation) for `criterion` and
+  `budgets`; the file's source (workdir, step, training config) is kept."""
+  from adaptive_vision import export as export_lib
+  from adaptive_vision import workdir_lock
+  variables, old = export_lib.load(params, config)
+  source = dict(old.get("source") or {}, recalibrated_from=os.path.abspath(params))
+  folder, name = os.path.split(os.path.abspath(out))
+  with workdir_lock.hold(folder, name=f".{name}.lock", target=f"--out {out}",
+                         **workdir_lock.settings(config)):
+    return export_lib.export_variables(
+        config, variables, out, budgets,
+        reference_model=None if baseline_config is None else baseline_config.model,
+        source=source, criterion=criterion)
+
+
 def main(argv):
   del argv
   common.setup()
   with common.clear_errors():
-    meta = export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.budgets, FLAGS.baseline_config,
-                  config_flags.get_config_filename(FLAGS["config"]), FLAGS.criterion)
+    if (FLAGS.workdir is None) == (FLAGS.params is None):
+      raise ValueError("give --workdir RUN (a trained run) or --params FILE (an exported file), "
+                       "one of them")
+    if FLAGS.params is not None:
+      meta = recalibrate(FLAGS.config, FLAGS.params, FLAGS.out, FLAGS.budgets,
+                         FLAGS.baseline_config, FLAGS.criterion)
+    else:
+      meta = export(FLAGS.config, FLAGS.workdir, FLAGS.out, FLAGS.budgets, FLAGS.baseline_config,
+                    config_flags.get_config_filename(FLAGS["config"]), FLAGS.criterion)
   cal = meta["calibration"]
   print(f"wrote {FLAGS.out} ({meta['size'] / 2 ** 20:.1f} MiB, step {meta['source']['step']}); "
         f"validation ({cal['num_examples']} images) accuracy per exit "
@@ -95,5 +126,5 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  flags.mark_flags_as_required(["config", "workdir", "out"])
+  flags.mark_flags_as_required(["config", "out"])
   common.run(main)

@@ -144,6 +144,36 @@ def test_export_writes_one_checked_portable_file(exported):
 
 
 @pytest.mark.slow
+def test_export_recalibrates_a_params_file_without_its_workdir(exported, tmp_path):
+  """--params: the same variables, thresholds for another rule and budget chosen
+  on validation, the file's source (workdir, step, training config) kept."""
+  config, params = exported["config"], str(exported["params"])
+  out = tmp_path / "max_prob.npz"
+  proc = _launch("export", f"--config={RAVIT}", *_overrides(), "--params", params,
+                 "--out", out, "--budgets", "0.7", "--criterion", "max_prob")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  old_vars, old = export.load(params, config)
+  new_vars, new = export.load(str(out), config)
+  for a, b in zip(jax.tree_util.tree_leaves(old_vars), jax.tree_util.tree_leaves(new_vars)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  cal = new["calibration"]
+  assert cal["criterion"] == "max_prob" and [p["budget"] for p in cal["budgets"]] == [0.7]
+  val_logits, val_labels = eval_predict.evaluate(config, new_vars, splits=("val",))["val"]
+  macs = models.exit_macs(config.model)
+  want = early_exit.calibrate(val_logits, val_labels, macs, criterion="max_prob",
+                              max_mean_macs=0.7 * macs[-1])
+  np.testing.assert_allclose(cal["budgets"][0]["thresholds"], want)
+  for key in ("workdir", "step", "config"):
+    assert new["source"][key] == old["source"][key]
+  assert new["source"]["recalibrated_from"] == os.path.abspath(params)
+  # One source, not both and not neither: one line, exit code 2.
+  for flags in (["--params", params, "--workdir", exported["workdir"]], []):
+    proc = _launch("export", f"--config={RAVIT}", *_overrides(), *flags, "--out", out)
+    assert proc.returncode == 2 and "--workdir RUN" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
 def test_predict_prints_the_full_cascade_policy_per_image(exported):
   config, paths = exported["config"], exported["paths"]
   variables = export.load_params(str(exported["params"]), config)
