@@ -92,7 +92,10 @@ if stage 5; then
     cp "runs/vit_s$seed/metrics.jsonl" "results/ravit_cifar10_cpu/baseline_s${seed}_metrics.jsonl"
   done
   RULE=$(python "$STUDY/study_metric.py" --exit_rule runs/ravit_s0 runs/ravit_s1 runs/ravit_s2)
-  python -m launch.export --config configs/ravit_cifar10.py:$CHOSEN --workdir runs/ravit_s0 \
+  # From the seed-0 run's checkpoint, or, where that folder holds logits only,
+  # the published file's own variables (the same run's) calibrated again.
+  src=(--workdir runs/ravit_s0); [[ -d runs/ravit_s0/checkpoints ]] || src=(--params results/params/ravit_cifar10.npz)
+  python -m launch.export --config configs/ravit_cifar10.py:$CHOSEN "${src[@]}" \
       --out results/params/ravit_cifar10.npz --budgets 0.55,0.7,0.72 --baseline_config configs/vit_cifar10.py \
       --criterion "$RULE"
 fi
