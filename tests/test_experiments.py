@@ -78,3 +78,42 @@ def test_erde_results_readme_has_the_script_line_for_line():
   want = commands(script, assignments(script))
   assert len(want) >= 8
   assert commands(readme) == want
+
+
+def _study_metric():
+  path = ROOT / "results" / "ravit_cifar10_cpu" / "study" / "study_metric.py"
+  spec = importlib.util.spec_from_file_location("study_metric", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def test_ravit_study_metric_uses_the_baseline_vits_macs_and_its_rules(tmp_path):
+  """The RAViT study's selection script: its ViT MACs are the config's, and
+  --choose / --exit_rule follow PLAN.md on hand-made validation logits."""
+  import numpy as np
+  from adaptive_vision import models
+  from adaptive_vision.eval import logits as logits_lib
+  from configs import vit_cifar10
+  sm = _study_metric()
+  assert sm.BASELINE_MACS == models.exit_macs(vit_cifar10.get_config().model)[-1]
+  rng = np.random.default_rng(0)
+  n, labels = 400, rng.integers(0, 10, 400)
+  macs = [0.25 * sm.BASELINE_MACS, sm.BASELINE_MACS]
+
+  def run(name, right_first, right_last):
+    """Exit 0 right on the first `right_first` images, the last exit on the first `right_last`."""
+    logits = rng.normal(0, 0.1, (2, n, 10)).astype(np.float32)
+    for k, right in enumerate((right_first, right_last)):
+      logits[k, np.arange(n), (labels + (np.arange(n) >= right)) % 10] += 4.0
+    folder = tmp_path / name
+    folder.mkdir()
+    logits_lib.save_logits(folder / "val_logits.npz", logits, labels, macs)
+    return str(folder)
+
+  weak, strong = run("weak", 200, 300), run("strong", 200, 360)
+  assert sm.metric(strong)["val_exit_accuracy"] == [50.0, 90.0]
+  assert sm.choose([sm.metric(weak), sm.metric(strong)]) == strong
+  rule, means = sm.exit_rule([weak, strong])
+  assert set(means) == {"entropy", "max_prob"}
+  assert rule == ("max_prob" if means["max_prob"] > means["entropy"] else "entropy")
