@@ -21,8 +21,8 @@ unreadable checkpoints, a data order that cannot continue on this topology)
 or a workdir in use by another live process, one line on stderr, nothing
 trained or written (also 2: a run whose lock another host took over after
 it failed to renew it for a whole lease stops at once); 3 loss or gradients became NaN/inf (the
-last good checkpoint is kept); 1 SIGTERM (a checkpoint of the current step was
-saved; run the same command again); 4 a checkpoint, metrics line or result
+last good checkpoint is kept); 75 SIGTERM (EX_TEMPFAIL: a checkpoint of the
+current step was saved; run the same command again; a crash exits 1); 4 a checkpoint, metrics line or result
 could not be written (disk full, read-only folder): one line naming the file
 and the step; the newest complete checkpoint is intact, and the same command
 resumes once there is space.
@@ -71,6 +71,10 @@ def main(argv):
   config = FLAGS.config
   try:
     summary = loop.train_and_evaluate(config, FLAGS.workdir)
+  except loop.Preempted as e:
+    # Its own code, so that a scheduler requeues a preempted run and not a crash (1).
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(loop.Preempted.EXIT_CODE)
   except loop.NonFiniteError as e:
     common.fail(str(e), code=3)
   except (ValueError, FileNotFoundError) as e:

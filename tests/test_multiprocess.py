@@ -117,7 +117,7 @@ def test_two_processes_preempt_restore_and_match_one_process(tmp_path):
       if p.poll() is None:
         p.kill()
   texts = [l.read_text() for l in logs]
-  assert codes == [1, 1], texts
+  assert codes == [75, 75], texts
   assert workdir_lock.read(str(workdir)) is None  # released by process 0 on its way out
   assert not any("took over" in t for t in texts), texts
   saved = [int(t.split("saved a checkpoint at step ")[1].split()[0]) for t in texts]

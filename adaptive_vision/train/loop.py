@@ -32,7 +32,9 @@ class NonFiniteError(RuntimeError):
 
 
 class Preempted(SystemExit):
-  """SIGTERM arrived; a checkpoint of the current step was written."""
+  """SIGTERM arrived; a checkpoint of the current step was written.
+  launch.train exits with EXIT_CODE (EX_TEMPFAIL of sysexits.h)."""
+  EXIT_CODE = 75
 
 
 def check_workdir(workdir: str) -> None:
