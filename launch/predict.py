@@ -14,9 +14,10 @@ spent to get there, running the real dynamic cascade
 the images that need them). Images are resized to each branch's resolution
 exactly as the eval pipeline does (`data.load_image`).
 
-Thresholds: --budget B takes the per-exit entropy thresholds that
-launch.export calibrated on the validation split for mean MACs <= B x the
-reference MACs (stored in the params file); --threshold T one shared entropy
+Thresholds: --budget B takes the per-exit thresholds that launch.export
+calibrated on the validation split for mean MACs <= B x the reference MACs
+(stored in the params file, for its exit rule: softmax entropy below the
+threshold, or the top softmax probability above it); --threshold T one shared entropy
 threshold (an image exits where the entropy of its softmax is below T);
 neither: the file's first calibrated budget. Works for RAViT cascades, the
 plain ViT (one exit) and the ERDE ResNets.
