@@ -60,8 +60,6 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
            config_arg: str = "...", criterion: str = "entropy") -> dict:
   """Restores the newest checkpoint of `workdir` and writes `out`
   (`adaptive_vision.export.export_variables`)."""
-  from adaptive_vision import export as export_lib
-  from adaptive_vision import workdir_lock
   from adaptive_vision.train import checkpointing, loop
   loop.validate_config(config, workdir)
   variables = checkpointing.restore_variables(
@@ -69,14 +67,22 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
                     f"--workdir {workdir}`")
   ckpts = os.path.join(workdir, "checkpoints")
   done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  return _write(config, variables, out, budgets, baseline_config, criterion,
+                source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
+
+
+def _write(config, variables, out: str, budgets, baseline_config, criterion: str,
+           source: dict) -> dict:
+  """`export_variables` into `out` while holding the lock beside it."""
+  from adaptive_vision import export as export_lib
+  from adaptive_vision import workdir_lock
   folder, name = os.path.split(os.path.abspath(out))
   with workdir_lock.hold(folder, name=f".{name}.lock", target=f"--out {out}",
                          **workdir_lock.settings(config)):
     return export_lib.export_variables(
         config, variables, out, budgets,
         reference_model=None if baseline_config is None else baseline_config.model,
-        source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None},
-        criterion=criterion)
+        source=source, criterion=criterion)
 
 
 def recalibrate(config, params: str, out: str, budgets, baseline_config=None,
@@ -85,16 +91,9 @@ def recalibrate(config, params: str, out: str, budgets, baseline_config=None,
   the thresholds are calibrated again (on validation) for `criterion` and
   `budgets`; the file's source (workdir, step, training config) is kept."""
   from adaptive_vision import export as export_lib
-  from adaptive_vision import workdir_lock
   variables, old = export_lib.load(params, config)
-  source = dict(old.get("source") or {}, recalibrated_from=os.path.abspath(params))
-  folder, name = os.path.split(os.path.abspath(out))
-  with workdir_lock.hold(folder, name=f".{name}.lock", target=f"--out {out}",
-                         **workdir_lock.settings(config)):
-    return export_lib.export_variables(
-        config, variables, out, budgets,
-        reference_model=None if baseline_config is None else baseline_config.model,
-        source=source, criterion=criterion)
+  return _write(config, variables, out, budgets, baseline_config, criterion,
+                source=dict(old.get("source") or {}, recalibrated_from=os.path.abspath(params)))
 
 
 def main(argv):
