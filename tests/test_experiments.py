@@ -114,6 +114,24 @@ def test_ravit_study_metric_uses_the_baseline_vits_macs_and_its_rules(tmp_path):
   weak, strong = run("weak", 200, 300), run("strong", 200, 360)
   assert sm.metric(strong)["val_exit_accuracy"] == [50.0, 90.0]
   assert sm.choose([sm.metric(weak), sm.metric(strong)]) == strong
+  # --exit_rule on logits where the two rules disagree: exit 0 is right, with a
+  # runner-up class (low entropy, top probability 0.66), on the first half, and
+  # wrong with a flat rest (higher entropy, top probability 0.69) on the other;
+  # the last exit is right everywhere. At <= 0.72x (at most 63% reach the last
+  # exit) entropy lets the right half leave early (100%), while the top
+  # probability can only let the wrong half, or everyone, leave (50% either way).
+  logits = np.zeros((2, n, 10), np.float32)
+  half = np.arange(n) < n // 2
+  logits[0, np.arange(n), np.where(half, labels, (labels + 1) % 10)] = np.where(half, 4.0, 3.0)
+  logits[0, np.arange(n), (labels + 2) % 10] += np.where(half, 3.0, 0.0)
+  logits[1, np.arange(n), labels] = 8.0
+  folder = tmp_path / "disagree"
+  folder.mkdir()
+  logits_lib.save_logits(folder / "val_logits.npz", logits, labels, macs)
+  rule, means = sm.exit_rule([str(folder)])
+  assert rule == "entropy"
+  assert means["entropy"] == 100.0
+  assert means["max_prob"] == 50.0
   rule, means = sm.exit_rule([weak, strong])
   assert set(means) == {"entropy", "max_prob"}
   assert rule == ("max_prob" if means["max_prob"] > means["entropy"] else "entropy")
