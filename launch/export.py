@@ -67,8 +67,9 @@ def export(config, workdir: str, out: str, budgets, baseline_config=None,
                     f"--workdir {workdir}`")
   ckpts = os.path.join(workdir, "checkpoints")
   done = [int(d) for d in os.listdir(ckpts) if d.isdigit()] if os.path.isdir(ckpts) else []
+  # Paths as given on the command line: the file travels, an absolute path would name this machine.
   return _write(config, variables, out, budgets, baseline_config, criterion,
-                source={"workdir": os.path.abspath(workdir), "step": max(done) if done else None})
+                source={"workdir": workdir, "step": max(done) if done else None})
 
 
 def _write(config, variables, out: str, budgets, baseline_config, criterion: str,
@@ -93,7 +94,7 @@ def recalibrate(config, params: str, out: str, budgets, baseline_config=None,
   from adaptive_vision import export as export_lib
   variables, old = export_lib.load(params, config)
   return _write(config, variables, out, budgets, baseline_config, criterion,
-                source=dict(old.get("source") or {}, recalibrated_from=os.path.abspath(params)))
+                source=dict(old.get("source") or {}, recalibrated_from=params))
 
 
 def main(argv):
