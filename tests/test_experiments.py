@@ -75,9 +75,9 @@ def test_every_config_argument_of_the_script_builds(script, tmp_path):
 @pytest.mark.parametrize("script, study", [("erde_cifar10_cpu", "erde_cifar10_cpu"),
                                            ("erde_cifar10_resnet56", "erde_cifar10_resnet56_cpu")])
 def test_erde_results_readme_has_the_script_line_for_line(script, study):
-  script = (ROOT / "launch" / "experiments" / f"{script}.sh").read_text()
+  text = (ROOT / "launch" / "experiments" / f"{script}.sh").read_text()
   readme = (ROOT / "results" / study / "README.md").read_text()
-  want = commands(script, assignments(script))
+  want = commands(text, assignments(text))
   assert len(want) >= 7
   assert commands(readme) == want
 
